@@ -1,0 +1,77 @@
+"""Every error sockvisor raises on purpose.
+
+Only the CLI turns these into messages and exit codes (``ConfigError`` and
+``UsageError`` exit 2, everything else 1). Config errors carry their location so
+that a message always reads ``file:line:column: key.path: what is wrong``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where something was written: 1-based line and column in a file."""
+
+    file: str
+    line: int = 0
+    column: int = 0
+
+    def __str__(self) -> str:
+        if self.line <= 0:
+            return self.file
+        return f"{self.file}:{self.line}:{self.column}"
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One configuration problem: where, which key, what is wrong."""
+
+    location: Location | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        head = f"{self.location}: " if self.location is not None else ""
+        key = f"{self.path}: " if self.path else ""
+        return f"{head}{key}{self.message}"
+
+
+class SockvisorError(Exception):
+    """Base of every error sockvisor raises deliberately."""
+
+
+class UsageError(SockvisorError):
+    """The command line was wrong (exit 2)."""
+
+
+class ConfigError(SockvisorError):
+    """The configuration is invalid; holds every problem found in one pass (exit 2)."""
+
+    def __init__(self, problems: list[Problem] | tuple[Problem, ...]) -> None:
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class BindError(SockvisorError):
+    """A listen entry could not be bound; names the unit and the address (exit 1)."""
+
+    def __init__(self, unit: str, address: str, reason: str) -> None:
+        self.unit = unit
+        self.address = address
+        self.reason = reason
+        super().__init__(f"unit {unit}: cannot bind {address}: {reason}")
+
+
+class SpawnError(SockvisorError):
+    """A child could not be started (exec failed, bad user, ...)."""
+
+    def __init__(self, stage: str, errno: int, strerror: str) -> None:
+        self.stage = stage
+        self.errno = errno
+        super().__init__(f"{stage}: {strerror}")
+
+
+class ControlError(SockvisorError):
+    """The control socket could not be reached or refused a request (exit 1)."""

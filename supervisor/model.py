@@ -1,0 +1,258 @@
+"""The configuration as data: frozen, typed, comparable.
+
+Everything here is produced by ``supervisor.config`` (which parses YAML and
+reports every problem with its location) and consumed by the sockets, spawn and
+daemon layers. Nothing in this module binds, reads the environment or exits.
+
+Equality matters: a reload diffs the old and new configuration by unit name
+and by listen entry, and "unchanged" means ``==`` on these objects. Locations
+are therefore excluded from comparison (``compare=False``): moving a unit down
+a file must not re-bind its sockets.
+"""
+
+from __future__ import annotations
+
+import enum
+import signal
+from dataclasses import dataclass, field
+
+from supervisor.errors import Location
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_CONFIG_DIR = "/etc/sockvisor"
+DEFAULT_CONTROL_SOCKET = "/run/sockvisor/control.sock"
+
+
+class ListenKind(enum.Enum):
+    TCP = "tcp"
+    UDP = "udp"
+    UNIX = "unix"
+    UNIX_DGRAM = "unix-dgram"
+    UNIX_SEQPACKET = "unix-seqpacket"
+    FIFO = "fifo"
+
+    @property
+    def is_inet(self) -> bool:
+        return self in (ListenKind.TCP, ListenKind.UDP)
+
+    @property
+    def is_unix(self) -> bool:
+        return self in (ListenKind.UNIX, ListenKind.UNIX_DGRAM, ListenKind.UNIX_SEQPACKET)
+
+    @property
+    def is_datagram(self) -> bool:
+        """True for kinds that cannot ``accept()`` (mode: accept refuses them)."""
+        return self in (ListenKind.UDP, ListenKind.UNIX_DGRAM, ListenKind.FIFO)
+
+
+class Mode(enum.Enum):
+    SERVICE = "service"
+    ACCEPT = "accept"
+    POOL = "pool"
+
+
+class Pass(enum.Enum):
+    FDS = "fds"
+    STDIO = "stdio"
+
+
+class Start(enum.Enum):
+    ON_DEMAND = "on-demand"
+    EAGER = "eager"
+
+
+class Restart(enum.Enum):
+    ON_FAILURE = "on-failure"
+    ALWAYS = "always"
+    NEVER = "never"
+
+
+class Ready(enum.Enum):
+    EXEC = "exec"
+    NOTIFY = "notify"
+
+
+class Stderr(enum.Enum):
+    INHERIT = "inherit"
+    CONNECTION = "connection"
+    NULL = "null"
+
+
+class LogFormat(enum.Enum):
+    JSON = "json"
+    CONSOLE = "console"
+
+
+@dataclass(frozen=True, slots=True)
+class InetAddress:
+    """An IP listen address.
+
+    ``host`` is an IP literal without brackets ("127.0.0.1", "::1"), or "" for
+    a bare port: all addresses, dual stack on ``[::]`` (falling back to
+    ``0.0.0.0`` where the kernel has no IPv6). ``family`` is ``socket.AF_INET``
+    or ``socket.AF_INET6``; for a bare port it is AF_INET6.
+    """
+
+    host: str
+    port: int
+    family: int
+    scope_id: int = 0
+
+    @property
+    def any_dual_stack(self) -> bool:
+        return self.host == ""
+
+    def __str__(self) -> str:
+        if self.host == "":
+            return str(self.port)
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """One listen entry of a unit; its position in ``Unit.listen`` is its fd order.
+
+    ``address`` is an ``InetAddress`` for tcp/udp and a path for the others
+    (unix paths starting with "@" are in the abstract namespace).
+    Options left ``None`` are not set on the socket (the kernel default stays).
+    """
+
+    kind: ListenKind
+    address: InetAddress | str
+    name: str
+    backlog: int = 4096
+    ipv6_only: bool | None = None
+    freebind: bool = False
+    transparent: bool = False
+    reuse_port: bool = False
+    bind_to_device: str | None = None
+    receive_buffer: int | None = None
+    send_buffer: int | None = None
+    nodelay: bool | None = None
+    keepalive: bool | None = None
+    keepalive_time: float | None = None
+    keepalive_interval: float | None = None
+    keepalive_probes: int | None = None
+    defer_accept: float | None = None
+    mark: int | None = None
+    ip_tos: int | None = None
+    ip_ttl: int | None = None
+    priority: int | None = None
+    broadcast: bool = False
+    pass_credentials: bool = False
+    # unix sockets and fifos
+    mode: int = 0o666
+    user: str | None = None
+    group: str | None = None
+    directory_mode: int = 0o755
+    remove_on_stop: bool = True
+    symlinks: tuple[str, ...] = ()
+    location: Location | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def display(self) -> str:
+        """The address as a user writes it, prefixed by its kind: ``tcp:127.0.0.1:80``."""
+        return f"{self.kind.value}:{self.address}"
+
+
+@dataclass(frozen=True, slots=True)
+class StartLimit:
+    """At most ``burst`` starts within ``interval`` seconds, else the unit fails for good."""
+
+    burst: int
+    interval: float
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """Token bucket for accept mode: ``per_second`` refill, ``burst`` capacity."""
+
+    per_second: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class Network:
+    """An allow/deny entry: an IP network, or a unix peer uid (``uid:N``)."""
+
+    text: str
+    network: str | None = None  # ipaddress.ip_network(...).compressed form, or None for uid
+    uid: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Process:
+    """How a unit's children are executed (all modes)."""
+
+    exec: tuple[str, ...]
+    user: str | None = None
+    group: str | None = None
+    supplementary_groups: tuple[str, ...] = ()
+    working_directory: str | None = None
+    environment: tuple[tuple[str, str], ...] = ()
+    pass_environment: tuple[str, ...] = ()
+    umask: int | None = None
+    nice: int | None = None
+    # rlimit name ("nofile", ...) -> (soft, hard); -1 means RLIM_INFINITY
+    limits: tuple[tuple[str, int, int], ...] = ()
+    stderr: Stderr = Stderr.INHERIT
+    stop_signal: int = int(signal.SIGTERM)
+    stop_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    name: str
+    listen: tuple[Listen, ...]
+    process: Process
+    mode: Mode = Mode.SERVICE
+    description: str = ""
+    enabled: bool = True
+    pass_: Pass = Pass.FDS  # YAML key "pass"; accept mode defaults to STDIO
+    start: Start = Start.ON_DEMAND
+    restart: Restart = Restart.ON_FAILURE
+    restart_delay: float = 0.1
+    restart_delay_max: float = 30.0
+    restart_reset: float = 60.0
+    start_limit: StartLimit | None = None
+    ready: Ready = Ready.EXEC
+    start_timeout: float = 90.0
+    watchdog: float | None = None
+    fd_store_max: int = 64
+    # mode: accept
+    max_connections: int = 256
+    max_connections_per_source: int | None = None
+    rate: Rate | None = None
+    allow: tuple[Network, ...] = ()
+    deny: tuple[Network, ...] = ()
+    log_connections: bool = True
+    # mode: pool
+    workers: int = 1
+    settle: float = 1.0
+    max_surge: int = 1
+    location: Location | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class MainConfig:
+    include: tuple[str, ...] = ("sockets.d/*.yaml",)
+    control_socket: str = DEFAULT_CONTROL_SOCKET
+    control_mode: int = 0o600
+    log_format: LogFormat | None = None  # None: json unless stderr is a terminal
+    log_level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    main: MainConfig
+    units: tuple[Unit, ...]
+    # the file or directory it was read from, for messages
+    source: str = ""
+
+    def unit(self, name: str) -> Unit | None:
+        for unit in self.units:
+            if unit.name == name:
+                return unit
+        return None
