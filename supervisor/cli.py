@@ -1,0 +1,192 @@
+"""The ``sockvisor`` command: the only place errors become messages and exit codes.
+
+Exit status (SPEC section 1): 0 success; 1 runtime failure (cannot bind,
+control socket unreachable, unit unknown); 2 usage or configuration error.
+Every error is one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
+
+from supervisor.errors import BindError, ConfigError, ControlError, SockvisorError, UsageError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="sockvisor", description="Socket-activation supervisor.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", metavar="PATH", help="config file or directory (default /etc/sockvisor)")
+
+    def with_control(sp: argparse.ArgumentParser) -> None:
+        with_config(sp)
+        sp.add_argument("--control", metavar="PATH", help="control socket (default: from the config)")
+
+    run = sub.add_parser("run", help="run the daemon")
+    with_config(run)
+    run.add_argument("--log-format", choices=["json", "console"])
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    check = sub.add_parser("check", help="validate the configuration; nothing is bound")
+    with_config(check)
+    status = sub.add_parser("status", help="show units")
+    status.add_argument("name", nargs="?")
+    status.add_argument("--json", action="store_true")
+    with_control(status)
+    for cmd in ("start", "stop", "restart"):
+        sp = sub.add_parser(cmd, help=f"{cmd} a unit")
+        sp.add_argument("name")
+        with_control(sp)
+    reload = sub.add_parser("reload", help="re-read the configuration (same as SIGHUP)")
+    with_control(reload)
+    sub.add_parser("activate", help="bind addresses and run a command with the fds (see `sockvisor activate -h`)",
+                   add_help=False)
+    sub.add_parser("fds", help="inside a service: describe the inherited fds", add_help=False)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    env = os.environ if environ is None else environ
+    # activate and fds parse their own flags (activate's follow systemd-socket-activate).
+    if args_list and args_list[0] == "activate":
+        from supervisor import activate
+
+        return activate.main(args_list[1:])
+    if args_list and args_list[0] == "fds":
+        from supervisor import fdsinfo
+
+        return fdsinfo.main(args_list[1:])
+    try:
+        args = _parser().parse_args(args_list)
+        return _dispatch(args, env)
+    except UsageError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    except (BindError, ControlError) as exc:
+        _err(str(exc))
+        return EXIT_FAILURE
+    except SockvisorError as exc:
+        _err(str(exc))
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+def _err(message: str) -> None:
+    print(f"sockvisor: {message}", file=sys.stderr)
+
+
+def _dispatch(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from supervisor import config as configuration
+
+    cmd = args.command
+    if cmd == "check":
+        cfg = configuration.load_config(args.config, environ=env)
+        for unit in cfg.units:
+            print(configuration.describe_unit(unit))
+        print(f"ok: {len(cfg.units)} unit(s)")
+        return EXIT_OK
+    if cmd == "run":
+        return _run(args, env)
+    path = args.control or _control_path(args.config, env)
+    from supervisor import control
+
+    if cmd == "reload":
+        reply = control.request(path, {"cmd": "reload"})
+        if not reply.get("ok"):
+            for line in reply.get("errors") or [reply.get("error", "reload failed")]:
+                print(line, file=sys.stderr)
+            return EXIT_USAGE if "configuration invalid" in str(reply.get("error")) else EXIT_FAILURE
+        print(f"reloaded: added {_names(reply.get('added'))}, changed {_names(reply.get('changed'))}, "
+              f"removed {_names(reply.get('removed'))}")
+        return EXIT_OK
+    if cmd == "status":
+        req: dict[str, Any] = {"cmd": "status"}
+        if args.name:
+            req["unit"] = args.name
+        reply = control.request(path, req)
+        if not reply.get("ok"):
+            _err(str(reply.get("error")))
+            return EXIT_FAILURE
+        if args.json:
+            print(json.dumps({"units": reply["units"]}, indent=2))
+        else:
+            print(format_status(reply["units"]))
+        return EXIT_OK
+    reply = control.request(path, {"cmd": cmd, "unit": args.name})
+    if not reply.get("ok"):
+        _err(str(reply.get("error")))
+        return EXIT_FAILURE
+    unit = reply.get("unit", {})
+    print(f"{args.name}: {unit.get('state', 'ok')}")
+    return EXIT_OK
+
+
+def _names(names: Any) -> str:
+    return ", ".join(names) if names else "none"
+
+
+def _control_path(config_path: str | None, env: Mapping[str, str]) -> str:
+    """The control socket named by the main config (units are not read: a broken unit must not block status)."""
+    from supervisor import config as configuration
+
+    main = configuration.load_main(config_path, environ=env)
+    return main.control_socket
+
+
+def format_status(units: list[dict[str, Any]]) -> str:
+    """A readable table: name, mode, state, listen, pids, connections, restarts, status."""
+    header = ("UNIT", "MODE", "STATE", "LISTEN", "PIDS", "ACTIVE", "ACCEPTED", "REFUSED", "RESTARTS", "STATUS")
+    rows = [header]
+    for u in units:
+        conns = u.get("connections", {})
+        pids = u.get("pids", [])
+        rows.append((
+            u["name"], u["mode"], u["state"], ",".join(u.get("listen", [])) or "-",
+            ",".join(str(p) for p in pids[:4]) + ("..." if len(pids) > 4 else "") or "-",
+            str(conns.get("active", 0)), str(conns.get("accepted", 0)), str(conns.get("refused", 0)),
+            str(u.get("restarts", 0)), u.get("status") or "-",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    import asyncio
+
+    import uvloop
+
+    from supervisor import config as configuration
+    from supervisor import log
+    from supervisor.daemon import Daemon
+    from supervisor.model import LogFormat
+
+    cfg = configuration.load_config(args.config, environ=env)
+    fmt = LogFormat(args.log_format) if args.log_format else cfg.main.log_format
+    log.configure(fmt, args.log_level or cfg.main.log_level)
+    config_path = args.config or env.get("SOCKVISOR_CONFIG") or None
+    daemon = Daemon(cfg, environ=env, config_path=config_path)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(daemon.run())
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

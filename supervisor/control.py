@@ -1,0 +1,201 @@
+"""The control socket: newline-delimited JSON, one request and one reply per line.
+
+Theory of operation
+-------------------
+The daemon listens on a unix stream socket (``control.socket``, mode
+``control.mode``). Each peer is checked with ``SO_PEERCRED`` as it connects:
+only root and the daemon's own uid are answered; anybody else gets one error
+reply and a log line. A request is one JSON object on one line::
+
+    {"cmd": "status" | "start" | "stop" | "restart" | "reload", "unit": NAME?}
+
+and the reply is ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.
+A malformed, oversized (over ``MAX_REQUEST`` bytes) or unknown request gets an
+error reply; an oversized one also closes that connection. Nothing a client
+sends can raise into the daemon: each connection is its own task, owned by
+the server, and every failure is turned into a reply.
+
+``request`` is the client side, used by the CLI: plain blocking sockets, no
+event loop, so ``sockvisor status`` starts fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import struct
+from typing import TYPE_CHECKING, Any
+
+from supervisor.errors import BindError, ConfigError, ControlError
+
+if TYPE_CHECKING:
+    from supervisor.daemon import Daemon
+
+MAX_REQUEST = 64 * 1024
+COMMANDS = ("status", "start", "stop", "restart", "reload")
+
+
+def peer_uid(sock: socket.socket) -> int:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", raw)[1])
+
+
+class ControlServer:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.path = daemon.config.main.control_socket
+        self.mode = daemon.config.main.control_mode
+        self.log = daemon.log.bind(component="control")
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Bind the control socket; a live daemon already answering on it is an error, a stale node is replaced."""
+        parent = os.path.dirname(self.path)
+        if parent:
+            os.makedirs(parent, mode=0o755, exist_ok=True)
+        if os.path.exists(self.path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(self.path)
+            except OSError:
+                os.unlink(self.path)
+            else:
+                raise BindError("control", self.path, "another sockvisor is running on this control socket")
+            finally:
+                probe.close()
+        # The socket is created with a restrictive umask so no other user can
+        # connect between bind() and chmod().
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._client, self.path, limit=MAX_REQUEST)
+        except OSError as exc:
+            raise BindError("control", self.path, exc.strerror or str(exc)) from exc
+        finally:
+            os.umask(old)
+        os.chmod(self.path, self.mode)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._tasks):
+                task.cancel()
+            await self._server.wait_closed()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.ensure_future(self._serve(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            sock = writer.get_extra_info("socket")
+            uid = peer_uid(sock)
+            if uid not in (0, os.getuid()):
+                self.log.warning("control_refused", uid=uid)
+                await self._reply(writer, {"ok": False, "error": "permission denied: only root or the daemon's user"})
+                return
+            while True:
+                try:
+                    line = await reader.readline()
+                except (asyncio.LimitOverrunError, ValueError):
+                    await self._reply(writer, {"ok": False, "error": f"request too large (max {MAX_REQUEST} bytes)"})
+                    return
+                if not line:
+                    return
+                if not line.strip():
+                    continue
+                reply = await self.handle(line)
+                await self._reply(writer, reply)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        except Exception:  # nothing a client does may take the daemon down
+            self.log.exception("control_error")
+        finally:
+            writer.close()
+
+    async def _reply(self, writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
+        writer.write(json.dumps(reply).encode() + b"\n")
+        await writer.drain()
+
+    async def handle(self, line: bytes) -> dict[str, Any]:
+        """One request line -> one reply object."""
+        try:
+            req = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            return {"ok": False, "error": "malformed request: not a JSON object"}
+        if not isinstance(req, dict):
+            return {"ok": False, "error": "malformed request: not a JSON object"}
+        cmd = req.get("cmd")
+        unit = req.get("unit")
+        if cmd not in COMMANDS:
+            return {"ok": False, "error": f"unknown command {cmd!r} (one of {', '.join(COMMANDS)})"}
+        if unit is not None and not isinstance(unit, str):
+            return {"ok": False, "error": "unit must be a string"}
+        daemon = self.daemon
+        if cmd == "reload":
+            try:
+                summary = await daemon.reload()
+            except ConfigError as exc:
+                return {"ok": False, "error": "configuration invalid; nothing changed",
+                        "errors": [str(p) for p in exc.problems]}
+            except BindError as exc:
+                return {"ok": False, "error": f"reload failed; nothing changed: {exc}", "errors": [str(exc)]}
+            return {"ok": True, **summary}
+        if cmd == "status":
+            if unit is None:
+                return {"ok": True, "units": [rt.status() for rt in daemon.units.values()],
+                        "daemon": {"pid": os.getpid(), "summary": daemon.summary()}}
+            rt = daemon.units.get(unit)
+            if rt is None:
+                return {"ok": False, "error": f"unknown unit {unit!r}"}
+            return {"ok": True, "units": [rt.status()]}
+        if unit is None:
+            return {"ok": False, "error": f"{cmd} needs a unit name"}
+        rt = daemon.units.get(unit)
+        if rt is None:
+            return {"ok": False, "error": f"unknown unit {unit!r}"}
+        if cmd == "start":
+            rt.operator_start()
+        elif cmd == "stop":
+            rt.operator_stop()
+        else:
+            rt.operator_restart()
+        self.log.info(f"unit_{cmd}_requested", unit=unit)
+        return {"ok": True, "unit": rt.status()}
+
+
+def request(path: str, req: dict[str, Any], *, timeout: float = 30.0) -> dict[str, Any]:
+    """Send one request to the daemon at ``path`` and return its reply; ControlError if unreachable."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise ControlError(f"cannot reach the daemon at {path}: {exc.strerror or exc} (is it running?)") from exc
+        sock.sendall(json.dumps(req).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    except TimeoutError as exc:
+        raise ControlError(f"the daemon at {path} did not answer within {timeout:g}s") from exc
+    except OSError as exc:
+        raise ControlError(f"control socket {path}: {exc.strerror or exc}") from exc
+    finally:
+        sock.close()
+    try:
+        reply = json.loads(buf)
+    except ValueError as exc:
+        raise ControlError(f"the daemon at {path} sent a malformed reply") from exc
+    if not isinstance(reply, dict):
+        raise ControlError(f"the daemon at {path} sent a malformed reply")
+    return reply

@@ -1,0 +1,166 @@
+"""Per-connection policy for ``mode: accept``, as pure decisions.
+
+Theory of operation
+-------------------
+xinetd's per-connection controls, decided without touching a socket or a
+clock: the accept loop asks ``Policy.admit(peer, now)`` for each accepted
+connection and ``Policy.accepting(now)`` before it accepts more.
+
+- ``max_connections``: concurrent children. At the limit the daemon stops
+  accepting (``accepting`` says when to look again: never by time, only when
+  a child exits), so clients wait in the kernel's backlog instead of being
+  refused, as systemd's ``MaxConnections=`` does not but xinetd's
+  ``instances`` effectively does.
+- ``max_connections_per_source``: an over-limit connection is closed at once
+  (xinetd ``per_source``).
+- ``rate``: a token bucket. When it is empty the daemon *pauses accepting*
+  until the next token is due; it never disables the unit (unlike xinetd's
+  ``cps``, which turns a burst into a long outage, or systemd's trigger
+  limit, which fails the socket for good).
+- ``allow``/``deny``: deny wins; an empty ``allow`` allows everyone. Unix
+  peers match ``uid:N`` entries only.
+
+Everything is O(1) per connection except allow/deny, which is O(entries).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from supervisor.model import Network, Unit
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Refusal(enum.Enum):
+    DENIED = "denied"  # matched deny, or no allow entry
+    PER_SOURCE = "per_source_limit"
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who connected: an IP host (``host``), or a unix peer (``uid``)."""
+
+    host: str | None = None
+    uid: int | None = None
+
+    @property
+    def source(self) -> str:
+        """The key for per-source counting."""
+        return self.host if self.host is not None else f"uid:{self.uid}"
+
+
+def normalize_host(host: str) -> str:
+    """IPv4-mapped IPv6 (``::ffff:1.2.3.4``) printed as IPv4, as SPEC section 3 asks."""
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    return host
+
+
+@dataclass(slots=True)
+class _Matcher:
+    networks: tuple[IPNetwork, ...]
+    uids: frozenset[int]
+
+    @classmethod
+    def build(cls, entries: Sequence[Network]) -> _Matcher:
+        nets = tuple(ipaddress.ip_network(e.network, strict=False) for e in entries if e.network is not None)
+        uids = frozenset(e.uid for e in entries if e.uid is not None)
+        return cls(nets, uids)
+
+    def __bool__(self) -> bool:
+        return bool(self.networks or self.uids)
+
+    def match(self, peer: Peer) -> bool:
+        if peer.uid is not None:
+            return peer.uid in self.uids
+        if peer.host is None or not self.networks:
+            return False
+        try:
+            addr = ipaddress.ip_address(peer.host.split("%", 1)[0])
+        except ValueError:
+            return False
+        return any(addr in net for net in self.networks)
+
+
+@dataclass(slots=True)
+class Policy:
+    """Mutable per-unit counters plus the unit's fixed limits; decisions are pure functions of them and ``now``."""
+
+    max_connections: int
+    per_source: int | None
+    rate: float | None
+    burst: float
+    allow: _Matcher
+    deny: _Matcher
+    active: int = 0
+    tokens: float = 0.0
+    last_refill: float | None = None
+    by_source: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def for_unit(cls, unit: Unit) -> Policy:
+        rate = unit.rate.per_second if unit.rate is not None else None
+        burst = float(unit.rate.burst) if unit.rate is not None else 0.0
+        return cls(
+            max_connections=unit.max_connections,
+            per_source=unit.max_connections_per_source,
+            rate=rate,
+            burst=burst,
+            allow=_Matcher.build(unit.allow),
+            deny=_Matcher.build(unit.deny),
+            tokens=burst,
+        )
+
+    @property
+    def needs_peer(self) -> bool:
+        """Whether decisions look at the peer at all (else the accept path may skip building a Peer)."""
+        return bool(self.allow) or bool(self.deny) or self.per_source is not None
+
+    def _refill(self, now: float) -> None:
+        if self.rate is None:
+            return
+        if self.last_refill is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.last_refill) * self.rate)
+        self.last_refill = now
+
+    def accepting(self, now: float) -> float | None:
+        """0.0 to accept now; a later time to resume at (rate); None to wait for a child's exit."""
+        if self.active >= self.max_connections:
+            return None
+        if self.rate is None:
+            return 0.0
+        self._refill(now)
+        if self.tokens >= 1.0:
+            return 0.0
+        return now + (1.0 - self.tokens) / self.rate
+
+    def admit(self, peer: Peer | None, now: float) -> Refusal | None:
+        """Decide one accepted connection: None admits it (and counts it), else the reason to refuse."""
+        if peer is not None:
+            if self.deny and self.deny.match(peer):
+                return Refusal.DENIED
+            if self.allow and not self.allow.match(peer):
+                return Refusal.DENIED
+            if self.per_source is not None and self.by_source.get(peer.source, 0) >= self.per_source:
+                return Refusal.PER_SOURCE
+        if self.rate is not None:
+            self._refill(now)
+            self.tokens -= 1.0
+        self.active += 1
+        if peer is not None and self.per_source is not None:
+            self.by_source[peer.source] = self.by_source.get(peer.source, 0) + 1
+        return None
+
+    def release(self, peer: Peer | None) -> None:
+        """A child admitted with ``peer`` exited."""
+        self.active -= 1
+        if peer is not None and self.per_source is not None:
+            left = self.by_source.get(peer.source, 1) - 1
+            if left <= 0:
+                self.by_source.pop(peer.source, None)
+            else:
+                self.by_source[peer.source] = left
