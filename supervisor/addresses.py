@@ -1,0 +1,157 @@
+"""Listen addresses and allow/deny entries, from text to model objects.
+
+Theory of operation: these are the address forms systemd's ``ListenStream=``
+and friends accept, minus anything that needs the network to answer. A host is
+an IP literal (``127.0.0.1``, ``[::1]``), never a name: resolving a name at
+bind time makes the bound address depend on DNS, which systemd refuses too. A
+bare port means "every address, dual stack" and is represented as
+``InetAddress(host="", port, AF_INET6)``. IPv6 hosts are normalized to their
+compressed form so that ``[0:0::1]:80`` and ``[::1]:80`` compare equal across
+a reload.
+
+Functions are pure and raise ``ValueError`` with a message that reads after
+``listen[1].tcp: ``; the config layer adds the location. The only lookup is
+the interface index for a scoped link-local address (``[fe80::1%eth0]:80``),
+and it is injectable so tests (and ``check`` on another host) control it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from collections.abc import Callable
+
+from supervisor.model import InetAddress, Network
+
+SUN_PATH_MAX = 108  # sizeof(struct sockaddr_un.sun_path) on Linux
+_PATH_MAX = 4096
+_UID = re.compile(r"uid:(\d+)")
+
+
+def parse_port(text: str) -> int:
+    """A port number 1-65535 from its decimal text."""
+    if not text.isdigit():
+        raise ValueError(f"invalid port {text!r}: expected a number 1-65535")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range (1-65535)")
+    return port
+
+
+def parse_inet(
+    value: object,
+    *,
+    interface_index: Callable[[str], int] = socket.if_nametoindex,
+) -> InetAddress:
+    """A tcp/udp address: ``host:port``, ``[v6]:port``, ``[fe80::1%eth0]:port`` or a bare port.
+
+    Args:
+        value: the text (or a YAML int, for a bare port).
+        interface_index: maps an interface name to its index, for scoped addresses.
+    Raises:
+        ValueError: the address is malformed, a host name, or the port is out of range.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ValueError("expected an address like 127.0.0.1:8080, [::1]:8080 or a port")
+    text = value.strip()
+    if text.isdigit():
+        return InetAddress("", parse_port(text), socket.AF_INET6)
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or not text[close + 1 :].startswith(":"):
+            raise ValueError(f"invalid address {value!r}: expected [v6-address]:port")
+        return _inet6(text[1:close], parse_port(text[close + 2 :]), interface_index)
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        raise ValueError(f"invalid address {value!r}: expected host:port, [v6-address]:port or a port")
+    if ":" in host:
+        raise ValueError(f"IPv6 addresses need brackets: [{host}]:{port_text}")
+    port = parse_port(port_text)
+    try:
+        address = ipaddress.IPv4Address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address (host names are not resolved)") from None
+    return InetAddress(str(address), port, socket.AF_INET)
+
+
+def _inet6(host: str, port: int, interface_index: Callable[[str], int]) -> InetAddress:
+    address_text, _, scope = host.partition("%")
+    try:
+        address = ipaddress.IPv6Address(address_text)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IPv6 address") from None
+    if not scope:
+        if "%" in host:
+            raise ValueError(f"{host!r}: empty scope after '%'")
+        return InetAddress(address.compressed, port, socket.AF_INET6)
+    if scope.isdigit():
+        scope_id = int(scope)
+    else:
+        try:
+            scope_id = interface_index(scope)
+        except OSError:
+            raise ValueError(f"unknown network interface {scope!r}") from None
+    return InetAddress(f"{address.compressed}%{scope}", port, socket.AF_INET6, scope_id)
+
+
+def parse_unix_path(value: object) -> str:
+    """A unix socket path: absolute, or ``@name`` for the abstract namespace."""
+    if not isinstance(value, str):
+        raise ValueError("expected an absolute path or @abstract-name")
+    if "\0" in value:
+        raise ValueError("path must not contain NUL bytes")
+    if value.startswith("@"):
+        if len(value) == 1:
+            raise ValueError("abstract socket name is empty after '@'")
+        length = len(value[1:].encode())
+        limit = SUN_PATH_MAX - 1  # the leading NUL takes one byte of sun_path
+        if length > limit:
+            raise ValueError(f"abstract socket name is {length} bytes long; the limit is {limit}")
+        return value
+    if not value.startswith("/"):
+        raise ValueError(f"unix socket path must be absolute or start with '@' (abstract): {value!r}")
+    length = len(value.encode())
+    limit = SUN_PATH_MAX - 1  # room for the terminating NUL, as systemd requires
+    if length > limit:
+        raise ValueError(f"unix socket path is {length} bytes long; the limit is {limit} (sun_path is 108 bytes)")
+    return value
+
+
+def parse_fifo_path(value: object) -> str:
+    """A fifo path: absolute."""
+    if not isinstance(value, str):
+        raise ValueError("expected an absolute path")
+    if "\0" in value:
+        raise ValueError("path must not contain NUL bytes")
+    if not value.startswith("/"):
+        raise ValueError(f"fifo path must be absolute: {value!r}")
+    if len(value.encode()) >= _PATH_MAX:
+        raise ValueError(f"path is longer than {_PATH_MAX - 1} bytes")
+    return value
+
+
+def parse_any(text: str, *, interface_index: Callable[[str], int] = socket.if_nametoindex) -> InetAddress | str:
+    """An address as ``sockvisor activate -l`` takes it: a port, host:port, [v6]:port, a path, or @name."""
+    if text.startswith(("/", "@")):
+        return parse_unix_path(text)
+    return parse_inet(text, interface_index=interface_index)
+
+
+def parse_network(value: object) -> Network:
+    """An allow/deny entry: an IPv4/IPv6 address or CIDR, or ``uid:N`` for unix peers."""
+    if not isinstance(value, str):
+        raise ValueError("expected an address, a CIDR like 10.0.0.0/8, or uid:N")
+    text = value.strip()
+    if text.startswith("uid:"):
+        match = _UID.fullmatch(text)
+        if match is None:
+            raise ValueError(f"invalid uid entry {value!r}: expected uid:N")
+        return Network(text, uid=int(match.group(1)))
+    try:
+        network = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an address, a CIDR or uid:N") from None
+    return Network(text, network=network.compressed)
