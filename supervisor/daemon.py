@@ -10,9 +10,9 @@ everything from readiness:
 - a polled listening fd becomes readable -> the unit's runtime reacts
   (service/pool: feed ``Readiness`` to the lifecycle core and stop polling;
   accept: accept a batch and spawn one child per connection);
-- ``SIGCHLD`` -> ``waitpid(-1, WNOHANG)`` until nothing is left, each exit
-  dispatched in O(1) through ``children`` (pid -> owner callback); no thread
-  per child, no pidfd per child;
+- a child exits -> the one reaper thread (``supervisor.reaper``) posts it,
+  and it is dispatched in O(1) through ``children`` (pid -> owner callback);
+  no thread per child, no pidfd per child;
 - a slot's deadline -> one ``call_at`` timer per slot feeds ``Timer()``;
 - a notify datagram -> ``READY=1``/``STATUS=``/``WATCHDOG=1``/``FDSTORE=1``;
 - ``SIGHUP`` or a control request -> reload; ``SIGTERM``/``SIGINT`` -> stop.
@@ -40,6 +40,7 @@ from supervisor.errors import BindError, ConfigError, SpawnError
 from supervisor.lifecycle import Exit, SlotState
 from supervisor.model import Config, ListenKind, Mode, Pass, Start, Stderr, Unit
 from supervisor.policy import Peer, Policy, normalize_host
+from supervisor.reaper import Reaper
 
 ChildCallback = Callable[[int, Exit], None]
 
@@ -298,7 +299,7 @@ class SlotDriver:
         except SpawnError as exc:
             self.feed(lifecycle.SpawnFailed(str(exc)))
             return
-        rt.daemon.children[pid] = self._exited
+        rt.daemon.watch_child(pid, self._exited)
         self.feed(lifecycle.Spawned(pid))
 
     def _exited(self, pid: int, ex: Exit) -> None:
@@ -411,6 +412,9 @@ class SlottedRuntime(UnitRuntime):
         out, err = self.output_fds()
         if unit.pass_ is Pass.STDIO:
             fd = self.bound[0].fd
+            # inetd "wait" programs expect a blocking socket; polling (libuv)
+            # made it non-blocking, and the flag is shared with the child's copy.
+            sockets.set_blocking(fd, True)
             return spawn.spawn_child(prepared, [fd, fd, err], self._extra_env(index, []), listen_pid=False)
         fds = [b.fd for b in self.bound] + [fd for _, fd in self.fd_store]
         names = [b.listen.name for b in self.bound] + [n for n, _ in self.fd_store]
@@ -607,7 +611,7 @@ class AcceptRuntime(UnitRuntime):
         os.close(fd)
         self.accepted += 1
         self.conns[pid] = (peer, now, remote)
-        self.daemon.children[pid] = self._exited
+        self.daemon.watch_child(pid, self._exited)
         if self._log_conns:
             self.log.info("connection_accepted", remote=remote, pid=pid)
 
@@ -706,23 +710,21 @@ class Daemon:
 
     # ------------------------------------------------------------ children
 
-    def reap(self) -> None:
-        """SIGCHLD: collect every exited child, dispatch each to its owner."""
-        while True:
+    def watch_child(self, pid: int, callback: ChildCallback) -> None:
+        """Call ``callback(pid, exit)`` on the loop when ``pid`` exits."""
+        self.children[pid] = callback
+        self.reaper.expect()
+
+    def reaped(self, pid: int, status: int) -> None:
+        """The reaper collected ``pid``: dispatch its exit to the owner in O(1)."""
+        callback = self.children.pop(pid, None)
+        if callback is not None:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            callback = self.children.pop(pid, None)
-            if callback is not None:
-                try:
-                    callback(pid, exit_of(status))
-                except Exception:  # a bug in one unit must not take the daemon down
-                    self.log.exception("child_exit_handler_failed", pid=pid)
-            if not self.children and self._stop.is_set():
-                self._children_gone.set()
+                callback(pid, exit_of(status))
+            except Exception:  # a bug in one unit must not take the daemon down
+                self.log.exception("child_exit_handler_failed", pid=pid)
+        if not self.children and self._stop.is_set():
+            self._children_gone.set()
         self.sweep_retired()
 
     def sweep_retired(self) -> None:
@@ -749,7 +751,7 @@ class Daemon:
         """Bind everything, serve until ``request_stop`` (SIGTERM/SIGINT), then stop every child."""
         loop = self.loop
         self._children_gone = asyncio.Event()
-        loop.add_signal_handler(signal.SIGCHLD, self.reap)
+        self.reaper = Reaper(loop, self.reaped)
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
@@ -781,8 +783,9 @@ class Daemon:
             self.log.info("daemon_stopping")
             await self._shutdown()
         finally:
-            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            self.reaper.close()
         self.log.info("daemon_stopped")
 
     def _close_unmatched_inherited(self) -> None:
