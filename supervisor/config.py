@@ -170,16 +170,7 @@ def load_config(path: str | None = None, *, environ: Mapping[str, str] | None = 
         ConfigError: with every problem found, each located.
     """
     source = config_path(path, environ)
-    if os.path.isdir(source):
-        base = source
-        candidate = os.path.join(source, MAIN_CONFIG_NAME)
-        main_file: str | None = candidate if os.path.isfile(candidate) else None
-    elif os.path.exists(source):
-        base = os.path.dirname(source) or "."
-        main_file = source
-    else:
-        raise ConfigError([Problem(Location(source), "", "no such file or directory")])
-
+    base, main_file = _locate(source)
     problems: list[Problem] = []
     reader = _Reader(problems)
     main = MainConfig()
@@ -189,7 +180,7 @@ def load_config(path: str | None = None, *, environ: Mapping[str, str] | None = 
             main = reader.main_from_text(text, _display(main_file, base))
 
     units: list[Unit] = []
-    for file in _unit_files(base, main.include):
+    for file in _unit_files(base, main.include, exclude=main_file):
         display = _display(file, base)
         text = _read(file, display, problems)
         if text is not None:
@@ -198,6 +189,29 @@ def load_config(path: str | None = None, *, environ: Mapping[str, str] | None = 
     if problems:
         raise ConfigError(problems)
     return Config(main=main, units=tuple(units), source=source)
+
+
+def load_main(path: str | None = None, *, environ: Mapping[str, str] | None = None) -> MainConfig:
+    """Read only the main config (for control commands: a broken unit must not hide the control socket).
+
+    Args:
+        path: as for ``load_config``.
+        environ: the environment to take ``SOCKVISOR_CONFIG`` from.
+    Returns:
+        The main config; all defaults when a config directory has no ``sockvisor.yaml``.
+    Raises:
+        ConfigError: the path does not exist or the main config is invalid.
+    """
+    base, main_file = _locate(config_path(path, environ))
+    if main_file is None:
+        return MainConfig()
+    problems: list[Problem] = []
+    display = _display(main_file, base)
+    text = _read(main_file, display, problems)
+    main = MainConfig() if text is None else _Reader(problems).main_from_text(text, display)
+    if problems:
+        raise ConfigError(problems)
+    return main
 
 
 def load_units_from_text(text: str, file: str = "<string>", *, stem: str | None = None) -> tuple[Unit, ...]:
@@ -246,6 +260,16 @@ def describe_unit(unit: Unit) -> str:
 # Files
 
 
+def _locate(source: str) -> tuple[str, str | None]:
+    """The config directory and the main config file (None: none, use defaults) of a config path."""
+    if os.path.isdir(source):
+        candidate = os.path.join(source, MAIN_CONFIG_NAME)
+        return source, candidate if os.path.isfile(candidate) else None
+    if os.path.exists(source):
+        return os.path.dirname(source) or ".", source
+    raise ConfigError([Problem(Location(source), "", "no such file or directory")])
+
+
 def _display(file: str, base: str) -> str:
     """``file`` relative to the config directory when it is under it."""
     absolute, root = os.path.abspath(file), os.path.abspath(base)
@@ -274,9 +298,9 @@ def _read(file: str, display: str, problems: list[Problem]) -> str | None:
         return None
 
 
-def _unit_files(base: str, include: tuple[str, ...]) -> list[str]:
-    """Files matched by the include globs, each glob sorted, each file once."""
-    seen: set[str] = set()
+def _unit_files(base: str, include: tuple[str, ...], exclude: str | None = None) -> list[str]:
+    """Files matched by the include globs, each glob sorted, each file once, never the main config."""
+    seen: set[str] = {os.path.realpath(exclude)} if exclude else set()
     files: list[str] = []
     for pattern in include:
         full = pattern if os.path.isabs(pattern) else os.path.join(glob.escape(base), pattern)

@@ -363,3 +363,35 @@ def test_equal_config_compares_equal_regardless_of_position() -> None:
 def test_listen_option_tables_agree() -> None:
     """Every listen option has a parser and every parser is a listen option."""
     assert set(config._LISTEN_OPTIONS) == set(config._LISTEN_PARSERS)
+
+
+def test_load_main_ignores_broken_units(tmp_path: Path) -> None:
+    """load_main reads the control socket even when a unit file is broken."""
+    write(tmp_path, {"sockvisor.yaml": "control: {socket: /run/x.sock}\n", "sockets.d/bad.yaml": "x: [\n"})
+    assert config.load_main(str(tmp_path)).control_socket == "/run/x.sock"
+    assert config.load_main(environ={"SOCKVISOR_CONFIG": str(tmp_path / "sockets.d")}) == MainConfig()
+
+
+def test_load_main_reports_its_own_problems(tmp_path: Path) -> None:
+    """load_main raises ConfigError for an invalid main config, located in it."""
+    write(tmp_path, {"sockvisor.yaml": "control: {socket: relative.sock}\n"})
+    with pytest.raises(ConfigError) as raised:
+        config.load_main(str(tmp_path))
+    assert [str(p) for p in raised.value.problems] == [
+        "sockvisor.yaml:1:19: control.socket: unix socket path must be absolute or start with '@' (abstract): "
+        "'relative.sock'"
+    ]
+
+
+def test_shipped_examples_parse() -> None:
+    """Every example under config/ loads without a problem, so the examples never rot."""
+    root = Path(__file__).resolve().parents[2] / "config"
+    cfg = load_config(str(root))
+    assert cfg.units, "the shipped example defines units"
+    assert {unit.name for unit in cfg.units} >= {"echo", "hello-web"}
+
+
+def test_include_glob_never_reads_the_main_config_as_a_unit(tmp_path: Path) -> None:
+    """A glob that also matches sockvisor.yaml does not read the main config as a unit file."""
+    write(tmp_path, {"sockvisor.yaml": 'include: ["*.yaml"]\n', "web.yaml": "listen: [{tcp: 1}]\nexec: /x\n"})
+    assert [u.name for u in load_config(str(tmp_path)).units] == ["web"]
