@@ -34,7 +34,8 @@ from supervisor.errors import BindError, ConfigError
 from supervisor.model import Listen, Unit
 
 if TYPE_CHECKING:
-    from supervisor.daemon import Daemon, UnitRuntime
+    from supervisor.daemon import Daemon
+    from supervisor.units import UnitRuntime
 
 # Options that can change on a bound socket without re-binding it.
 RETUNABLE = frozenset({

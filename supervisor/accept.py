@@ -1,0 +1,252 @@
+"""``mode: accept``: accept each connection and spawn one child for it.
+
+Theory of operation
+-------------------
+The hot path is ``readable`` -> ``_connection``: accept in batches (up to
+``ACCEPT_BATCH`` per readiness callback), ask the pure ``Policy`` whether to
+admit, spawn with the vfork spawner, close the daemon's copy of the
+connection, remember the child. Nothing else runs per connection: no pipes,
+no socket objects for TCP peers, and no log formatting when
+``log_connections`` is off.
+
+The policy never refuses by rate: it pauses accepting (``poll(False)`` plus one
+timer), and at ``max_connections`` it stops accepting until a child exits, so
+clients wait in the backlog. accept() errors that mean the daemon is short of
+fds or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) pause accepting with a growing
+delay instead of spinning on a readable socket; errors that concern only one
+connection (ECONNABORTED, EPROTO, ...) are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import socket
+from typing import TYPE_CHECKING, Any
+
+from supervisor import sockets, spawn
+from supervisor.errors import SpawnError
+from supervisor.lifecycle import Exit, SlotState
+from supervisor.model import ListenKind, Pass, Stderr, Unit
+from supervisor.policy import Peer, Policy, normalize_host
+from supervisor.units import UnitRuntime, kill_group
+
+if TYPE_CHECKING:
+    from supervisor.daemon import Daemon
+
+# Errors from accept(2) that say the daemon (not the connection) is short of a
+# resource: back off instead of spinning on a readable socket.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+RESOURCE_BACKOFF = 0.1  # seconds; doubles up to 2 s while the shortage lasts
+ACCEPT_BATCH = 32  # connections accepted per readiness callback before yielding to the loop
+
+
+class AcceptRuntime(UnitRuntime):
+    """``mode: accept``: one child per connection, under xinetd-style policy."""
+
+    def __init__(self, daemon: Daemon, unit: Unit, bound: list[sockets.Bound]) -> None:
+        super().__init__(daemon, unit, bound)
+        self.policy = Policy.for_unit(unit)
+        self.conns: dict[int, tuple[Peer | None, float, str]] = {}
+        self._resume: asyncio.TimerHandle | None = None
+        self._resource_backoff = RESOURCE_BACKOFF
+        self._running = False
+        self._stopping = False
+        self._kill_timer: asyncio.TimerHandle | None = None
+        self._pass_fds = unit.pass_ is Pass.FDS
+        self._log_conns = unit.log_connections
+
+    def pids(self) -> list[int]:
+        return list(self.conns)
+
+    def reconfigured(self) -> None:
+        super().reconfigured()
+        old = self.policy
+        self.policy = Policy.for_unit(self.unit)
+        self.policy.active = old.active
+        self.policy.by_source = old.by_source
+        self._pass_fds = self.unit.pass_ is Pass.FDS
+        self._log_conns = self.unit.log_connections
+
+    def retire(self) -> None:
+        # A removed accept unit lets its children finish their connections.
+        self.retired = True
+        self._running = False
+        self.poll(False)
+
+    def state(self) -> str:
+        if self._stopping and self.conns:
+            return SlotState.STOPPING.value
+        if not self._running:
+            return SlotState.STOPPED.value
+        return SlotState.RUNNING.value if self.conns else SlotState.IDLE.value
+
+    def activate(self) -> None:
+        if self.unit.enabled:
+            self._running = True
+            self._stopping = False
+            self._maybe_resume()
+
+    def operator_start(self) -> None:
+        self.stopped_by_operator = False
+        self.activate()
+
+    def operator_stop(self) -> None:
+        self.stopped_by_operator = True
+        self.shutdown()
+
+    def operator_restart(self) -> None:
+        self.operator_stop()
+        self.operator_start()
+
+    def shutdown(self) -> None:
+        self._running = False
+        self._stopping = True
+        self.poll(False)
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        proc = self.unit.process
+        for pid in list(self.conns):
+            kill_group(pid, proc.stop_signal)
+        if self.conns and self._kill_timer is None:
+            self._kill_timer = self.daemon.loop.call_later(proc.stop_timeout, self._kill_remaining)
+
+    def _kill_remaining(self) -> None:
+        self._kill_timer = None
+        for pid in list(self.conns):
+            self.log.info("child_killed", pid=pid)
+            kill_group(pid, signal.SIGKILL)
+
+    def close(self, *, remove: bool = True) -> None:
+        for handle in (self._resume, self._kill_timer):
+            if handle is not None:
+                handle.cancel()
+        super().close(remove=remove)
+
+    def _maybe_resume(self) -> None:
+        """Poll again if the policy allows accepting now; else arrange to look again."""
+        if not self._running:
+            return
+        loop = self.daemon.loop
+        when = self.policy.accepting(loop.time())
+        if when == 0.0:
+            self.poll(True)
+            return
+        self.poll(False)
+        if when is not None and self._resume is None:
+            self._resume = loop.call_at(when, self._resumed)
+
+    def _resumed(self) -> None:
+        self._resume = None
+        self._maybe_resume()
+
+    def readable(self, bound: sockets.Bound) -> None:
+        sock = bound.sock
+        if sock is None:
+            return
+        loop = self.daemon.loop
+        policy = self.policy
+        for _ in range(ACCEPT_BATCH):
+            now = loop.time()
+            if policy.accepting(now) != 0.0:
+                self._maybe_resume()
+                return
+            try:
+                fd, addr = sock._accept()  # type: ignore[attr-defined]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in RESOURCE_ERRNOS:
+                    self._short_of_resources(exc)
+                    return
+                # ECONNABORTED, EPROTO, EPERM (firewall), ...: that connection
+                # is gone; the next one is fine.
+                continue
+            self._resource_backoff = RESOURCE_BACKOFF
+            self._connection(fd, addr, bound, now)
+
+    def _short_of_resources(self, exc: OSError) -> None:
+        """accept() failed for lack of fds or memory: pause, then try again with a growing delay."""
+        self.log.warning("accept_paused", error=exc.strerror, retry=self._resource_backoff)
+        self.poll(False)
+        if self._resume is None:
+            self._resume = self.daemon.loop.call_later(self._resource_backoff, self._resumed)
+        self._resource_backoff = min(self._resource_backoff * 2, 2.0)
+
+    def _connection(self, fd: int, addr: Any, bound: sockets.Bound, now: float) -> None:
+        kind = bound.listen.kind
+        env: list[bytes]
+        peer: Peer | None = None
+        remote = ""
+        if kind is ListenKind.TCP:
+            host = normalize_host(addr[0])
+            port = addr[1]
+            env = [f"REMOTE_ADDR={host}".encode(), f"REMOTE_PORT={port}".encode()]
+            if self.policy.needs_peer:
+                peer = Peer(host=host)
+            if self._log_conns:
+                remote = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        else:
+            pid, uid, gid = _peer_credentials(fd)
+            env = [f"REMOTE_PID={pid}".encode(), f"REMOTE_UID={uid}".encode(), f"REMOTE_GID={gid}".encode()]
+            if self.policy.needs_peer:
+                peer = Peer(uid=uid)
+            if self._log_conns:
+                remote = f"pid={pid},uid={uid}"
+        refusal = self.policy.admit(peer, now)
+        if refusal is not None:
+            os.close(fd)
+            self.refused += 1
+            self.log.info("connection_refused", remote=remote or (peer.source if peer else ""), reason=refusal.value)
+            return
+        proc_stderr = self.unit.process.stderr
+        err = fd if proc_stderr is Stderr.CONNECTION else (-1 if proc_stderr is Stderr.NULL else 2)
+        try:
+            if self._pass_fds:
+                env.append(b"LISTEN_FDS=1")
+                env.append(b"LISTEN_FDNAMES=connection")
+                pid = spawn.spawn_child(self.prepared(), [-1, -1 if err == fd else err, err, fd], env,
+                                        listen_pid=True)
+            else:
+                pid = spawn.spawn_child(self.prepared(), [fd, fd, err], env, listen_pid=False)
+        except SpawnError as exc:
+            os.close(fd)
+            self.policy.release(peer)
+            self.refused += 1
+            self.log.error("spawn_failed", remote=remote, error=str(exc))
+            return
+        os.close(fd)
+        self.accepted += 1
+        self.conns[pid] = (peer, now, remote)
+        self.daemon.watch_child(pid, self._exited)
+        if self._log_conns:
+            self.log.info("connection_accepted", remote=remote, pid=pid)
+
+    def _exited(self, pid: int, ex: Exit) -> None:
+        peer, started, remote = self.conns.pop(pid)
+        self.policy.release(peer)
+        if self._log_conns:
+            self.log.info("child_exited", pid=pid, remote=remote, status=str(ex),
+                          duration=round(self.daemon.loop.time() - started, 6))
+        if self._stopping and not self.conns and self._kill_timer is not None:
+            self._kill_timer.cancel()
+            self._kill_timer = None
+        if not self._polling:
+            self._maybe_resume()
+
+
+def _peer_credentials(fd: int) -> tuple[int, int, int]:
+    """SO_PEERCRED of a connected unix socket: (pid, uid, gid)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
+    try:
+        raw = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    finally:
+        s.detach()
+    pid, uid, gid = int.from_bytes(raw[0:4], "little", signed=True), int.from_bytes(raw[4:8], "little"), \
+        int.from_bytes(raw[8:12], "little")
+    return pid, uid, gid
+
+

@@ -1,0 +1,224 @@
+"""What every unit runtime shares, whatever its mode.
+
+A runtime owns one unit's bound sockets, its notify endpoint, its spawn
+preparation and its counters, and turns operator commands and readiness into
+work. The mode-specific runtimes are ``supervisor.service`` (service and pool:
+lifecycle slots) and ``supervisor.accept`` (one child per connection).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from supervisor import notifyd, sockets, spawn
+from supervisor.lifecycle import Exit
+from supervisor.model import Mode, Pass, Stderr, Unit
+
+if TYPE_CHECKING:
+    from supervisor.daemon import Daemon
+
+ChildCallback = Callable[[int, Exit], None]
+
+
+def exit_of(status: int) -> Exit:
+    if os.WIFSIGNALED(status):
+        return Exit(signal=os.WTERMSIG(status))
+    return Exit(code=os.WEXITSTATUS(status))
+
+
+def kill_group(pid: int, sig: int) -> None:
+    """Signal a child's process group (every child is a session leader), or the pid if the group is gone."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    except PermissionError:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+class UnitRuntime:
+    """What every mode shares: the unit's sockets, its notify endpoint, its spawn preparation, its counters."""
+
+    def __init__(self, daemon: Daemon, unit: Unit, bound: list[sockets.Bound]) -> None:
+        self.daemon = daemon
+        self.unit = unit
+        self.bound = bound
+        self.log = daemon.log.bind(unit=unit.name)
+        self.status_text = ""
+        self.accepted = 0
+        self.refused = 0
+        self.fd_store: list[tuple[str, int]] = []
+        self.endpoint = notifyd.Endpoint(unit.name, self._on_notify, self._on_notify_drop)
+        daemon.loop.add_reader(self.endpoint.fileno(), self.endpoint.readable)
+        self._prepared: spawn.Prepared | None = None
+        self._polling = False
+        self.stopped_by_operator = not unit.enabled
+        self.retired = False
+        self.set_blocking()
+
+    # ------------------------------------------------------------ plumbing
+
+    def set_blocking(self) -> None:
+        """``pass: stdio`` children get blocking fds (inetd); ``pass: fds`` non-blocking (systemd)."""
+        blocking = self.unit.pass_ is Pass.STDIO and self.unit.mode is not Mode.ACCEPT
+        for b in self.bound:
+            if b.sock is not None:
+                sockets.set_blocking(b.fd, blocking)
+
+    def prepared(self) -> spawn.Prepared:
+        """The per-unit spawn preparation, computed once (retried while it fails: a binary may appear later)."""
+        if self._prepared is None:
+            self._prepared = spawn.prepare(
+                self.unit.process,
+                unit=self.unit.name,
+                notify_socket=self.endpoint.address,
+                daemon_environ=self.daemon.environ,
+            )
+        return self._prepared
+
+    def poll(self, on: bool) -> None:
+        """Watch (or stop watching) the unit's listening fds for readiness."""
+        if on == self._polling:
+            return
+        self._polling = on
+        loop = self.daemon.loop
+        for b in self.bound:
+            if on:
+                loop.add_reader(b.fd, self.readable, b)
+            else:
+                loop.remove_reader(b.fd)
+
+    @property
+    def polling(self) -> bool:
+        return self._polling
+
+    def readable(self, bound: sockets.Bound) -> None:
+        raise NotImplementedError
+
+    def reconfigured(self) -> None:
+        """``self.unit`` was replaced by a reload: drop what was derived from the old one."""
+        self._prepared = None
+
+    def retire(self) -> None:
+        """The unit was removed from the config: stop polling and wind down (see reload)."""
+        self.retired = True
+        self.shutdown()
+
+    def output_fds(self) -> tuple[int, int]:
+        """(stdout, stderr) for a child without a connection: the daemon's stderr, or /dev/null (-1)."""
+        err = -1 if self.unit.process.stderr is Stderr.NULL else 2
+        return err, err
+
+    # ------------------------------------------------------------ notify
+
+    def _on_notify_drop(self, reason: str) -> None:
+        self.log.warning("notify_dropped", reason=reason)
+
+    def _on_notify(self, msg: notifyd.Message) -> None:
+        fields = msg.fields
+        owner = self.owner_of(msg.pid)
+        if owner is None:
+            for fd in msg.fds:
+                os.close(fd)
+            self.log.warning("notify_dropped", reason="sender is not a child of this unit", sender=msg.pid)
+            return
+        if "STATUS" in fields:
+            self.status_text = fields["STATUS"]
+        if fields.get("FDSTOREREMOVE") == "1":
+            name = fields.get("FDNAME", "stored")
+            for n, fd in [e for e in self.fd_store if e[0] == name]:
+                self.fd_store.remove((n, fd))
+                os.close(fd)
+        if fields.get("FDSTORE") == "1" and msg.fds:
+            name = fields.get("FDNAME", "stored")
+            for fd in msg.fds:
+                if len(self.fd_store) >= self.unit.fd_store_max:
+                    os.close(fd)
+                    self.log.warning("fd_store_full", max=self.unit.fd_store_max)
+                else:
+                    self.fd_store.append((name, fd))
+                    self.log.info("fd_stored", name=name, count=len(self.fd_store))
+        else:
+            for fd in msg.fds:
+                os.close(fd)
+        self.notified(owner, fields)
+
+    def owner_of(self, sender: int) -> int | None:
+        """The pid of our child that ``sender`` belongs to (itself, or a process in its session)."""
+        pids = self.pids()
+        if sender in pids:
+            return sender
+        sid = notifyd.session_of(sender)
+        if sid in pids:
+            return sid
+        if sid is None and len(pids) == 1:
+            # The sender is already gone (systemd-notify exits at once); with one
+            # child there is no doubt whom it spoke for.
+            return pids[0]
+        return None
+
+    def notified(self, pid: int, fields: Mapping[str, str]) -> None:
+        """A child of this unit sent ``fields``."""
+
+    # ------------------------------------------------------------ interface
+
+    def pids(self) -> list[int]:
+        raise NotImplementedError
+
+    def activate(self) -> None:
+        """Begin: poll, or start at once (eager)."""
+        raise NotImplementedError
+
+    def operator_start(self) -> None:
+        raise NotImplementedError
+
+    def operator_stop(self) -> None:
+        raise NotImplementedError
+
+    def operator_restart(self) -> None:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Stop polling and stop every child (the daemon waits for the children table to empty)."""
+        raise NotImplementedError
+
+    def state(self) -> str:
+        raise NotImplementedError
+
+    def restarts(self) -> int:
+        return 0
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.unit.name,
+            "mode": self.unit.mode.value,
+            "state": self.state(),
+            "listen": [b.listen.display for b in self.bound],
+            "pids": self.pids(),
+            "connections": {"active": self.active(), "accepted": self.accepted, "refused": self.refused},
+            "restarts": self.restarts(),
+            "status": self.status_text,
+            "description": self.unit.description,
+        }
+
+    def active(self) -> int:
+        return len(self.pids())
+
+    def close(self, *, remove: bool = True) -> None:
+        """Release everything: readers, notify socket, stored fds, listening fds."""
+        self.poll(False)
+        self.daemon.loop.remove_reader(self.endpoint.fileno())
+        self.endpoint.close()
+        for _, fd in self.fd_store:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fd_store.clear()
+        for b in self.bound:
+            b.close(remove=remove)
+
+
