@@ -15,15 +15,21 @@ in order: create the socket, set the options the kernel only honours before
 first connection), then ``bind()`` and ``listen()``. File-system nodes (unix
 sockets, fifos) are then given their mode, owner and symlinks.
 
-Two choices differ from systemd, both on the side of never harming another
-process:
+``retune`` applies a changed entry to a bound fd in place (reload keeps the fd).
+
+Where this differs from systemd, it is on the side of never harming another
+process and never failing silently:
 
 * systemd unlinks whatever sits at a unix socket path before binding; here a
   socket node is probed first and only a *stale* one (nobody answers) is
   replaced. A live one, or anything that is not a socket, is a ``BindError``.
 * A node is removed on close only if it is still the very inode this process
   created (dev and inode recorded at bind time), so a node that someone else
-  has bound at the same path since is never unlinked.
+  has bound at the same path since is never unlinked; and never for an
+  adopted fd, whose node belongs to whoever bound it (see ``Bound.close``).
+* ``SO_REUSEADDR`` is set for TCP only; on UDP it would let a second socket
+  share the port without anyone noticing.
+* An option the kernel refuses is a ``BindError``, not a logged warning.
 
 Every failure is a ``BindError(unit, listen.display, reason)`` whose reason is
 the kernel's message plus a hint; nothing half-made survives it (the fd is
@@ -58,6 +64,7 @@ __all__ = [
     "bind_all",
     "format_sockaddr",
     "matches",
+    "retune",
     "set_blocking",
 ]
 
@@ -400,7 +407,7 @@ def adopt(fd: int, listen: Listen, *, unit: str = "?") -> Bound:
                     # Touch the node only if it is a socket: the path may have
                     # been replaced since the fd was bound.
                     if stat.S_ISSOCK(st.st_mode):
-                        _own_path(path, listen)
+                        _own_path(path, listen, *_resolve_owner(listen))
                         bound._node = (st.st_dev, st.st_ino)
                 _make_symlinks(path, listen)
         except BaseException:
@@ -411,6 +418,58 @@ def adopt(fd: int, listen: Listen, *, unit: str = "?") -> Bound:
         raise BindError(unit, listen.display, exc.reason) from exc.__cause__
     except OSError as exc:
         raise BindError(unit, listen.display, _strerror(exc)) from exc
+
+
+def retune(bound: Bound, listen: Listen, *, unit: str = "?") -> None:
+    """Give a bound (or adopted) fd the options of a changed entry in place, without re-binding (reload).
+
+    ``listen`` must have the same kind and address as ``bound.listen``; the
+    options ``adopt`` applies change, and so do ``backlog`` (``listen()`` again),
+    the node's mode and owner, and ``symlinks``. An option the old entry set and
+    the new one leaves unset goes back to the kernel's default (for buffers and
+    the keepalive knobs, the system-wide sysctl value: a socket cannot forget
+    a value once set). ``ipv6_only``, ``freebind``, ``reuse_port`` and
+    ``bind_to_device`` act at ``bind()`` only: changing them needs a new socket.
+    On success ``bound.listen`` is ``listen``.
+
+    Raises:
+        BindError: a bind-time option or the address differs, or an option
+            could not be applied (``bound.listen`` is then unchanged).
+    """
+    old = bound.listen
+    try:
+        if old.kind is not listen.kind or old.address != listen.address:
+            raise _Failed(f"cannot retune {old.display} into {listen.display}: the address differs")
+        fixed = [name for name in _BIND_TIME_OPTIONS if getattr(old, name) != getattr(listen, name)]
+        if fixed:
+            raise _Failed(f"{', '.join(fixed)} can only change with a new socket")
+        _check_applicable(listen)
+        if bound.sock is not None:
+            _reset_options(bound.sock, old, listen)
+            _set_options(bound.sock, listen)
+            if listen.backlog != old.backlog:
+                _listen(bound.sock, listen)
+        path = _node_path(listen)
+        if path is not None:
+            if (listen.mode, listen.user, listen.group) != (old.mode, old.user, old.group):
+                uid, gid = _resolve_owner(listen)
+                # Back to the daemon's own ids where the owner is no longer configured, as a fresh bind.
+                uid = os.geteuid() if uid == -1 and old.user is not None else uid
+                gid = os.getegid() if gid == -1 and (old.user, old.group) != (None, None) else gid
+                if bound.sock is None:
+                    _own_fifo(bound.fd, path, listen, uid, gid)
+                else:
+                    _own_socket_node(bound, path, listen, uid, gid)
+            for link in set(old.symlinks) - set(listen.symlinks):
+                with contextlib.suppress(OSError):
+                    if os.readlink(link) == path:
+                        os.unlink(link)
+            _make_symlinks(path, listen)
+    except _Failed as exc:
+        raise BindError(unit, listen.display, exc.reason) from exc.__cause__
+    except OSError as exc:
+        raise BindError(unit, listen.display, _strerror(exc)) from exc
+    bound.listen = listen
 
 
 def set_blocking(fd: int, blocking: bool) -> None:
@@ -635,6 +694,64 @@ def _set_options(sock: socket.socket, listen: Listen) -> None:
         _setopt(sock, sol, SO_PASSCRED, 1, "SO_PASSCRED")
 
 
+_BIND_TIME_OPTIONS = ("ipv6_only", "freebind", "reuse_port", "bind_to_device")
+
+
+def _sysctl(name: str, index: int = 0) -> int:
+    """One integer of ``/proc/sys/<name>`` (``index`` picks from a vector like tcp_rmem)."""
+    with _step(f"cannot read the default from /proc/sys/{name}"), open(f"/proc/sys/{name}") as f:
+        return int(f.read().split()[index])
+
+
+def _reset_options(sock: socket.socket, old: Listen, new: Listen) -> None:
+    """Give back to the kernel's defaults the options ``old`` set and ``new`` does not."""
+
+    def dropped(name: str) -> bool:
+        return _is_set(getattr(old, name)) and not _is_set(getattr(new, name))
+
+    sol, tcp = socket.SOL_SOCKET, socket.IPPROTO_TCP
+    six = sock.family == socket.AF_INET6
+    stream = sock.type == socket.SOCK_STREAM and old.kind is ListenKind.TCP
+    if dropped("receive_buffer"):
+        size = _sysctl("net/ipv4/tcp_rmem", 1) if stream else _sysctl("net/core/rmem_default")
+        _set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, size // 2, "SO_RCVBUF")  # the kernel doubles it
+    if dropped("send_buffer"):
+        size = _sysctl("net/ipv4/tcp_wmem", 1) if stream else _sysctl("net/core/wmem_default")
+        _set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, size // 2, "SO_SNDBUF")
+    if dropped("mark"):
+        _setopt(sock, sol, SO_MARK, 0, "SO_MARK", _NEEDS_NET_ADMIN)
+    if dropped("priority"):
+        _setopt(sock, sol, socket.SO_PRIORITY, 0, "SO_PRIORITY")
+    if old.ip_tos is not None:
+        # Always back to 0 first: the kernel derives SO_PRIORITY from the TOS only
+        # when the TOS changes, so re-applying an unchanged TOS would not redo it.
+        if six:
+            _setopt(sock, socket.IPPROTO_IPV6, socket.IPV6_TCLASS, 0, "IPV6_TCLASS")
+        _setopt(sock, socket.IPPROTO_IP, socket.IP_TOS, 0, "IP_TOS")
+    if dropped("ip_ttl"):
+        if six:  # -1: the route's default
+            _setopt(sock, socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, -1, "IPV6_UNICAST_HOPS")
+        _setopt(sock, socket.IPPROTO_IP, socket.IP_TTL, -1, "IP_TTL")
+    if dropped("transparent"):
+        _set_ip_option(sock, IP_TRANSPARENT, IPV6_TRANSPARENT, 0, "IP_TRANSPARENT")
+    if dropped("nodelay"):
+        _setopt(sock, tcp, socket.TCP_NODELAY, 0, "TCP_NODELAY")
+    if dropped("keepalive"):
+        _setopt(sock, sol, socket.SO_KEEPALIVE, 0, "SO_KEEPALIVE")
+    if dropped("keepalive_time"):
+        _setopt(sock, tcp, socket.TCP_KEEPIDLE, _sysctl("net/ipv4/tcp_keepalive_time"), "TCP_KEEPIDLE")
+    if dropped("keepalive_interval"):
+        _setopt(sock, tcp, socket.TCP_KEEPINTVL, _sysctl("net/ipv4/tcp_keepalive_intvl"), "TCP_KEEPINTVL")
+    if dropped("keepalive_probes"):
+        _setopt(sock, tcp, socket.TCP_KEEPCNT, _sysctl("net/ipv4/tcp_keepalive_probes"), "TCP_KEEPCNT")
+    if dropped("defer_accept"):
+        _setopt(sock, tcp, TCP_DEFER_ACCEPT, 0, "TCP_DEFER_ACCEPT")
+    if dropped("broadcast"):
+        _setopt(sock, sol, socket.SO_BROADCAST, 0, "SO_BROADCAST")
+    if dropped("pass_credentials"):
+        _setopt(sock, sol, SO_PASSCRED, 0, "SO_PASSCRED")
+
+
 # --- unix sockets --------------------------------------------------------------------------
 
 
@@ -672,11 +789,7 @@ def _bind_unix(listen: Listen) -> Bound:
             with _step(f"cannot stat {address}"):
                 st = os.lstat(address)
             bound._node = (st.st_dev, st.st_ino)
-            with _step(f"cannot set the mode of {address}"):
-                os.chmod(address, listen.mode & 0o7777)
-            if (uid, gid) != (-1, -1):
-                with _step(f"cannot change the owner of {address}"):
-                    os.chown(address, uid, gid, follow_symlinks=False)
+            _own_path(address, listen, uid, gid)
             _make_symlinks(address, listen)
         _listen(sock, listen)
     except BaseException:
@@ -792,14 +905,22 @@ def _resolve_owner(listen: Listen) -> tuple[int, int]:
     return uid, gid
 
 
-def _own_path(path: str, listen: Listen) -> None:
-    """Give an existing node the entry's mode and owner."""
-    uid, gid = _resolve_owner(listen)
+def _own_path(path: str, listen: Listen, uid: int, gid: int) -> None:
+    """Give the node at ``path`` the entry's mode and the owner ``uid``/``gid`` (-1: leave)."""
     with _step(f"cannot set the mode of {path}"):
         os.chmod(path, listen.mode & 0o7777)
     if (uid, gid) != (-1, -1):
         with _step(f"cannot change the owner of {path}"):
             os.chown(path, uid, gid, follow_symlinks=False)
+
+
+def _own_socket_node(bound: Bound, path: str, listen: Listen, uid: int, gid: int) -> None:
+    """Mode and owner for the node of a bound unix socket, if the path still holds it."""
+    with _step(f"cannot stat {path}"):
+        st = os.lstat(path)
+    if not stat.S_ISSOCK(st.st_mode) or (bound._node is not None and (st.st_dev, st.st_ino) != bound._node):
+        raise _Failed(f"{path} is no longer this socket's node")
+    _own_path(path, listen, uid, gid)
 
 
 # --- matching inherited fds ------------------------------------------------------------

@@ -24,7 +24,7 @@ import pytest
 from supervisor import sockets
 from supervisor.errors import BindError
 from supervisor.model import InetAddress, Listen, ListenKind
-from supervisor.sockets import Bound, adopt, bind, bind_all, matches, set_blocking
+from supervisor.sockets import Bound, adopt, bind, bind_all, matches, retune, set_blocking
 
 UNIT = "web"
 IS_ROOT = os.geteuid() == 0
@@ -44,11 +44,13 @@ UNIX, UNIX_DGRAM, UNIX_SEQPACKET, FIFO = (
 
 def inet(kind: ListenKind, host: str, port: int, *, scope_id: int = 0, **options: Any) -> Listen:
     family = socket.AF_INET6 if host == "" or ":" in host else socket.AF_INET
-    return Listen(kind=kind, address=InetAddress(host, port, family, scope_id), name="t", **options)
+    options.setdefault("name", "t")
+    return Listen(kind=kind, address=InetAddress(host, port, family, scope_id), **options)
 
 
 def node(kind: ListenKind, path: str, **options: Any) -> Listen:
-    return Listen(kind=kind, address=path, name="t", **options)
+    options.setdefault("name", "t")
+    return Listen(kind=kind, address=path, **options)
 
 
 def getopt(bound: Bound, level: int, option: int) -> int:
@@ -909,6 +911,63 @@ def test_failed_adopt_leaves_the_fd_to_the_caller(port: int) -> None:
         assert stat.S_ISSOCK(os.fstat(fd).st_mode)
     finally:
         os.close(fd)
+
+
+# --- retune (reload) -----------------------------------------------------------------------
+
+
+def _sysctl(name: str, index: int = 0) -> int:
+    with open(f"/proc/sys/{name}") as f:
+        return int(f.read().split()[index])
+
+
+def _ss_backlog(port: int) -> str:
+    return subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout.split()[2]
+
+
+@needs_root
+def test_retune_changes_options_in_place(binder: Any, port: int) -> None:
+    """retune sets changed options on the same fd and returns dropped ones to the kernel defaults."""
+    old = inet(TCP, "127.0.0.1", port, nodelay=True, mark=1, keepalive_time=30, receive_buffer=65536, backlog=10)
+    bound = binder(old)
+    fd = bound.fd
+    new = inet(TCP, "127.0.0.1", port, mark=7, ip_tos=0x10, backlog=50, name="renamed")
+    retune(bound, new, unit=UNIT)
+    assert bound.fd == fd and bound.listen is new
+    assert getopt(bound, socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+    assert getopt(bound, socket.SOL_SOCKET, socket.SO_MARK) == 7
+    assert getopt(bound, socket.IPPROTO_IP, socket.IP_TOS) == 0x10
+    assert getopt(bound, socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == _sysctl("net/ipv4/tcp_keepalive_time")
+    assert getopt(bound, socket.SOL_SOCKET, socket.SO_RCVBUF) == _sysctl("net/ipv4/tcp_rmem", 1)
+    if shutil.which("ss") is not None:
+        assert _ss_backlog(port) == "50"
+
+
+@needs_root
+def test_retune_node_mode_owner_and_symlinks(binder: Any, short_dir: str) -> None:
+    """retune gives the node its new mode and owner and moves the symlinks."""
+    path = os.path.join(short_dir, "r.sock")
+    first, second = os.path.join(short_dir, "first.link"), os.path.join(short_dir, "second.link")
+    bound = binder(node(UNIX, path, mode=0o600, symlinks=(first,)))
+    retune(bound, node(UNIX, path, mode=0o660, user="nobody", symlinks=(second,)), unit=UNIT)
+    st = os.lstat(path)
+    assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_uid == pwd.getpwnam("nobody").pw_uid
+    assert not os.path.lexists(first) and os.readlink(second) == path
+    retune(bound, node(UNIX, path, mode=0o660, symlinks=(second,)), unit=UNIT)
+    assert (os.lstat(path).st_uid, os.lstat(path).st_gid) == (os.geteuid(), os.getegid())
+
+
+def test_retune_refuses_what_needs_a_new_socket(binder: Any, port: int, free_port: Callable[[], int]) -> None:
+    """A different address or a bind-time option is a BindError, and the Bound keeps its entry."""
+    bound = binder(inet(TCP, "127.0.0.1", port))
+    before = bound.listen
+    with pytest.raises(BindError, match="the address differs"):
+        retune(bound, inet(TCP, "127.0.0.1", free_port()), unit=UNIT)
+    with pytest.raises(BindError, match="reuse_port can only change with a new socket"):
+        retune(bound, inet(TCP, "127.0.0.1", port, reuse_port=True), unit=UNIT)
+    assert bound.listen is before
 
 
 def test_set_blocking_toggles(binder: Any, port: int) -> None:
