@@ -23,6 +23,7 @@ This module does I/O only to read files and never reads ``os.environ``.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import glob
 import os
@@ -188,7 +189,22 @@ def load_config(path: str | None = None, *, environ: Mapping[str, str] | None = 
     reader.check_across_units(units)
     if problems:
         raise ConfigError(problems)
-    return Config(main=main, units=tuple(units), source=source)
+    return Config(main=main, units=tuple(_anchor_exec(u, base) for u in units), source=source)
+
+
+def _anchor_exec(unit: Unit, base: str) -> Unit:
+    """A relative program path with a slash (``examples/web.py``) is relative to the config directory.
+
+    systemd requires absolute paths; this extension lets a config directory
+    ship its own programs (the example config does). Bare names are searched
+    on the child's PATH at spawn time.
+    """
+    program = unit.process.exec[0]
+    if "/" not in program or os.path.isabs(program):
+        return unit
+    anchored = os.path.normpath(os.path.join(os.path.abspath(base), program))
+    process = dataclasses.replace(unit.process, exec=(anchored, *unit.process.exec[1:]))
+    return dataclasses.replace(unit, process=process)
 
 
 def load_main(path: str | None = None, *, environ: Mapping[str, str] | None = None) -> MainConfig:
