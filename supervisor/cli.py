@@ -152,17 +152,21 @@ def _control_path(config_path: str | None, env: Mapping[str, str]) -> str:
 
 
 def format_status(units: list[dict[str, Any]]) -> str:
-    """A readable table: name, mode, state, listen, pids, connections, restarts, status."""
-    header = ("UNIT", "MODE", "STATE", "LISTEN", "PIDS", "ACTIVE", "ACCEPTED", "REFUSED", "RESTARTS", "STATUS")
+    """A readable table: name, mode, state, listen, pids, connections, restarts, last exit, status."""
+    header = ("UNIT", "MODE", "STATE", "LISTEN", "PIDS", "ACTIVE", "ACCEPTED", "REFUSED", "RESTARTS", "LAST EXIT",
+              "STATUS")
     rows = [header]
     for u in units:
-        conns = u.get("connections", {})
-        pids = u.get("pids", [])
+        conns = u.get("connections") or {}
+        pids = u.get("pids") or []
+        last = u.get("last_exit") or {}
         rows.append((
-            u["name"], u["mode"], u["state"], ",".join(u.get("listen", [])) or "-",
-            ",".join(str(p) for p in pids[:4]) + ("..." if len(pids) > 4 else "") or "-",
+            str(u["name"]), str(u["mode"]), str(u["state"]), ",".join(u.get("listen") or []) or "-",
+            (",".join(str(p) for p in pids[:4]) + ("..." if len(pids) > 4 else "")) or "-",
             str(conns.get("active", 0)), str(conns.get("accepted", 0)), str(conns.get("refused", 0)),
-            str(u.get("restarts", 0)), u.get("status") or "-",
+            str(u.get("restarts", 0)),
+            f"{last['status']} (pid {last['pid']})" if last.get("status") else "-",
+            u.get("status") or "-",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)

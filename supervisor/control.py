@@ -39,11 +39,14 @@ COMMANDS = ("status", "start", "stop", "restart", "reload")
 
 
 def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a connected unix socket (``SO_PEERCRED``)."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return int(struct.unpack("3i", raw)[1])
 
 
 class ControlServer:
+    """Serves the control socket for ``daemon``: one task per connection, owned here and cancelled on close."""
+
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.path = daemon.config.main.control_socket
@@ -71,7 +74,7 @@ class ControlServer:
         # connect between bind() and chmod().
         old = os.umask(0o177)
         try:
-            self._server = await asyncio.start_unix_server(self._client, self.path, limit=MAX_REQUEST)
+            self._server = await asyncio.start_unix_server(self._client, self.path, limit=MAX_REQUEST, backlog=1024)
         except OSError as exc:
             raise BindError("control", self.path, exc.strerror or str(exc)) from exc
         finally:
@@ -124,11 +127,18 @@ class ControlServer:
         await writer.drain()
 
     async def handle(self, line: bytes) -> dict[str, Any]:
-        """One request line -> one reply object."""
+        """One request line -> one reply object; never raises for anything a client sent."""
         try:
             req = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: [[[[...
             return {"ok": False, "error": "malformed request: not a JSON object"}
+        try:
+            return await self._dispatch(req)
+        except Exception as exc:  # a bug behind one command must not take the daemon (or the client) down
+            self.log.exception("control_error", request=str(req)[:200])
+            return {"ok": False, "error": f"internal error: {exc}"}
+
+    async def _dispatch(self, req: Any) -> dict[str, Any]:
         if not isinstance(req, dict):
             return {"ok": False, "error": "malformed request: not a JSON object"}
         cmd = req.get("cmd")
@@ -149,12 +159,12 @@ class ControlServer:
             return {"ok": True, **summary}
         if cmd == "status":
             if unit is None:
-                return {"ok": True, "units": [rt.status() for rt in daemon.units.values()],
+                return {"ok": True, "units": [daemon.unit_status(rt) for rt in daemon.units.values()],
                         "daemon": {"pid": os.getpid(), "summary": daemon.summary()}}
             rt = daemon.units.get(unit)
             if rt is None:
                 return {"ok": False, "error": f"unknown unit {unit!r}"}
-            return {"ok": True, "units": [rt.status()]}
+            return {"ok": True, "units": [daemon.unit_status(rt)]}
         if unit is None:
             return {"ok": False, "error": f"{cmd} needs a unit name"}
         rt = daemon.units.get(unit)
@@ -167,7 +177,7 @@ class ControlServer:
         else:
             rt.operator_restart()
         self.log.info(f"unit_{cmd}_requested", unit=unit)
-        return {"ok": True, "unit": rt.status()}
+        return {"ok": True, "unit": daemon.unit_status(rt)}
 
 
 def request(path: str, req: dict[str, Any], *, timeout: float = 30.0) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -72,6 +73,9 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._inherited: dict[int, bool] = {}
+        self._inherited_names: dict[int, str] = {}
+        # unit name -> the last child exit seen: {"pid", "status", "at"} (status --json "last_exit")
+        self.last_exit: dict[str, dict[str, Any]] = {}
         self.started_at = time.time()
         self.control: Any = None
         self.retiring: list[UnitRuntime] = []
@@ -94,9 +98,13 @@ class Daemon:
                     if free and sockets.matches(fd, listen):
                         adopted = sockets.adopt(fd, listen)
                         self._inherited[fd] = False
-                        self.log.info("socket_adopted", unit=unit.name, listen=listen.display, fd=fd)
+                        self.log.info("socket_adopted", unit=unit.name, listen=listen.display, fd=fd,
+                                      fdname=self._inherited_names.get(fd))
                         break
-                bound.append(adopted if adopted is not None else sockets.bind(listen, unit=unit.name))
+                if adopted is None:
+                    adopted = sockets.bind(listen, unit=unit.name)
+                    self.log.info("socket_bound", unit=unit.name, listen=listen.display, fd=adopted.fd)
+                bound.append(adopted)
         except BindError:
             for b in bound:
                 b.close(remove=not b.adopted)
@@ -121,8 +129,12 @@ class Daemon:
         """The reaper collected ``pid``: dispatch its exit to the owner in O(1)."""
         callback = self.children.pop(pid, None)
         if callback is not None:
+            ex = exit_of(status)
+            owner = _runtime_of(callback)
+            if owner is not None:
+                self.last_exit[owner.unit.name] = {"pid": pid, "status": str(ex), "at": round(time.time(), 3)}
             try:
-                callback(pid, exit_of(status))
+                callback(pid, ex)
             except Exception:  # a bug in one unit must not take the daemon down
                 self.log.exception("child_exit_handler_failed", pid=pid)
         if not self.children and self._stop.is_set():
@@ -142,6 +154,10 @@ class Daemon:
 
     # ------------------------------------------------------------ running
 
+    def unit_status(self, runtime: UnitRuntime) -> dict[str, Any]:
+        """The runtime's status plus what only the daemon sees (``last_exit``), for ``sockvisor status``."""
+        return {**runtime.status(), "last_exit": self.last_exit.get(runtime.unit.name)}
+
     def summary(self) -> str:
         running = sum(1 for u in self.units.values() if u.pids())
         return f"{len(self.units)} units, {running} running, {len(self.children)} children"
@@ -157,9 +173,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
-        self._inherited = dict.fromkeys(inherited_fds(self.environ), True)
-        for fd in self._inherited:
-            os.set_inheritable(fd, False)
+        self._adopt_inherited()
         try:
             bound_units: list[tuple[Unit, list[sockets.Bound]]] = []
             try:
@@ -190,13 +204,28 @@ class Daemon:
             self.reaper.close()
         self.log.info("daemon_stopped")
 
+    def _adopt_inherited(self) -> None:
+        """Take the fds a service manager passed us (``LISTEN_FDS`` for our pid) and forget the variables."""
+        fds = inherited_fds(self.environ)
+        names = self.environ.get("LISTEN_FDNAMES", "").split(":") if fds else []
+        self._inherited = dict.fromkeys(fds, True)
+        self._inherited_names = {fd: name for fd, name in zip(fds, names, strict=False) if name}
+        for fd in fds:
+            os.set_inheritable(fd, False)
+        for var in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+            self.environ.pop(var, None)  # as sd_listen_fds(unset_environment=1): never passed on
+        if fds:
+            self.log.info("inherited_fds", fds=fds, names=names)
+
     def _close_unmatched_inherited(self) -> None:
         for fd, free in self._inherited.items():
             if free:
-                self.log.warning("inherited_fd_unmatched", fd=fd)
+                self.log.warning("inherited_fd_unmatched", fd=fd, fdname=self._inherited_names.get(fd),
+                                 address=_describe_fd(fd))
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._inherited = {}
+        self._inherited_names = {}
 
     async def _shutdown(self) -> None:
         for runtime in [*self.units.values(), *self.retiring]:
@@ -236,6 +265,23 @@ class Daemon:
                 return reloading.apply(self)
             finally:
                 _sd_notify("READY=1", f"STATUS={self.summary()}")
+
+
+def _runtime_of(callback: ChildCallback) -> UnitRuntime | None:
+    """The unit runtime a child-exit callback belongs to (a runtime's or a slot driver's bound method)."""
+    owner = getattr(callback, "__self__", None)
+    if isinstance(owner, SlotDriver):
+        return owner.runtime
+    return owner if isinstance(owner, UnitRuntime) else None
+
+
+def _describe_fd(fd: int) -> str:
+    """What an inherited fd is bound to, for the log (best effort)."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as s:
+            return sockets.format_sockaddr(s.family, s.getsockname())
+    except OSError:
+        return "?"
 
 
 def _root_logger() -> Any:

@@ -9,9 +9,14 @@ Theory of operation
    equal: its fd is reused, never closed, never re-bound), *retuned* (same kind
    and address, options differ: applied in place where the kernel allows),
    or *new* (bound). Old entries not claimed are closed.
-3. Bind every new entry before touching anything running. A bind failure
-   closes what this reload bound and raises ``BindError``: the old config keeps
-   running, untouched.
+3. Stage, reversibly, everything that can fail, before touching anything
+   running: bind new entries, retune changed ones, and for an entry whose
+   *bind-time* option changed (``reuse_port``, ``ipv6_only``, ...) on the
+   same address, close the old socket and bind a new one (refused while a
+   service or pool process holds that socket: the address would stay bound).
+   Any failure undoes every step (fresh binds closed, retuned sockets
+   retuned back, released entries re-bound) and raises ``BindError``: the old
+   config keeps running.
 4. Commit: unchanged units are left alone; changed units get their new
    settings (the next spawn uses them) and socket set; new units start;
    removed units *retire*: they stop polling, their children are stopped
@@ -25,13 +30,13 @@ reload.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from supervisor import config as configuration
 from supervisor import sockets
 from supervisor.errors import BindError, ConfigError
-from supervisor.model import Listen, Unit
+from supervisor.model import Listen, Mode, Unit
 
 if TYPE_CHECKING:
     from supervisor.daemon import Daemon
@@ -59,6 +64,13 @@ class UnitPlan:
     old: Unit | None
     # per new listen entry: index of the old bound to reuse (kept or retuned), or None to bind
     reuse: list[int | None]
+    # per new listen entry to bind: index of an unclaimed old entry on the same kind and address,
+    # which must be closed first (a bind-time option changed: the kernel will not bind the address twice)
+    replace: list[int | None] = field(default_factory=list)
+
+
+def _same_address(a: Listen, b: Listen) -> bool:
+    return a.kind is b.kind and a.address == b.address
 
 
 def plan(old_units: dict[str, Unit], new_units: tuple[Unit, ...]) -> tuple[list[UnitPlan], list[str]]:
@@ -67,6 +79,7 @@ def plan(old_units: dict[str, Unit], new_units: tuple[Unit, ...]) -> tuple[list[
     for unit in new_units:
         old = old_units.get(unit.name)
         reuse: list[int | None] = []
+        replace: list[int | None] = [None] * len(unit.listen)
         if old is not None and old.enabled and unit.enabled:
             claimed: set[int] = set()
             for listen in unit.listen:
@@ -77,12 +90,94 @@ def plan(old_units: dict[str, Unit], new_units: tuple[Unit, ...]) -> tuple[list[
                 if pick is not None:
                     claimed.add(pick)
                 reuse.append(pick)
+            for j, listen in enumerate(unit.listen):
+                if reuse[j] is None:
+                    hit = next((i for i, o in enumerate(old.listen)
+                                if i not in claimed and _same_address(o, listen)), None)
+                    if hit is not None:
+                        claimed.add(hit)
+                        replace[j] = hit
         else:
             reuse = [None] * len(unit.listen)
-        plans.append(UnitPlan(unit, old, reuse))
+        plans.append(UnitPlan(unit, old, reuse, replace))
     names = {u.name for u in new_units}
     retire = [name for name in old_units if name not in names]
     return plans, retire
+
+
+@dataclass
+class _Staged:
+    """One changed or new unit after the reversible part of a reload: its new socket list, and how to undo it."""
+
+    plan: UnitPlan
+    runtime: UnitRuntime | None
+    was_polling: bool
+    bound: list[sockets.Bound | None]
+    fresh: list[sockets.Bound] = field(default_factory=list)
+    retuned: list[tuple[sockets.Bound, Listen]] = field(default_factory=list)
+    # (index in runtime.bound, the old entry) of sockets closed to be re-bound with bind-time changes
+    released: list[tuple[int, Listen]] = field(default_factory=list)
+
+    def undo(self, log: Any) -> None:
+        """Put the running unit back as it was: close fresh binds, retune back, re-bind released entries."""
+        for b in self.fresh:
+            b.close(remove=True)
+        for b, old in reversed(self.retuned):
+            try:
+                sockets.retune(b, old, unit=self.plan.unit.name)
+            except BindError as exc:
+                log.error("reload_rollback_failed", unit=self.plan.unit.name, error=str(exc))
+        rt = self.runtime
+        if rt is None:
+            return
+        for index, old in self.released:
+            try:
+                rt.bound[index] = sockets.bind(old, unit=rt.unit.name)
+            except BindError as exc:
+                log.error("reload_rollback_failed", unit=rt.unit.name, error=str(exc))
+        if self.released:
+            rt.bound = [b for b in rt.bound if not b.closed]
+            rt.set_blocking()
+        if self.was_polling:
+            rt.poll(True)
+
+
+def _stage(daemon: Daemon, p: UnitPlan, staged: _Staged) -> None:
+    """Bind, retune and re-bind what ``p`` needs; everything done is recorded in ``staged`` for undo."""
+    name = p.unit.name
+    rt = staged.runtime
+    for j, (listen, reuse) in enumerate(zip(p.unit.listen, p.reuse, strict=True)):
+        if reuse is None and (not p.replace or p.replace[j] is None):
+            b = sockets.bind(listen, unit=name)
+            staged.fresh.append(b)
+            staged.bound[j] = b
+    for j, (listen, reuse) in enumerate(zip(p.unit.listen, p.reuse, strict=True)):
+        if reuse is not None:
+            assert rt is not None
+            b = rt.bound[reuse]
+            if b.listen != listen:
+                old = b.listen
+                sockets.retune(b, listen, unit=name)
+                staged.retuned.append((b, old))
+            staged.bound[j] = b
+    for j, listen in enumerate(p.unit.listen):
+        index = p.replace[j] if p.replace else None
+        if index is None:
+            continue
+        assert rt is not None
+        old_bound = rt.bound[index]
+        if rt.pids() and rt.unit.mode is not Mode.ACCEPT:
+            # A running service holds its own copy of the socket: the address
+            # stays bound whatever the daemon closes.
+            raise BindError(name, listen.display,
+                            "a bind-time option changed while the unit's processes hold the socket; "
+                            f"stop the unit first (sockvisor stop {name})")
+        rt.poll(False)
+        old_bound.close(remove=True)
+        staged.released.append((index, old_bound.listen))
+        b = sockets.bind(listen, unit=name)
+        staged.fresh.append(b)
+        staged.bound[j] = b
 
 
 def apply(daemon: Daemon) -> dict[str, Any]:
@@ -96,60 +191,49 @@ def apply(daemon: Daemon) -> dict[str, Any]:
     old_units = {name: rt.unit for name, rt in daemon.units.items()}
     plans, retire = plan(old_units, new.units)
 
-    # Bind everything new first; roll back on any failure.
-    fresh: dict[str, list[sockets.Bound | None]] = {}
+    # 1. Everything that can fail, reversibly: bind new entries, retune changed
+    #    ones in place, re-bind entries whose bind-time options changed.
+    staged: list[_Staged] = []
     try:
         for p in plans:
-            if not p.unit.enabled:
-                fresh[p.unit.name] = []
-                continue
-            if p.old is not None and p.old == p.unit:
-                continue
-            fresh[p.unit.name] = [
-                sockets.bind(listen, unit=p.unit.name) if reuse is None else None
-                for listen, reuse in zip(p.unit.listen, p.reuse, strict=True)
-            ]
+            runtime = daemon.units.get(p.unit.name)
+            if runtime is not None and p.old == p.unit:
+                continue  # unchanged: not even looked at
+            st = _Staged(p, runtime, runtime.polling if runtime is not None else False, [None] * len(p.unit.listen))
+            staged.append(st)
+            if p.unit.enabled:
+                _stage(daemon, p, st)
     except BindError as exc:
-        for bounds in fresh.values():
-            for b in bounds:
-                if b is not None:
-                    b.close(remove=True)
+        for st in reversed(staged):
+            st.undo(log)
         log.error("reload_failed", errors=[str(exc)])
         raise
 
+    # 2. Commit: nothing below fails for a reason the config controls.
     changed: list[str] = []
     added: list[str] = []
-    for p in plans:
+    for st in staged:
+        p, runtime = st.plan, st.runtime
         name = p.unit.name
-        runtime = daemon.units.get(name)
-        if runtime is not None and p.old == p.unit:
-            continue
-        new_bound: list[sockets.Bound] = []
-        reused: set[int] = set()
-        for listen, reuse, made in zip(p.unit.listen, p.reuse, fresh.get(name, []), strict=False):
-            if made is not None:
-                new_bound.append(made)
-                continue
-            assert runtime is not None and reuse is not None
-            b = runtime.bound[reuse]
-            if b.listen != listen:
-                sockets.retune(b, listen)
-            reused.add(reuse)
-            new_bound.append(b)
+        new_bound = [b for b in st.bound if b is not None]
         if runtime is None:
             daemon.add_unit(p.unit, new_bound).activate()
             added.append(name)
             continue
-        leftovers = [b for i, b in enumerate(runtime.bound) if i not in reused]
+        kept = {id(b) for b in new_bound}
+        leftovers = [b for b in runtime.bound if id(b) not in kept and not b.closed]
         if runtime.unit.mode is p.unit.mode:
-            _update(daemon, runtime, p.unit, new_bound)
+            _update(runtime, p.unit, new_bound, was_polling=st.was_polling)
+            for b in leftovers:
+                b.close(remove=True)
         else:
+            # The old runtime retires with the sockets nobody took over; they
+            # are closed when its last child is gone.
+            runtime.poll(False)
+            runtime.bound = leftovers
             daemon.units.pop(name)
-            runtime.bound = []
             _retire(daemon, runtime)
             daemon.add_unit(p.unit, new_bound).activate()
-        for b in leftovers:
-            b.close(remove=True)
         changed.append(name)
     for name in retire:
         _retire(daemon, daemon.units.pop(name))
@@ -159,9 +243,10 @@ def apply(daemon: Daemon) -> dict[str, Any]:
     return summary
 
 
-def _update(daemon: Daemon, runtime: UnitRuntime, unit: Unit, bound: list[sockets.Bound]) -> None:
+def _update(runtime: UnitRuntime, unit: Unit, bound: list[sockets.Bound], *, was_polling: bool) -> None:
     """Give a running unit its new settings; live children keep theirs, the next spawn uses the new ones."""
-    was_polling = runtime.polling
+    if unit.enabled and not runtime.unit.enabled:
+        runtime.stopped_by_operator = False  # enabling a disabled unit starts it, as a fresh one would
     runtime.poll(False)
     runtime.bound = bound
     runtime.unit = unit
