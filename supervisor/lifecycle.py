@@ -96,6 +96,7 @@ class Slot:
     state: SlotState = SlotState.IDLE
     pid: int | None = None
     started_at: float | None = None
+    ready_at: float | None = None  # when it became RUNNING; the back-off resets only after running this long
     deadline: float | None = None
     after: After = After.STOP
     failures: int = 0  # consecutive failures, for the back-off exponent
@@ -233,7 +234,8 @@ def step(unit: Unit, slot: Slot, event: Event, now: float) -> tuple[Slot, list[A
                     Log("child_started", (("pid", pid),))
                 ]
             deadline = now + unit.watchdog if unit.watchdog else None
-            return replace(slot, state=SlotState.RUNNING, pid=pid, started_at=now, deadline=deadline), [
+            return replace(slot, state=SlotState.RUNNING, pid=pid, started_at=now, ready_at=now,
+                           deadline=deadline), [
                 Log("child_started", (("pid", pid),))
             ]
         case SpawnFailed(reason=reason):
@@ -245,7 +247,7 @@ def step(unit: Unit, slot: Slot, event: Event, now: float) -> tuple[Slot, list[A
         case NotifyReady():
             if slot.state is SlotState.STARTING and slot.pid is not None:
                 deadline = now + unit.watchdog if unit.watchdog else None
-                return replace(slot, state=SlotState.RUNNING, deadline=deadline), [
+                return replace(slot, state=SlotState.RUNNING, ready_at=now, deadline=deadline), [
                     Log("child_ready", (("pid", slot.pid),))
                 ]
             return slot, []
@@ -276,7 +278,7 @@ def _spawn(unit: Unit, slot: Slot, now: float) -> tuple[Slot, list[Action]]:
             ]
         starts = (*starts, now)
     return (
-        replace(slot, state=SlotState.STARTING, pid=None, started_at=None, deadline=None,
+        replace(slot, state=SlotState.STARTING, pid=None, started_at=None, ready_at=None, deadline=None,
                 after=After.STOP, start_times=starts, stop_signal_sent=False),
         [Spawn()],
     )
@@ -321,7 +323,10 @@ def _keeps_running(unit: Unit) -> bool:
 def _exited(unit: Unit, slot: Slot, ex: Exit, now: float) -> tuple[Slot, list[Action]]:
     ran = now - slot.started_at if slot.started_at is not None else 0.0
     log = Log("child_exited", (("pid", slot.pid), ("status", str(ex)), ("duration", round(ran, 6))))
-    failures = 0 if ran >= unit.restart_reset else slot.failures
+    # Only time spent *ready* earns a reset: a service that hangs until its
+    # start timeout every time must keep backing off.
+    served = now - slot.ready_at if slot.ready_at is not None else 0.0
+    failures = 0 if served >= unit.restart_reset else slot.failures
     slot = replace(slot, last_exit=ex, failures=failures)
     if slot.state is SlotState.STOPPING:
         return _settle(unit, slot, slot.after, now, [log])

@@ -735,3 +735,27 @@ def test_crash_loop_is_bounded_and_never_gives_up(start: Start, lifetime: float)
     assert spawns <= ceiling
     assert spawns >= 600.0 / (unit.restart_delay_max + lifetime) - 1  # it keeps trying
     assert slot.state is not SlotState.FAILED
+
+
+def test_start_timeouts_never_reset_the_backoff() -> None:
+    """A notify service that hangs until start_timeout each time keeps backing off: time not ready earns no reset."""
+    from supervisor.lifecycle import Exit, Exited, Readiness, Slot, SlotState, Spawned, Timer, step
+    from supervisor.model import Process, Ready, Unit
+
+    unit = Unit(name="hang", listen=(), process=Process(exec=("/bin/true",)), ready=Ready.NOTIFY,
+                start_timeout=100.0, restart_reset=60.0, restart_delay=1.0, restart_delay_max=1000.0)
+    slot, now, pid = Slot(), 0.0, 100
+    delays = []
+    for _ in range(3):
+        slot, _a = step(unit, slot, Readiness(), now)
+        slot, _a = step(unit, slot, Spawned(pid), now)
+        now += unit.start_timeout
+        slot, _a = step(unit, slot, Timer(), now)  # start timeout: stop signal
+        slot, _a = step(unit, slot, Exited(pid, Exit(signal=15)), now)
+        assert slot.state is SlotState.BACKOFF
+        assert slot.deadline is not None
+        delays.append(slot.deadline - now)
+        now = slot.deadline
+        slot, _a = step(unit, slot, Timer(), now)
+        pid += 1
+    assert delays == [1.0, 2.0, 4.0]
