@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 RESOURCE_BACKOFF = 0.1  # seconds; doubles up to 2 s while the shortage lasts
 ACCEPT_BATCH = 32  # connections accepted per readiness callback before yielding to the loop
+ADDR_ENV_CACHE = 256  # encoded REMOTE_ADDR values kept per unit (clients tend to repeat)
+CONN = -2  # stand-in for "the connection" in the stderr slot
+_FDS_ENV = (b"LISTEN_FDS=1", b"LISTEN_FDNAMES=connection")
 
 
 class AcceptRuntime(UnitRuntime):
@@ -57,6 +60,9 @@ class AcceptRuntime(UnitRuntime):
         self._kill_timer: asyncio.TimerHandle | None = None
         self._pass_fds = unit.pass_ is Pass.FDS
         self._log_conns = unit.log_connections
+        self._err = _stderr_slot(unit.process.stderr)
+        self._addr_env: dict[str, bytes] = {}
+        self.spawn_failures = 0
 
     def pids(self) -> list[int]:
         return list(self.conns)
@@ -69,6 +75,7 @@ class AcceptRuntime(UnitRuntime):
         self.policy.by_source = old.by_source
         self._pass_fds = self.unit.pass_ is Pass.FDS
         self._log_conns = self.unit.log_connections
+        self._err = _stderr_slot(self.unit.process.stderr)
 
     def retire(self) -> None:
         # A removed accept unit lets its children finish their connections.
@@ -177,46 +184,58 @@ class AcceptRuntime(UnitRuntime):
         self._resource_backoff = min(self._resource_backoff * 2, 2.0)
 
     def _connection(self, fd: int, addr: Any, bound: sockets.Bound, now: float) -> None:
-        kind = bound.listen.kind
+        # The hot path: keep it to plain local operations (no f-strings, no logging calls
+        # when log_connections is off, no socket objects for TCP peers).
         env: list[bytes]
         peer: Peer | None = None
         remote = ""
-        if kind is ListenKind.TCP:
-            host = normalize_host(addr[0])
-            port = addr[1]
-            env = [f"REMOTE_ADDR={host}".encode(), f"REMOTE_PORT={port}".encode()]
-            if self.policy.needs_peer:
+        policy = self.policy
+        if bound.listen.kind is ListenKind.TCP:
+            host: str = addr[0]
+            port: int = addr[1]
+            if host[:7] == "::ffff:":
+                host = normalize_host(host)
+            addr_env = self._addr_env.get(host)
+            if addr_env is None:
+                addr_env = b"REMOTE_ADDR=" + host.encode()
+                if len(self._addr_env) < ADDR_ENV_CACHE:
+                    self._addr_env[host] = addr_env
+            env = [addr_env, b"REMOTE_PORT=%d" % port]
+            if policy.needs_peer:
                 peer = Peer(host=host)
             if self._log_conns:
                 remote = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         else:
             pid, uid, gid = _peer_credentials(fd)
-            env = [f"REMOTE_PID={pid}".encode(), f"REMOTE_UID={uid}".encode(), f"REMOTE_GID={gid}".encode()]
-            if self.policy.needs_peer:
+            env = [b"REMOTE_PID=%d" % pid, b"REMOTE_UID=%d" % uid, b"REMOTE_GID=%d" % gid]
+            if policy.needs_peer:
                 peer = Peer(uid=uid)
             if self._log_conns:
                 remote = f"pid={pid},uid={uid}"
-        refusal = self.policy.admit(peer, now)
+        refusal = policy.admit(peer, now)
         if refusal is not None:
             os.close(fd)
             self.refused += 1
-            self.log.info("connection_refused", remote=remote or (peer.source if peer else ""), reason=refusal.value)
+            # Refusals are always logged: they are the operator's signal that a limit bites.
+            self.log.info("connection_refused", remote=remote or _describe(peer, addr),
+                          reason=refusal.value)
             return
-        proc_stderr = self.unit.process.stderr
-        err = fd if proc_stderr is Stderr.CONNECTION else (-1 if proc_stderr is Stderr.NULL else 2)
         try:
+            prepared = self._prepared or self.prepared()
+            err = self._err
             if self._pass_fds:
-                env.append(b"LISTEN_FDS=1")
-                env.append(b"LISTEN_FDNAMES=connection")
-                pid = spawn.spawn_child(self.prepared(), [-1, -1 if err == fd else err, err, fd], env,
-                                        listen_pid=True)
+                env += _FDS_ENV
+                pid = spawn.spawn_child(prepared, [-1, -1 if err == CONN else err, fd if err == CONN else err, fd],
+                                        env, listen_pid=True)
             else:
-                pid = spawn.spawn_child(self.prepared(), [fd, fd, err], env, listen_pid=False)
+                pid = spawn.spawn_child(prepared, [fd, fd, fd if err == CONN else err], env, listen_pid=False)
         except SpawnError as exc:
             os.close(fd)
-            self.policy.release(peer)
+            policy.release(peer)
             self.refused += 1
-            self.log.error("spawn_failed", remote=remote, error=str(exc))
+            self.spawn_failures += 1
+            self.log.error("spawn_failed", remote=remote or _describe(peer, addr), error=str(exc),
+                           stage=exc.stage)
             return
         os.close(fd)
         self.accepted += 1
@@ -234,8 +253,26 @@ class AcceptRuntime(UnitRuntime):
         if self._stopping and not self.conns and self._kill_timer is not None:
             self._kill_timer.cancel()
             self._kill_timer = None
-        if not self._polling:
+        # A pending timer (rate, or an fd shortage backing off) resumes by itself; resuming
+        # here would cut the back-off short.
+        if not self._polling and self._resume is None:
             self._maybe_resume()
+
+
+def _stderr_slot(stderr: Stderr) -> int:
+    """The child's fd 2 source: the connection (CONN), /dev/null (-1) or the daemon's stderr (2)."""
+    if stderr is Stderr.CONNECTION:
+        return CONN
+    return -1 if stderr is Stderr.NULL else 2
+
+
+def _describe(peer: Peer | None, addr: Any) -> str:
+    """A refused peer for the log when connection logging is off (refusals are logged anyway)."""
+    if peer is not None:
+        return peer.source
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"{normalize_host(addr[0])}:{addr[1]}"
+    return ""
 
 
 def _peer_credentials(fd: int) -> tuple[int, int, int]:
