@@ -188,9 +188,9 @@ def run_one(name: str, starter: Starter, args: argparse.Namespace, result: Resul
     if argv is None:
         result.skipped = "not installed"
         return
-    out = open(work / "out.log", "wb")  # closed in the finally below
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=REPO,
-                            start_new_session=True)
+    with open(work / "out.log", "wb") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=REPO,
+                                start_new_session=True)
     try:
         deadline = time.monotonic() + 15
         while probe(port) != b"hello\n":
@@ -223,7 +223,6 @@ def run_one(name: str, starter: Starter, args: argparse.Namespace, result: Resul
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        out.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
