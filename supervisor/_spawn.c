@@ -13,9 +13,10 @@
  *
  *   1. Everything is prepared in the parent, with the GIL held: the argv/envp char* arrays
  *      (pointing into bytes objects we hold references to), the fd table, groups, rlimits,
- *      and a buffer "LISTEN_PID=" followed by room for the digits. The child only reads them.
+ *      and one buffer per pid variable ("LISTEN_PID=", "WATCHDOG_PID=") followed by room for
+ *      the digits. The child only reads them.
  *   2. The child calls raw system calls only: no malloc, no stdio, no locks, no Python. It
- *      writes nothing to shared memory except the LISTEN_PID digits and, on failure, a stage
+ *      writes nothing to shared memory except the pid variables' digits and, on failure, a stage
  *      code and errno into the parent's `struct spawn_args`, then _exit(127). When vfork()
  *      returns in the parent the child has either exec'ed or exited, so the parent reads
  *      them without a race, reaps the failed child at once (no zombie is left) and raises
@@ -30,8 +31,9 @@
  *      the credential change to every thread of the process (SIGSETXID), which in a vfork
  *      child would be the parent's threads. Credentials are per-thread in the kernel, and the
  *      child is a single-thread process, so the raw system call is exactly right.
- *   5. The child calls getpid() through syscall() too, to format LISTEN_PID: systemd's
- *      protocol wants the pid of the process that reads the variable, i.e. this child's.
+ *   5. The child calls getpid() through syscall() too, to format LISTEN_PID (and any other
+ *      pid variable, such as WATCHDOG_PID): systemd's protocol wants the pid of the process
+ *      that reads the variable, i.e. this child's.
  *
  * fds: fds[i] becomes fd i in the child (-1: /dev/null). Sources may overlap targets (slot 3
  * gets fd 4 while slot 4 gets fd 3), so every source is first copied to a number >= nfds with
@@ -100,22 +102,26 @@ static const char *const stage_names[] = {
     "chdir", "setrlimit", "nice", "execve", "fork",
 };
 
-#define LISTEN_PID_PREFIX "LISTEN_PID="
-/* prefix + up to 20 digits (any pid_t) + NUL */
-#define LISTEN_PID_BUFSIZE (sizeof(LISTEN_PID_PREFIX) + 20)
+/* pid_vars=True means just this one (the historical listen_pid flag). */
+#define LISTEN_PID_NAME "LISTEN_PID"
+/* Room for the digits of any pid_t, after "NAME=", plus the NUL. */
+#define PID_DIGITS 21
+/* More would be a mistake: the protocols know LISTEN_PID and WATCHDOG_PID. */
+#define MAX_PID_VARS 8
 
 struct rlimit_entry {
     int resource;
     struct rlimit limit;
 };
 
-/* Everything the child needs, prepared by the parent; the child writes only err_* and
- * listen_pid's digits. Lives on the parent's stack for the duration of one spawn(). */
+/* Everything the child needs, prepared by the parent; the child writes only err_* and the
+ * pid variables' digits. Lives on the parent's stack for the duration of one spawn(). */
 struct spawn_args {
     const char *path;
     char *const *argv;
     char *const *envp;
-    char *listen_pid; /* NULL, or the LISTEN_PID_BUFSIZE buffer that envp[0] points to */
+    char *pid_digits[MAX_PID_VARS]; /* where each pid variable's digits go (after "NAME=") */
+    int npid_vars;                  /* envp[0..npid_vars-1] are those variables */
     const int *fds;
     int nfds;
     int set_uid, set_gid, set_groups;
@@ -332,8 +338,12 @@ child_exec(struct spawn_args *a)
         stage = STAGE_CHDIR;
         goto fail;
     }
-    if (a->listen_pid != NULL)
-        format_pid(a->listen_pid + sizeof(LISTEN_PID_PREFIX) - 1, syscall(SYS_getpid));
+    if (a->npid_vars > 0) {
+        long self = syscall(SYS_getpid);
+        int v;
+        for (v = 0; v < a->npid_vars; v++)
+            format_pid(a->pid_digits[v], self);
+    }
 
     /* Every disposition is default now, so a pending signal can only do its default thing
      * (most likely kill this child, which the daemon then reaps like any other exit). */
@@ -367,6 +377,7 @@ static PyObject *SpawnFailure; /* the exception type, created once at import */
 struct prepared {
     PyObject *argv_tuple, *envp_tuple;
     char **argv, **envp;
+    char *pid_buf; /* the "NAME=<digits>" buffers of the pid variables, back to back */
     int *fds, *scratch;
     gid_t *groups;
     struct rlimit_entry *rlimits;
@@ -379,6 +390,7 @@ cleanup(struct prepared *p)
     Py_XDECREF(p->envp_tuple);
     PyMem_Free(p->argv);
     PyMem_Free(p->envp);
+    PyMem_Free(p->pid_buf);
     PyMem_Free(p->fds);
     PyMem_Free(p->scratch);
     PyMem_Free(p->groups);
@@ -570,12 +582,77 @@ done:
     return rc;
 }
 
+/* The pid variables: True -> LISTEN_PID, False -> none, or a sequence of names (bytes). Builds
+ * one "NAME=" buffer per variable in p->pid_buf (with room for the digits the child writes),
+ * points starts[i] at each and a->pid_digits[i] at its digits; returns the count, or -1 with
+ * an exception set. */
+static int
+pid_vars_array(PyObject *obj, struct prepared *p, struct spawn_args *a, char **starts)
+{
+    const char *names[MAX_PID_VARS];
+    size_t lens[MAX_PID_VARS], total = 0;
+    PyObject *tuple = NULL;
+    Py_ssize_t i, n = 0;
+    char *out;
+    int rc = -1;
+
+    if (PyBool_Check(obj)) {
+        if (obj == Py_True) {
+            names[0] = LISTEN_PID_NAME;
+            n = 1;
+        }
+    }
+    else {
+        if ((tuple = PySequence_Tuple(obj)) == NULL)
+            return -1;
+        n = PyTuple_GET_SIZE(tuple);
+        if (n > MAX_PID_VARS) {
+            PyErr_Format(PyExc_ValueError, "at most %d pid_vars", MAX_PID_VARS);
+            goto done;
+        }
+        for (i = 0; i < n; i++) {
+            if ((names[i] = c_string(PyTuple_GET_ITEM(tuple, i), "pid_vars items")) == NULL)
+                goto done;
+            if (names[i][0] == '\0' || strchr(names[i], '=') != NULL) {
+                PyErr_SetString(PyExc_ValueError, "a pid_vars name must be non-empty, without '='");
+                goto done;
+            }
+        }
+    }
+    for (i = 0; i < n; i++) {
+        lens[i] = strlen(names[i]);
+        total += lens[i] + 1 + PID_DIGITS;
+    }
+    if (n > 0) {
+        if ((p->pid_buf = PyMem_Malloc(total)) == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        out = p->pid_buf;
+        for (i = 0; i < n; i++) {
+            starts[i] = out;
+            memcpy(out, names[i], lens[i]);
+            out[lens[i]] = '=';
+            a->pid_digits[i] = out + lens[i] + 1;
+            a->pid_digits[i][0] = '\0';
+            out += lens[i] + 1 + PID_DIGITS;
+        }
+    }
+    a->npid_vars = (int)n;
+    rc = (int)n;
+done:
+    Py_XDECREF(tuple);
+    return rc;
+}
+
 PyDoc_STRVAR(spawn_doc,
-"spawn(path, argv, envp, fds, listen_pid, uid, gid, groups, cwd, umask, nice, rlimits, setsid, /)\n"
+"spawn(path, argv, envp, fds, pid_vars, uid, gid, groups, cwd, umask, nice, rlimits, setsid, /)\n"
 "--\n\n"
 "Start `path` in a new process with vfork+execve and return its pid (not waited for).\n\n"
 "fds[i] becomes fd i in the child (-1: /dev/null); every other fd is closed.\n"
-"listen_pid: prepend LISTEN_PID=<the child's pid> to envp. uid/gid -1, groups None,\n"
+"pid_vars: a sequence of variable names (bytes) to prepend to envp as NAME=<the child's\n"
+"pid>, e.g. (b'LISTEN_PID', b'WATCHDOG_PID'); True means (b'LISTEN_PID',), False ().\n"
+"uid/gid -1, groups None,\n"
 "cwd None, umask -1 and nice 0 leave that attribute unchanged. rlimits are\n"
 "(resource, soft, hard) with -1 for RLIM_INFINITY. setsid: start a new session.\n"
 "Raises SpawnFailure(stage, errno) if the child could not be started; the failed\n"
@@ -586,10 +663,10 @@ spawn(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     struct prepared p = {0};
     struct spawn_args a;
-    char listen_pid_buf[LISTEN_PID_BUFSIZE];
+    char *pid_starts[MAX_PID_VARS];
     Py_ssize_t nfds = 0;
     long long v;
-    int listen_pid, setsid_flag, saved_errno = 0;
+    int npid_vars, i, setsid_flag, saved_errno = 0;
     pid_t pid;
     sigset_t all, old;
     PyObject *result = NULL;
@@ -602,7 +679,7 @@ spawn(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     if ((a.path = c_string(args[0], "path")) == NULL)
         goto done;
-    if ((listen_pid = PyObject_IsTrue(args[4])) < 0)
+    if ((npid_vars = pid_vars_array(args[4], &p, &a, pid_starts)) < 0)
         goto done;
     if (string_array(args[1], "argv items", 0, &p.argv_tuple, &p.argv) < 0)
         goto done;
@@ -610,14 +687,11 @@ spawn(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "argv must not be empty");
         goto done;
     }
-    if (string_array(args[2], "envp items", listen_pid ? 1 : 0, &p.envp_tuple, &p.envp) < 0)
+    if (string_array(args[2], "envp items", npid_vars, &p.envp_tuple, &p.envp) < 0)
         goto done;
-    if (listen_pid) {
-        /* The child writes its pid's digits after the prefix. */
-        memcpy(listen_pid_buf, LISTEN_PID_PREFIX, sizeof(LISTEN_PID_PREFIX));
-        p.envp[0] = listen_pid_buf;
-        a.listen_pid = listen_pid_buf;
-    }
+    /* The child writes its pid's digits after each "NAME=". */
+    for (i = 0; i < npid_vars; i++)
+        p.envp[i] = pid_starts[i];
     if (int_array(args[3], "fd", -1, INT_MAX, &p.fds, &nfds) < 0)
         goto done;
     p.scratch = PyMem_Malloc(sizeof(int) * (size_t)(nfds > 0 ? nfds : 1));

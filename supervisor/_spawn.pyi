@@ -8,7 +8,7 @@ def spawn(
     argv: Sequence[bytes],
     envp: Sequence[bytes],
     fds: Sequence[int],
-    listen_pid: bool,
+    pid_vars: bool | Sequence[bytes],
     uid: int,
     gid: int,
     groups: Sequence[int] | None,

@@ -13,7 +13,8 @@ CPU per child, so the work is split in two:
 * ``spawn_child()`` is the hot path: it appends the per-spawn variables the caller already
   encoded (``LISTEN_FDS``, ``LISTEN_FDNAMES``, ``REMOTE_*``) and makes one call into the C
   extension ``supervisor._spawn``, which vforks, arranges the fds, drops privileges, writes
-  ``LISTEN_PID`` (the child's own pid, which only the child can know) and execs. See the top
+  ``LISTEN_PID`` and ``WATCHDOG_PID`` (the child's own pid, which only the child can know) and
+  execs. See the top
   of ``_spawn.c`` for why vfork and what the child may do.
 
 The environment is built fresh from the configuration; the daemon's ``os.environ`` is only
@@ -67,6 +68,8 @@ RESERVED_ENVIRONMENT: frozenset[str] = frozenset(
         "REMOTE_GID",
         "SOCKVISOR_UNIT",
         "SOCKVISOR_WORKER",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
     }
 )
 
@@ -307,6 +310,7 @@ def spawn_child(
     extra_env: Sequence[bytes] = (),
     *,
     listen_pid: bool,
+    pid_vars: Sequence[bytes] = (),
 ) -> int:
     """Start one child and return its pid, without waiting for it (the daemon reaps it).
 
@@ -318,6 +322,8 @@ def spawn_child(
         extra_env: per-spawn ``NAME=value`` bytes (``listen_environment(...)``, ``REMOTE_*``),
             none of them in the prepared environment.
         listen_pid: add ``LISTEN_PID=<the child's pid>``.
+        pid_vars: more variable names to set to the child's pid, after ``LISTEN_PID``
+            (``[b"WATCHDOG_PID"]``); none of them in the prepared environment.
 
     Returns:
         The child's pid; it has already exec'ed the program.
@@ -329,7 +335,10 @@ def spawn_child(
     """
     env = (*extra_env, *prepared.env) if extra_env else prepared.env
     try:
-        return _spawn.spawn(prepared.path, prepared.argv, env, fds, listen_pid, *prepared._tail)
+        names: bool | Sequence[bytes] = listen_pid
+        if pid_vars:
+            names = (b"LISTEN_PID", *pid_vars) if listen_pid else pid_vars
+        return _spawn.spawn(prepared.path, prepared.argv, env, fds, names, *prepared._tail)
     except _spawn.SpawnFailure as failure:
         stage, err = failure.args
         raise SpawnError(stage, err, _describe(prepared, stage, err)) from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from supervisor import notifyd, sockets, spawn
@@ -21,6 +21,25 @@ if TYPE_CHECKING:
     from supervisor.daemon import Daemon
 
 ChildCallback = Callable[[int, Exit], None]
+
+# systemd's fdname_is_valid(): printable ASCII, no ':' (the LISTEN_FDNAMES separator), 1-255 chars.
+_FDNAME_MAX = 255
+
+
+def valid_fdname(name: str) -> bool:
+    """Whether ``name`` may be an fd's name in ``LISTEN_FDNAMES`` (systemd's rules)."""
+    return 0 < len(name) <= _FDNAME_MAX and all(" " <= c <= "~" and c != ":" for c in name)
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def exit_of(status: int) -> Exit:
@@ -115,38 +134,79 @@ class UnitRuntime:
         return err, err
 
     # ------------------------------------------------------------ notify
+    #
+    # The fd store follows systemd's: FDSTORE=1 keeps the fds sent with it under
+    # FDNAME= ("stored" by default), an fd already in the store (same file) is
+    # not kept twice, at most ``fd_store_max`` are kept, FDSTOREREMOVE=1 with
+    # FDNAME= drops every fd of that name. Stored fds outlive the processes and
+    # are passed to every later one after the listening fds (service and pool
+    # mode); an accept-mode child has no restart to survive, so its fds are
+    # refused. Unlike systemd, a stored fd is not polled for hang-ups: it stays
+    # until removed or the unit goes away.
 
     def _on_notify_drop(self, reason: str) -> None:
         self.log.warning("notify_dropped", reason=reason)
+
+    def drain_notify(self) -> None:
+        """Read every queued notify message now (before handling an exit, so a dying child's last words count)."""
+        self.endpoint.readable()
 
     def _on_notify(self, msg: notifyd.Message) -> None:
         fields = msg.fields
         owner = self.owner_of(msg.pid)
         if owner is None:
-            for fd in msg.fds:
-                os.close(fd)
+            _close_all(msg.fds)
             self.log.warning("notify_dropped", reason="sender is not a child of this unit", sender=msg.pid)
             return
-        if "STATUS" in fields:
+        self.log.debug("notify_received", pid=owner, sender=msg.pid, keys=sorted(fields), fds=len(msg.fds))
+        if "STATUS" in fields and fields["STATUS"] != self.status_text:
             self.status_text = fields["STATUS"]
+            self.log.debug("status_changed", pid=owner, status=self.status_text)
         if fields.get("FDSTOREREMOVE") == "1":
-            name = fields.get("FDNAME", "stored")
-            for n, fd in [e for e in self.fd_store if e[0] == name]:
-                self.fd_store.remove((n, fd))
-                os.close(fd)
-        if fields.get("FDSTORE") == "1" and msg.fds:
-            name = fields.get("FDNAME", "stored")
-            for fd in msg.fds:
-                if len(self.fd_store) >= self.unit.fd_store_max:
-                    os.close(fd)
-                    self.log.warning("fd_store_full", max=self.unit.fd_store_max)
-                else:
-                    self.fd_store.append((name, fd))
-                    self.log.info("fd_stored", name=name, count=len(self.fd_store))
-        else:
-            for fd in msg.fds:
-                os.close(fd)
+            self._fd_store_remove(fields.get("FDNAME"))
+        if fields.get("FDSTORE") == "1":
+            self._fd_store_add(fields.get("FDNAME", "stored"), msg.fds, owner)
+        elif msg.fds:
+            _close_all(msg.fds)
+            # BARRIER=1 (sd_notify_barrier) sends an fd only to have it closed.
+            if fields.get("BARRIER") != "1":
+                self.log.warning("notify_fds_closed", pid=owner, count=len(msg.fds),
+                                 reason="fds sent without FDSTORE=1")
         self.notified(owner, fields)
+
+    def _fd_store_remove(self, name: str | None) -> None:
+        if name is None or not valid_fdname(name):
+            self.log.warning("fd_store_refused", reason="FDSTOREREMOVE=1 needs a valid FDNAME=")
+            return
+        gone = [fd for n, fd in self.fd_store if n == name]
+        self.fd_store = [(n, fd) for n, fd in self.fd_store if n != name]
+        _close_all(gone)
+        self.log.info("fd_removed", fdname=name, removed=len(gone), count=len(self.fd_store))
+
+    def _fd_store_add(self, name: str, fds: tuple[int, ...], owner: int) -> None:
+        if not fds:
+            return
+        if self.unit.mode is Mode.ACCEPT or self.unit.pass_ is Pass.STDIO:
+            _close_all(fds)
+            self.log.warning("fd_store_refused", pid=owner, reason=f"no fd store in mode {self.unit.mode.value}"
+                             if self.unit.mode is Mode.ACCEPT else "no fd store with pass: stdio")
+            return
+        if not valid_fdname(name):
+            _close_all(fds)
+            self.log.warning("fd_store_refused", pid=owner, reason="invalid FDNAME", fdname=name)
+            return
+        known = {_identity(fd) for _, fd in self.fd_store}
+        for fd in fds:
+            ident = _identity(fd)
+            if ident in known:
+                os.close(fd)  # the same file is in the store already (systemd does not keep it twice)
+            elif len(self.fd_store) >= self.unit.fd_store_max:
+                os.close(fd)
+                self.log.warning("fd_store_full", pid=owner, fdname=name, max=self.unit.fd_store_max)
+            else:
+                known.add(ident)
+                self.fd_store.append((name, fd))
+                self.log.info("fd_stored", pid=owner, fdname=name, count=len(self.fd_store))
 
     def owner_of(self, sender: int) -> int | None:
         """The pid of our child that ``sender`` belongs to (itself, or a process in its session)."""
