@@ -75,6 +75,9 @@ class SlotDriver:
         self.feed(lifecycle.Spawned(pid))
 
     def _exited(self, pid: int, ex: Exit) -> None:
+        # What the process said before it died (STOPPING=1, STATUS=) is read
+        # while it is still ours, as systemd reads notify before SIGCHLD.
+        self.runtime.drain_notify()
         self.feed(lifecycle.Exited(pid, ex))
 
     def cancel(self) -> None:
@@ -187,11 +190,16 @@ class SlottedRuntime(UnitRuntime):
             # inetd "wait" programs expect a blocking socket; polling (libuv)
             # made it non-blocking, and the flag is shared with the child's copy.
             sockets.set_blocking(fd, True)
-            return spawn.spawn_child(prepared, [fd, fd, err], self._extra_env(index, []), listen_pid=False)
+            return spawn.spawn_child(prepared, [fd, fd, err], self._extra_env(index, []), listen_pid=False,
+                                     pid_vars=self._pid_vars())
         fds = [b.fd for b in self.bound] + [fd for _, fd in self.fd_store]
         names = [b.listen.name for b in self.bound] + [n for n, _ in self.fd_store]
         extra = self._extra_env(index, names)
-        return spawn.spawn_child(prepared, [-1, out, err, *fds], extra, listen_pid=True)
+        return spawn.spawn_child(prepared, [-1, out, err, *fds], extra, listen_pid=True, pid_vars=self._pid_vars())
+
+    def _pid_vars(self) -> tuple[bytes, ...]:
+        # WATCHDOG_PID is the child's own pid, which only the spawner knows at exec time.
+        return (b"WATCHDOG_PID",) if self.unit.watchdog else ()
 
     def _extra_env(self, index: int, names: list[str]) -> list[bytes]:
         env: list[bytes] = []
