@@ -111,7 +111,7 @@ wait
 
 
 def test_stored_connection_survives_a_restart(sockvisor: Sockvisor, port: int) -> None:
-    """A connection stored with FDSTORE=1 comes back after `sockvisor restart`, named in LISTEN_FDNAMES, and still works."""
+    """A connection stored with FDSTORE=1 comes back after `sockvisor restart`, named in LISTEN_FDNAMES, and works."""
     sockvisor.unit("keep", f"""
         listen: [{{tcp: "127.0.0.1:{port}", name: web}}]
         start: eager
@@ -214,7 +214,7 @@ def test_oversized_and_malformed_datagrams_are_dropped(sockvisor: Sockvisor) -> 
 
 
 def test_foreign_sender_is_dropped(sockvisor: Sockvisor) -> None:
-    """READY=1 and FDSTORE=1 sent to a unit's notify socket by a process that is not its child are dropped, fds closed."""
+    """READY=1 and FDSTORE=1 sent to a unit's notify socket by a non-child are dropped and their fds closed."""
     _unit(sockvisor, "own", "show-socket no-ready")
     sockvisor.start()
     shown = wait_for(lambda: [e for e in sockvisor.find("status_changed", unit="own")
