@@ -61,6 +61,7 @@ class AcceptRuntime(UnitRuntime):
         self._pass_fds = unit.pass_ is Pass.FDS
         self._log_conns = unit.log_connections
         self._err = _stderr_slot(unit.process.stderr)
+        self._needs_peer = self.policy.needs_peer
         self._addr_env: dict[str, bytes] = {}
         self.spawn_failures = 0
 
@@ -76,6 +77,7 @@ class AcceptRuntime(UnitRuntime):
         self._pass_fds = self.unit.pass_ is Pass.FDS
         self._log_conns = self.unit.log_connections
         self._err = _stderr_slot(self.unit.process.stderr)
+        self._needs_peer = self.policy.needs_peer
 
     def retire(self) -> None:
         # A removed accept unit lets its children finish their connections.
@@ -201,14 +203,14 @@ class AcceptRuntime(UnitRuntime):
                 if len(self._addr_env) < ADDR_ENV_CACHE:
                     self._addr_env[host] = addr_env
             env = [addr_env, b"REMOTE_PORT=%d" % port]
-            if policy.needs_peer:
+            if self._needs_peer:
                 peer = Peer(host=host)
             if self._log_conns:
                 remote = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         else:
             pid, uid, gid = _peer_credentials(fd)
             env = [b"REMOTE_PID=%d" % pid, b"REMOTE_UID=%d" % uid, b"REMOTE_GID=%d" % gid]
-            if policy.needs_peer:
+            if self._needs_peer:
                 peer = Peer(uid=uid)
             if self._log_conns:
                 remote = f"pid={pid},uid={uid}"
