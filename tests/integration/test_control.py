@@ -149,7 +149,7 @@ def test_stop_keeps_the_socket_bound_and_start_serves_the_queue(sockvisor: Sockv
 
 
 def test_stop_and_start_a_service(sockvisor: Sockvisor, port: int) -> None:
-    """stop NAME terminates a running service and leaves it stopped; start NAME runs it again."""
+    """stop NAME terminates a running service and keeps its socket; start NAME runs it and it serves the queue."""
     eager_service(sockvisor, port)
     sockvisor.start()
     first = sockvisor.wait_event("child_started", unit="svc")["pid"]
@@ -158,11 +158,12 @@ def test_stop_and_start_a_service(sockvisor: Sockvisor, port: int) -> None:
     st = sockvisor.unit_status("svc")
     assert (st["state"], st["pids"]) == ("stopped", [])
     assert st["last_exit"]["pid"] == first
-    sockvisor.cli("start", "svc", check=True)
-    second = sockvisor.wait_event("child_started", unit="svc", count=2)["pid"]
-    assert second != first
-    with connect(port) as s:
-        assert s.recv(64).split()[0] == str(second).encode()
+    with connect(port) as queued:  # the socket stays bound while stopped: the client waits in the backlog
+        assert sockvisor.unit_status("svc")["state"] == "stopped", "a connection does not start a stopped unit"
+        sockvisor.cli("start", "svc", check=True)
+        second = sockvisor.wait_event("child_started", unit="svc", count=2)["pid"]
+        assert second != first
+        assert queued.recv(64).split()[0] == str(second).encode()
 
 
 def test_restart_replaces_the_units_children(sockvisor: Sockvisor, port: int) -> None:

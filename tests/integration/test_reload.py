@@ -219,6 +219,25 @@ def test_removed_service_unit_is_stopped_then_closed(sockvisor: Sockvisor) -> No
     assert listen_inode(port) is None
 
 
+def test_mode_change_keeps_the_listener(sockvisor: Sockvisor) -> None:
+    """Switching a unit from service to accept mode hands its socket to the new runtime and stops the old process."""
+    port = free_port()
+    sockvisor.unit("flip", f"""
+        listen: [{{tcp: "127.0.0.1:{port}"}}]
+        start: eager
+        exec: [{PY}, {PROGRAMS}/svc_serve.py]
+    """)
+    sockvisor.start()
+    pid = sockvisor.wait_event("child_started", unit="flip")["pid"]
+    before = daemon_listener(pid_of(sockvisor), port)
+    hello(sockvisor, port, name="flip", text="flipped")
+    assert reload(sockvisor)["changed"] == ["flip"]
+    sockvisor.wait_event("child_exited", unit="flip", pid=pid)
+    assert roundtrip(port) == b"flipped\n"
+    assert daemon_listener(pid_of(sockvisor), port) == before
+    assert sockvisor.unit_status("flip")["mode"] == "accept"
+
+
 def test_enabling_a_disabled_unit_starts_serving(sockvisor: Sockvisor) -> None:
     """A unit switched from enabled: false to true by a reload is bound and serves."""
     port = free_port()
