@@ -109,7 +109,10 @@ class Endpoint:
                     os.close(fd)
                 self._on_drop(reason or "malformed message")
                 continue
-            self._on_message(Message(pid=pid, fields=fields, fds=tuple(fds)))
+            try:
+                self._on_message(Message(pid=pid, fields=fields, fds=tuple(fds)))
+            except Exception as exc:  # one bad message must not stop the drain, nor the exit handling that drains
+                self._on_drop(f"handler failed: {exc!r}")
 
 
 def session_of(pid: int) -> int | None:
