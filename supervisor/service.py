@@ -4,18 +4,44 @@ A service unit has one slot, a pool ``workers`` slots. Each ``SlotDriver`` feeds
 its slot's events to the pure core (``supervisor.lifecycle``) and carries out
 the actions: spawn, signal, log, and the one timer at the slot's deadline.
 The sockets are polled only while every slot waits for readiness.
+
+Pools (``PoolRuntime``) add two things on top of the slots:
+
+- Rolling restarts. ``sockvisor restart`` runs the pure planner in
+  ``supervisor.rolling``: for a slot it starts a *surge* driver (a second
+  ``SlotDriver`` with the same index, so the same ``SOCKVISOR_WORKER`` and
+  fds) next to the slot's current one; when the planner says ``Promote`` the
+  surge becomes the slot's driver and the old one is stopped from a
+  *retiring* list, which is watched until its process is gone. What the
+  surge and the old process do is observed after every ``feed`` (one hook,
+  ``driver_changed``) and posted to the planner through a queue, so the
+  planner is never re-entered from its own actions.
+- Per-slot ``SO_REUSEPORT`` sockets. For a tcp/udp listener with
+  ``reuse_port: true`` the unit's bound socket serves slot 0 and the runtime
+  binds one more socket on the same address for every further slot. A slot's
+  socket lives as long as the slot (not its process), so connections queued
+  on it while its worker is replaced wait for the new worker instead of being
+  refused. The kernel hashes each connection to one socket of the group, so
+  load spreads evenly over the slots; the price is that a slot whose worker
+  is dead, backing off or slow keeps its share of new connections waiting,
+  where with one shared socket the other workers would take them. Closing a
+  slot's socket (scale-down by reload) resets what is still queued on it
+  unless ``net.ipv4.tcp_migrate_req=1`` lets the kernel move it to another
+  socket of the group.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+import collections
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
-from supervisor import lifecycle, sockets, spawn
-from supervisor.errors import SpawnError
-from supervisor.lifecycle import Exit, SlotState
-from supervisor.model import Mode, Pass, Start, Unit
+from supervisor import lifecycle, rolling, sockets, spawn
+from supervisor.errors import BindError, SpawnError
+from supervisor.lifecycle import ALIVE, Exit, SlotState
+from supervisor.model import ListenKind, Mode, Pass, Start, Unit
 from supervisor.units import UnitRuntime, kill_group
 
 if TYPE_CHECKING:
@@ -25,9 +51,11 @@ if TYPE_CHECKING:
 class SlotDriver:
     """Feeds one lifecycle slot its events and carries out its actions."""
 
-    def __init__(self, runtime: SlottedRuntime, index: int) -> None:
+    def __init__(self, runtime: SlottedRuntime, index: int, *, surge: bool = False) -> None:
         self.runtime = runtime
         self.index = index
+        # A pool's second process for a slot during a rolling restart, until it takes the slot over.
+        self.surge = surge
         self.slot, _ = lifecycle.initial(runtime.unit)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -43,10 +71,12 @@ class SlotDriver:
                 case lifecycle.Kill(pid=pid, signal=sig):
                     kill_group(pid, sig)
                 case lifecycle.Log(event=name, fields=fields):
-                    extra = {"slot": self.index} if rt.unit.mode is Mode.POOL else {}
+                    extra: dict[str, object] = {"slot": self.index} if rt.unit.mode is Mode.POOL else {}
+                    if self.surge:
+                        extra["surge"] = True
                     rt.log.info(name, **dict(fields), **extra)
         self._arm()
-        rt.slots_changed()
+        rt.driver_changed(self)
 
     def _arm(self) -> None:
         deadline = self.slot.deadline
@@ -90,6 +120,14 @@ class SlotDriver:
 class SlottedRuntime(UnitRuntime):
     """``mode: service`` (one slot) and ``mode: pool`` (``workers`` slots)."""
 
+    def __new__(cls, daemon: Daemon, unit: Unit, bound: list[sockets.Bound]) -> SlottedRuntime:
+        # The daemon maps both slotted modes to this class; a pool gets its
+        # subclass. (Once ``daemon.RUNTIMES`` maps ``Mode.POOL`` to
+        # ``PoolRuntime`` directly, this can go.)
+        if cls is SlottedRuntime and unit.mode is Mode.POOL:
+            return super().__new__(PoolRuntime)
+        return super().__new__(cls)
+
     def __init__(self, daemon: Daemon, unit: Unit, bound: list[sockets.Bound]) -> None:
         super().__init__(daemon, unit, bound)
         count = unit.workers if unit.mode is Mode.POOL else 1
@@ -122,6 +160,10 @@ class SlottedRuntime(UnitRuntime):
             driver = self.slots.pop()
             driver.feed(lifecycle.StopRequest(lifecycle.After.NOTHING))
             self.daemon.retired_slots.append(driver)
+
+    def driver_changed(self, driver: SlotDriver) -> None:
+        """``driver`` was fed an event (its slot may have changed)."""
+        self.slots_changed()
 
     def slots_changed(self) -> None:
         # Poll only while every slot waits for readiness: a running service
@@ -192,7 +234,7 @@ class SlottedRuntime(UnitRuntime):
             sockets.set_blocking(fd, True)
             return spawn.spawn_child(prepared, [fd, fd, err], self._extra_env(index, []), listen_pid=False,
                                      pid_vars=self._pid_vars())
-        fds = [b.fd for b in self.bound] + [fd for _, fd in self.fd_store]
+        fds = self.listen_fds(index) + [fd for _, fd in self.fd_store]
         names = [b.listen.name for b in self.bound] + [n for n, _ in self.fd_store]
         extra = self._extra_env(index, names)
         return spawn.spawn_child(prepared, [-1, out, err, *fds], extra, listen_pid=True, pid_vars=self._pid_vars())
@@ -200,6 +242,10 @@ class SlottedRuntime(UnitRuntime):
     def _pid_vars(self) -> tuple[bytes, ...]:
         # WATCHDOG_PID is the child's own pid, which only the spawner knows at exec time.
         return (b"WATCHDOG_PID",) if self.unit.watchdog else ()
+
+    def listen_fds(self, index: int) -> list[int]:
+        """The listening fds slot ``index`` gets, in listen order."""
+        return [b.fd for b in self.bound]
 
     def _extra_env(self, index: int, names: list[str]) -> list[bytes]:
         env: list[bytes] = []
@@ -213,3 +259,292 @@ class SlottedRuntime(UnitRuntime):
         return env
 
 
+
+
+# The per-slot socket of slot 0 is the unit's own bound socket.
+_PER_SLOT_KINDS = frozenset({ListenKind.TCP, ListenKind.UDP})
+
+
+def _per_slot(b: sockets.Bound) -> bool:
+    """Whether listener ``b`` gets one SO_REUSEPORT socket per worker slot."""
+    return b.listen.reuse_port and b.listen.kind in _PER_SLOT_KINDS and b.sock is not None
+
+
+class PoolRuntime(SlottedRuntime):
+    """``mode: pool``: ``workers`` slots, rolling restarts, optional per-slot SO_REUSEPORT sockets."""
+
+    def __init__(self, daemon: Daemon, unit: Unit, bound: list[sockets.Bound]) -> None:
+        # (base bound, sockets of slots 1..) for every per-slot listener
+        self._slot_socks: list[tuple[sockets.Bound, list[sockets.Bound]]] = []
+        self.surges: dict[int, SlotDriver] = {}
+        # Drivers whose process is on its way out: (slot whose roll step waits for it, or None, driver).
+        self.retiring: list[tuple[int | None, SlotDriver]] = []
+        self.roll: rolling.Roll | None = None
+        self._queue: collections.deque[rolling.Event | None] = collections.deque()  # None: begin a roll
+        self._pumping = False
+        self._roll_timer: asyncio.TimerHandle | None = None
+        self._roll_timer_at: float | None = None
+        super().__init__(daemon, unit, bound)
+        self._sync_slot_sockets(unit.workers)
+
+    # ------------------------------------------------------------ sockets
+
+    def listen_fds(self, index: int) -> list[int]:
+        fds = []
+        for b in self.bound:
+            own = next((extras for base, extras in self._slot_socks if base is b), None)
+            if own is not None and 0 < index <= len(own):
+                fds.append(own[index - 1].fd)
+            else:
+                fds.append(b.fd)
+        return fds
+
+    def _extra_socks(self) -> Iterator[sockets.Bound]:
+        for _, extras in self._slot_socks:
+            yield from extras
+
+    def _sync_slot_sockets(self, count: int) -> None:
+        """Make every per-slot listener have sockets for slots 1..count-1; close the rest."""
+        old = {id(base): extras for base, extras in self._slot_socks}
+        table: list[tuple[sockets.Bound, list[sockets.Bound]]] = []
+        polling = self.polling
+        self.poll(False)
+        for b in self.bound:
+            if not _per_slot(b):
+                continue
+            extras = old.pop(id(b), [])
+            for e in extras:
+                if e.listen != b.listen:
+                    sockets.retune(e, b.listen, unit=self.unit.name)
+            while len(extras) < count - 1:
+                try:
+                    extras.append(sockets.bind(b.listen, unit=self.unit.name))
+                except BindError as exc:
+                    # The slot falls back to the shared socket; it still serves.
+                    self.log.warning("slot_bind_failed", listen=b.listen.display, slot=len(extras) + 1,
+                                     error=str(exc))
+                    break
+            while len(extras) > max(count - 1, 0):
+                extras.pop().close()
+            for e in extras:
+                sockets.set_blocking(e.fd, False)
+            table.append((b, extras))
+        for extras in old.values():
+            for e in extras:
+                e.close()
+        self._slot_socks = table
+        self.poll(polling)
+
+    def poll(self, on: bool) -> None:
+        if on == self.polling:
+            return
+        super().poll(on)
+        loop = self.daemon.loop
+        for e in self._extra_socks():
+            if on:
+                loop.add_reader(e.fd, self.readable, e)
+            else:
+                loop.remove_reader(e.fd)
+
+    # ------------------------------------------------------------ drivers
+
+    def drivers(self) -> Iterator[SlotDriver]:
+        """Every driver with a process or a timer: the slots', the surges', the retiring ones."""
+        yield from self.slots
+        yield from self.surges.values()
+        for _, d in self.retiring:
+            yield d
+
+    def pids(self) -> list[int]:
+        return [d.slot.pid for d in self.drivers() if d.slot.pid is not None]
+
+    def notified(self, pid: int, fields: Mapping[str, str]) -> None:
+        for d in list(self.drivers()):
+            if d.slot.pid == pid:
+                if fields.get("READY") == "1":
+                    d.feed(lifecycle.NotifyReady())
+                if fields.get("WATCHDOG") == "1":
+                    d.feed(lifecycle.WatchdogPing())
+                if fields.get("STOPPING") == "1":
+                    self.log.info("child_stopping_notified", pid=pid, slot=d.index)
+
+    def driver_changed(self, driver: SlotDriver) -> None:
+        state = driver.slot.state
+        if driver.surge and self.surges.get(driver.index) is driver:
+            if state is SlotState.RUNNING:
+                self._post(rolling.SurgeRunning(driver.index))
+            elif state is not SlotState.STARTING:
+                self._post(rolling.SurgeFailed(driver.index, _failure(driver.slot)))
+        for entry in self.retiring:
+            slot, d = entry
+            if d is driver and state not in ALIVE:
+                self.retiring.remove(entry)
+                d.cancel()
+                if slot is not None:
+                    self._post(rolling.OldGone(slot))
+                break
+        self.slots_changed()
+
+    # ------------------------------------------------------------ the roll
+
+    def operator_restart(self) -> None:
+        self.stopped_by_operator = False
+        if self.roll is not None and self.roll.active:
+            self._post(rolling.RestartRequest())
+        else:
+            self._post(None)
+
+    def _post(self, event: rolling.Event | None) -> None:
+        """Queue an event for the planner (None: begin a roll) and run the queue unless it already runs."""
+        self._queue.append(event)
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while self._queue:
+                ev = self._queue.popleft()
+                now = self.daemon.loop.time()
+                if ev is None:
+                    self.roll, actions = rolling.begin(self.unit, self._begin_slots(), now)
+                elif self.roll is not None:
+                    self.roll, actions = rolling.step(self.unit, self.roll, ev, now)
+                else:
+                    continue
+                self._carry_out(actions)
+                if self.roll.state is rolling.RollState.FINISHED and self.roll.again:
+                    self.roll = rolling.Roll(state=rolling.RollState.FINISHED)
+                    self._queue.append(None)
+        finally:
+            self._pumping = False
+        self._arm_roll_timer()
+
+    def _begin_slots(self) -> tuple[int, ...]:
+        """The slots a new roll replaces; the others (not running) start now: nothing there to keep."""
+        live = []
+        for d in self.slots:
+            if d.slot.pid is not None and d.slot.state in (SlotState.STARTING, SlotState.RUNNING):
+                live.append(d.index)
+            else:
+                d.feed(lifecycle.StartRequest(operator=True))
+        return tuple(live)
+
+    def _carry_out(self, actions: list[rolling.Action]) -> None:
+        for action in actions:
+            match action:
+                case rolling.StartSurge(slot=slot):
+                    surge = SlotDriver(self, slot, surge=True)
+                    self.surges[slot] = surge
+                    surge.feed(lifecycle.StartRequest())
+                case rolling.Promote(slot=slot):
+                    self._promote(slot)
+                case rolling.CancelSurge(slot=slot):
+                    surge = self.surges.pop(slot)
+                    self.retiring.append((None, surge))
+                    surge.feed(lifecycle.StopRequest(lifecycle.After.NOTHING))
+                case rolling.Log(event=name, fields=fields):
+                    if name == "roll_aborted":
+                        self.log.warning(name, **dict(fields))
+                    else:
+                        self.log.info(name, **dict(fields))
+
+    def _promote(self, slot: int) -> None:
+        """The surge takes ``slot`` over; the old driver stops its process from the retiring list."""
+        new = self.surges.pop(slot)
+        old = self.slots[slot]
+        new.surge = False
+        new.slot = dataclasses.replace(new.slot, restarts=old.slot.restarts)
+        self.slots[slot] = new
+        self.log.info("roll_step", slot=slot, old_pid=old.slot.pid, new_pid=new.slot.pid)
+        self.retiring.append((slot, old))
+        old.feed(lifecycle.StopRequest(lifecycle.After.NOTHING))
+
+    def _arm_roll_timer(self) -> None:
+        deadline = self.roll.deadline if self.roll is not None and self.roll.active else None
+        if deadline == self._roll_timer_at:
+            return
+        if self._roll_timer is not None:
+            self._roll_timer.cancel()
+            self._roll_timer = None
+        self._roll_timer_at = deadline
+        if deadline is not None:
+            self._roll_timer = self.daemon.loop.call_at(deadline, self._roll_fire)
+
+    def _roll_fire(self) -> None:
+        self._roll_timer = None
+        self._roll_timer_at = None
+        self._post(rolling.Timer())
+
+    # ------------------------------------------------------------ operator, reload, shutdown
+
+    def operator_stop(self) -> None:
+        self._post(rolling.Cancel("stopped"))
+        super().operator_stop()
+
+    def shutdown(self) -> None:
+        self._post(rolling.Cancel("shutdown"))
+        super().shutdown()
+        for _, d in list(self.retiring):
+            d.feed(lifecycle.StopRequest(lifecycle.After.NOTHING))
+
+    def reconfigured(self) -> None:
+        UnitRuntime.reconfigured(self)
+        want = self.unit.workers
+        if want < len(self.slots):
+            self._post(rolling.Resize(want))
+        while len(self.slots) > want:
+            driver = self.slots.pop()
+            self.retiring.append((None, driver))
+            driver.feed(lifecycle.StopRequest(lifecycle.After.NOTHING))
+        self._sync_slot_sockets(want)
+        while len(self.slots) < want:
+            driver = SlotDriver(self, len(self.slots))
+            self.slots.append(driver)
+            if any(d.slot.pid is not None for d in self.slots) or self.unit.start is Start.EAGER:
+                driver.feed(lifecycle.StartRequest())
+
+    def close(self, *, remove: bool = True) -> None:
+        if self._roll_timer is not None:
+            self._roll_timer.cancel()
+            self._roll_timer = None
+        for d in self.drivers():
+            d.cancel()
+        self.poll(False)
+        for e in self._extra_socks():
+            e.close()
+        self._slot_socks = []
+        super().close(remove=remove)
+
+    # ------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        st = super().status()
+        now = self.daemon.loop.time()
+        workers = [_worker(d, now, "worker") for d in self.slots]
+        workers += [_worker(d, now, "surge") for d in self.surges.values()]
+        workers += [_worker(d, now, "retiring") for _, d in self.retiring]
+        st["workers"] = workers
+        roll = self.roll
+        if roll is not None:
+            info: dict[str, Any] = {"state": roll.state.value, "replaced": len(roll.replaced), "total": roll.total,
+                                    "age": round(now - roll.started_at, 3)}
+            if roll.state is rolling.RollState.ABORTED:
+                info["reason"] = roll.reason
+                info["slot"] = roll.failed_slot
+            st["roll"] = info
+        return st
+
+
+def _worker(d: SlotDriver, now: float, role: str) -> dict[str, Any]:
+    slot = d.slot
+    age = round(now - slot.started_at, 3) if slot.pid is not None and slot.started_at is not None else None
+    return {"slot": d.index, "pid": slot.pid, "state": slot.state.value, "age": age, "restarts": slot.restarts,
+            "role": role}
+
+
+def _failure(slot: lifecycle.Slot) -> str:
+    """Why a surge left STARTING/RUNNING without taking its slot over."""
+    if slot.state is SlotState.STOPPING:
+        return "start timeout"  # the lifecycle stops a STARTING slot only at start_timeout
+    if slot.last_exit is not None:
+        return f"exited ({slot.last_exit})"
+    return "spawn failed"
