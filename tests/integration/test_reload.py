@@ -159,6 +159,45 @@ def test_bind_time_option_change_rebinds_the_listener(sockvisor: Sockvisor) -> N
     assert roundtrip(port) == b"hello\n"
 
 
+def test_failed_reload_rebinds_a_released_listener_as_it_was(sockvisor: Sockvisor) -> None:
+    """When a later unit fails to bind, a listener already re-bound for a bind-time change is restored as before."""
+    port = free_port()
+    hello(sockvisor, port, name="a-hello")
+    sockvisor.start()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        hello(sockvisor, port, name="a-hello", extra="\n            reuse_port: true")
+        hello(sockvisor, squatter.getsockname()[1], name="b-taken")
+        assert sockvisor.cli("reload").returncode == 1
+    fd, _ = daemon_listener(pid_of(sockvisor), port)
+    with steal_fd(pid_of(sockvisor), fd) as dup:
+        assert dup.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0, "the old options are back"
+    assert roundtrip(port) == b"hello\n"
+    assert [u["name"] for u in sockvisor.status()["units"]] == ["a-hello"]
+
+
+def test_bind_time_change_is_refused_while_a_service_holds_the_socket(sockvisor: Sockvisor) -> None:
+    """A bind-time option change on a running service's listener fails the reload with a hint, changing nothing."""
+    port = free_port()
+    unit = f"""
+        listen:
+          - tcp: "127.0.0.1:{port}"{{extra}}
+        start: eager
+        exec: [{PY}, {PROGRAMS}/svc_serve.py]
+    """
+    sockvisor.unit("svc", unit.format(extra=""))
+    sockvisor.start()
+    pid = sockvisor.wait_event("child_started", unit="svc")["pid"]
+    before = daemon_listener(pid_of(sockvisor), port)
+    sockvisor.unit("svc", unit.format(extra="\n            reuse_port: true"))
+    res = sockvisor.cli("reload")
+    assert res.returncode == 1
+    assert "stop the unit first (sockvisor stop svc)" in res.stderr
+    assert daemon_listener(pid_of(sockvisor), port) == before
+    assert sockvisor.unit_status("svc")["pids"] == [pid]
+
+
 def test_added_listener_is_bound_and_removed_one_closed(sockvisor: Sockvisor) -> None:
     """Adding a listen entry binds it next to the kept one; removing it again closes only that one."""
     port, extra = free_port(), free_port()
