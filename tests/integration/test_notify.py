@@ -92,6 +92,7 @@ exec sleep 1000
     sockvisor.wait_event("child_ready", unit="shell", pid=pid)
     st = sockvisor.unit_status("shell")
     assert (st["state"], st["status"], st["pids"]) == ("running", "serving", [pid])
+    assert "serving" in sockvisor.cli("status", "shell", check=True).stdout
     senders = {e["sender"] for e in sockvisor.find("notify_received", unit="shell", pid=pid) if "READY" in e["keys"]}
     assert (senders == {pid}) == (os.geteuid() == 0 and user == "self"), senders
     assert not sockvisor.find("notify_dropped", unit="shell")
