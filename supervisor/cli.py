@@ -113,7 +113,7 @@ def _dispatch(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         if not reply.get("ok"):
             for line in reply.get("errors") or [reply.get("error", "reload failed")]:
                 print(line, file=sys.stderr)
-            return EXIT_USAGE if "configuration invalid" in str(reply.get("error")) else EXIT_FAILURE
+            return EXIT_USAGE if reply.get("reason") == "invalid_config" else EXIT_FAILURE
         print(f"reloaded: added {_names(reply.get('added'))}, changed {_names(reply.get('changed'))}, "
               f"removed {_names(reply.get('removed'))}")
         return EXIT_OK

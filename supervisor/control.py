@@ -9,7 +9,9 @@ reply and a log line. A request is one JSON object on one line::
 
     {"cmd": "status" | "start" | "stop" | "restart" | "reload", "unit": NAME?}
 
-and the reply is ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.
+and the reply is ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``; a
+failed reload adds ``"errors"`` (every problem, one line each) and ``"reason"``
+(``invalid_config`` or ``bind_failed``).
 A malformed, oversized (over ``MAX_REQUEST`` bytes) or unknown request gets an
 error reply; an oversized one also closes that connection. Nothing a client
 sends can raise into the daemon: each connection is its own task, owned by
@@ -152,10 +154,11 @@ class ControlServer:
             try:
                 summary = await daemon.reload()
             except ConfigError as exc:
-                return {"ok": False, "error": "configuration invalid; nothing changed",
+                return {"ok": False, "error": "configuration invalid; nothing changed", "reason": "invalid_config",
                         "errors": [str(p) for p in exc.problems]}
             except BindError as exc:
-                return {"ok": False, "error": f"reload failed; nothing changed: {exc}", "errors": [str(exc)]}
+                return {"ok": False, "error": f"reload failed; nothing changed: {exc}", "reason": "bind_failed",
+                        "errors": [str(exc)]}
             return {"ok": True, **summary}
         if cmd == "status":
             if unit is None:

@@ -321,7 +321,8 @@ def test_reload_is_announced_to_systemd(sockvisor: Sockvisor, short_tmp: Path) -
         ready = message()
         assert ready["READY"] == "1" and "1 units" in ready["STATUS"]
         sockvisor.unit("bad", "listen: nope\n")
-        assert reload(sockvisor)["ok"] is False
+        failed = reload(sockvisor)
+        assert (failed["ok"], failed["reason"]) == (False, "invalid_config")
         assert message()["RELOADING"] == "1"
         assert message()["READY"] == "1", "a failed reload is still followed by READY=1"
 
