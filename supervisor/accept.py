@@ -24,7 +24,9 @@ import errno
 import os
 import signal
 import socket
-from typing import TYPE_CHECKING, Any
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from supervisor import sockets, spawn
 from supervisor.errors import SpawnError
@@ -158,24 +160,40 @@ class AcceptRuntime(UnitRuntime):
             return
         loop = self.daemon.loop
         policy = self.policy
-        for _ in range(ACCEPT_BATCH):
-            now = loop.time()
-            if policy.accepting(now) != 0.0:
-                self._maybe_resume()
-                return
-            try:
-                fd, addr = sock._accept()  # type: ignore[attr-defined]
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in RESOURCE_ERRNOS:
-                    self._short_of_resources(exc)
+        # One admitted connection is held back until we know whether another
+        # follows in this batch: a lone connection (the common case at low
+        # load) is spawned inline, the cheapest path; when several are
+        # queued, all but the last go to the helper thread while it is free,
+        # so two vforks wait for exec at once (vfork suspends only the
+        # calling thread) instead of one after the other.
+        held: Job | None = None
+        try:
+            for _ in range(ACCEPT_BATCH):
+                now = loop.time()
+                if policy.accepting(now) != 0.0:
+                    self._maybe_resume()
                     return
-                # ECONNABORTED, EPROTO, EPERM (firewall), ...: that connection
-                # is gone; the next one is fine.
-                continue
-            self._resource_backoff = RESOURCE_BACKOFF
-            self._connection(fd, addr, bound, now)
+                try:
+                    fd, addr = sock._accept()  # type: ignore[attr-defined]
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    if exc.errno in RESOURCE_ERRNOS:
+                        self._short_of_resources(exc)
+                        return
+                    # ECONNABORTED, EPROTO, EPERM (firewall), ...: that connection
+                    # is gone; the next one is fine.
+                    continue
+                self._resource_backoff = RESOURCE_BACKOFF
+                job = self._admit(fd, addr, bound, now)
+                if job is None:
+                    continue
+                if held is not None and not self.daemon.offload.submit(held, self._offloaded):
+                    self._spawn_inline(held)
+                held = job
+        finally:
+            if held is not None:
+                self._spawn_inline(held)
 
     def _short_of_resources(self, exc: OSError) -> None:
         """accept() failed for lack of fds or memory: pause, then try again with a growing delay."""
@@ -185,7 +203,8 @@ class AcceptRuntime(UnitRuntime):
             self._resume = self.daemon.loop.call_later(self._resource_backoff, self._resumed)
         self._resource_backoff = min(self._resource_backoff * 2, 2.0)
 
-    def _connection(self, fd: int, addr: Any, bound: sockets.Bound, now: float) -> None:
+    def _admit(self, fd: int, addr: Any, bound: sockets.Bound, now: float) -> Job | None:
+        """Decide one accepted connection; returns what to spawn, or None (refused and closed)."""
         # The hot path: keep it to plain local operations (no f-strings, no logging calls
         # when log_connections is off, no socket objects for TCP peers).
         env: list[bytes]
@@ -221,30 +240,53 @@ class AcceptRuntime(UnitRuntime):
             # Refusals are always logged: they are the operator's signal that a limit bites.
             self.log.info("connection_refused", remote=remote or _describe(peer, addr),
                           reason=refusal.value)
-            return
+            return None
         try:
             prepared = self._prepared or self.prepared()
-            err = self._err
-            if self._pass_fds:
-                env += _FDS_ENV
-                pid = spawn.spawn_child(prepared, [-1, -1 if err == CONN else err, fd if err == CONN else err, fd],
-                                        env, listen_pid=True)
-            else:
-                pid = spawn.spawn_child(prepared, [fd, fd, fd if err == CONN else err], env, listen_pid=False)
         except SpawnError as exc:
-            os.close(fd)
-            policy.release(peer)
-            self.refused += 1
-            self.spawn_failures += 1
-            self.log.error("spawn_failed", remote=remote or _describe(peer, addr), error=str(exc),
-                           stage=exc.stage)
+            self._spawn_failed(Job(fd, [], env, False, peer, now, remote or _describe(peer, addr), None), exc)
+            return None
+        err = self._err
+        if self._pass_fds:
+            env += _FDS_ENV
+            fds = [-1, -1 if err == CONN else err, fd if err == CONN else err, fd]
+        else:
+            fds = [fd, fd, fd if err == CONN else err]
+        return Job(fd, fds, env, self._pass_fds, peer, now, remote, prepared)
+
+    def _spawn_inline(self, job: Job) -> None:
+        assert job.prepared is not None
+        try:
+            pid = spawn.spawn_child(job.prepared, job.fds, job.env, listen_pid=job.listen_pid)
+        except SpawnError as exc:
+            self._spawn_failed(job, exc)
             return
-        os.close(fd)
+        os.close(job.fd)
+        self._spawned(job, pid)
+
+    def _offloaded(self, job: Job, pid: int, exc: SpawnError | None) -> None:
+        """Back on the loop: the helper thread spawned ``job`` (it already closed the connection)."""
+        if exc is not None:
+            self._spawn_failed(job, exc, closed=True)
+            return
+        if not self._running:
+            kill_group(pid, self.unit.process.stop_signal)  # stopped while it was being spawned
+        self._spawned(job, pid)
+
+    def _spawned(self, job: Job, pid: int) -> None:
         self.accepted += 1
-        self.conns[pid] = (peer, now, remote)
+        self.conns[pid] = (job.peer, job.now, job.remote)
         self.daemon.watch_child(pid, self._exited)
         if self._log_conns:
-            self.log.info("connection_accepted", remote=remote, pid=pid)
+            self.log.info("connection_accepted", remote=job.remote, pid=pid)
+
+    def _spawn_failed(self, job: Job, exc: SpawnError, *, closed: bool = False) -> None:
+        if not closed:
+            os.close(job.fd)
+        self.policy.release(job.peer)
+        self.refused += 1
+        self.spawn_failures += 1
+        self.log.error("spawn_failed", remote=job.remote, error=str(exc), stage=exc.stage)
 
     def _exited(self, pid: int, ex: Exit) -> None:
         peer, started, remote = self.conns.pop(pid)
@@ -259,6 +301,80 @@ class AcceptRuntime(UnitRuntime):
         # here would cut the back-off short.
         if not self._polling and self._resume is None:
             self._maybe_resume()
+
+
+class Job(NamedTuple):
+    """One admitted connection, ready to spawn."""
+
+    fd: int
+    fds: list[int]
+    env: list[bytes]
+    listen_pid: bool
+    peer: Peer | None
+    now: float
+    remote: str
+    prepared: spawn.Prepared | None
+
+
+class Offload:
+    """A helper thread that spawns one child at a time while the loop thread spawns another.
+
+    vfork suspends only the calling thread until the child has exec'ed, which
+    on a small VM takes several hundred microseconds; with a second spawning
+    thread two children can be exec'ing at once on two cores (the C inetds get
+    the same overlap from fork). ``submit`` never blocks: it refuses when the
+    thread is busy and the caller spawns inline. Results come back on the loop
+    with ``call_soon_threadsafe``; a child that exits before its result is
+    registered is kept by ``Daemon.reaped`` until then.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._cond = threading.Condition()
+        self._job: tuple[Job, Callable[[Job, int, SpawnError | None], None]] | None = None
+        self.busy = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Job, done: Callable[[Job, int, SpawnError | None], None]) -> bool:
+        """Hand ``job`` to the thread if it is idle; False if it is busy (spawn inline then)."""
+        if self.busy or self._closed:
+            return False
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="sockvisor-spawn", daemon=True)
+            self._thread.start()
+        with self._cond:
+            self.busy = True
+            self._job = (job, done)
+            self._cond.notify()
+        return True
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._job is None and not self._closed:
+                    self._cond.wait()
+                if self._job is None:
+                    return
+                job, done = self._job
+                self._job = None
+            pid, error = 0, None
+            try:
+                assert job.prepared is not None
+                pid = spawn.spawn_child(job.prepared, job.fds, job.env, listen_pid=job.listen_pid)
+            except SpawnError as exc:
+                error = exc
+            os.close(job.fd)
+            self.busy = False
+            try:
+                self._loop.call_soon_threadsafe(done, job, pid, error)
+            except RuntimeError:  # the loop is closed: the daemon is exiting
+                return
 
 
 def _stderr_slot(stderr: Stderr) -> int:

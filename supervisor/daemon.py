@@ -10,9 +10,9 @@ everything from readiness:
 - a polled listening fd becomes readable -> the unit's runtime reacts
   (service/pool: feed ``Readiness`` to the lifecycle core and stop polling;
   accept: accept a batch and spawn one child per connection);
-- a child exits -> the one reaper thread (``supervisor.reaper``) posts it,
-  and it is dispatched in O(1) through ``children`` (pid -> owner callback);
-  no thread per child, no pidfd per child;
+- a child exits -> the SIGCHLD signalfd (``supervisor.reaper``) is readable,
+  ``waitpid(-1, WNOHANG)`` collects every exit, each dispatched in O(1)
+  through ``children`` (pid -> owner callback); no thread or fd per child;
 - a slot's deadline -> one ``call_at`` timer per slot feeds ``Timer()``;
 - a notify datagram -> ``READY=1``/``STATUS=``/``WATCHDOG=1``/``FDSTORE=1``;
 - ``SIGHUP`` or a control request -> reload; ``SIGTERM``/``SIGINT`` -> stop.
@@ -35,12 +35,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from supervisor import activation, sockets
-from supervisor.accept import AcceptRuntime
+from supervisor.accept import AcceptRuntime, Offload
 from supervisor.errors import BindError, ConfigError
 from supervisor.model import Config, Mode, Unit
 from supervisor.reaper import Reaper
 from supervisor.service import SlotDriver, SlottedRuntime
 from supervisor.units import ChildCallback, UnitRuntime, exit_of
+
+EARLY_EXITS_MAX = 4096  # unregistered exits remembered (helper-thread spawns, adopted orphans)
 
 RUNTIMES: dict[Mode, type[UnitRuntime]] = {
     Mode.SERVICE: SlottedRuntime,
@@ -79,6 +81,7 @@ class Daemon:
         self.started_at = time.time()
         self.control: Any = None
         self.retiring: list[UnitRuntime] = []
+        self._early_exits: dict[int, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.retired_slots: list[SlotDriver] = []
 
@@ -123,12 +126,22 @@ class Daemon:
     def watch_child(self, pid: int, callback: ChildCallback) -> None:
         """Call ``callback(pid, exit)`` on the loop when ``pid`` exits."""
         self.children[pid] = callback
-        self.reaper.expect()
+        if self._early_exits:
+            status = self._early_exits.pop(pid, None)
+            if status is not None:
+                # Spawned from a helper thread and reaped before it was registered.
+                self.loop.call_soon(self.reaped, pid, status)
 
     def reaped(self, pid: int, status: int) -> None:
         """The reaper collected ``pid``: dispatch its exit to the owner in O(1)."""
         callback = self.children.pop(pid, None)
-        if callback is not None:
+        if callback is None:
+            # Not registered (yet): a spawn still being handed back by a helper
+            # thread, or an orphan we inherited as a subreaper. Keep a bounded memory.
+            if len(self._early_exits) >= EARLY_EXITS_MAX:
+                self._early_exits.pop(next(iter(self._early_exits)))
+            self._early_exits[pid] = status
+        else:
             ex = exit_of(status)
             owner = _runtime_of(callback)
             if owner is not None:
@@ -170,6 +183,7 @@ class Daemon:
         loop = self.loop
         self._children_gone = asyncio.Event()
         self.reaper = Reaper(loop, self.reaped)
+        self.offload = Offload(loop)
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
@@ -202,6 +216,7 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             self.reaper.close()
+            self.offload.close()
         self.log.info("daemon_stopped")
 
     def _adopt_inherited(self) -> None:

@@ -1,60 +1,63 @@
-"""Reaping children: one thread for all of them, never one per child.
+"""Reaping children on the event loop: one signalfd for all of them.
 
 Theory of operation
 -------------------
-uvloop reserves ``SIGCHLD`` for its own subprocess support (``add_signal_handler``
-refuses it), and a pidfd per child costs an fd per connection, which is the
-one resource that runs out first under a flood. So a single thread blocks in
-``waitpid(-1, 0)``: the kernel wakes it once per exited child, and it posts
-``(pid, status)`` to the event loop with ``call_soon_threadsafe``; the owner is
-found in O(1) by pid there. When the daemon has no children ``waitpid``
-fails with ECHILD and the thread sleeps on a condition until ``expect()``
-says a child was spawned. The thread never touches daemon state.
+uvloop reserves ``SIGCHLD`` handlers for its own subprocess support, a pidfd
+per child costs an fd per connection (the resource that runs out first under
+a flood), and a reaper thread costs a thread wake-up and a GIL hand-off per
+child. Instead ``SIGCHLD`` is blocked in the daemon's threads and delivered
+through a ``signalfd`` (``_spawn.sigchld_fd``) that the loop polls like any
+socket. When it is readable, every queued signal is drained and
+``waitpid(-1, WNOHANG)`` collects every exited child (signals coalesce, so
+one wake-up may stand for many exits); each ``(pid, status)`` goes to
+``dispatch``, which finds the owner in O(1).
+
+A child may be reaped before its spawner registered it (the accept path can
+spawn from a helper thread); ``dispatch`` keeps such early exits until the
+registration arrives (see ``Daemon.watch_child``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import threading
 from collections.abc import Callable
+
+from supervisor import _spawn
+
+_DRAIN = 128 * 32  # up to 32 signalfd_siginfo records per read
 
 
 class Reaper:
     def __init__(self, loop: asyncio.AbstractEventLoop, dispatch: Callable[[int, int], None]) -> None:
         self._loop = loop
         self._dispatch = dispatch
-        self._cond = threading.Condition()
-        self._pending = False
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="sockvisor-reaper", daemon=True)
-        self._thread.start()
+        self._fd = _spawn.sigchld_fd()
+        loop.add_reader(self._fd, self.reap)
 
     def expect(self) -> None:
-        """A child was just spawned: make sure the thread is waiting for it (cheap when it already is)."""
-        if not self._pending:
-            with self._cond:
-                self._pending = True
-                self._cond.notify()
+        """A child was spawned (nothing to do: the signalfd already watches every child)."""
 
     def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
 
-    def _run(self) -> None:
-        while not self._closed:
+    def reap(self) -> None:
+        """Drain the signalfd, then collect every exited child."""
+        try:
+            while len(os.read(self._fd, _DRAIN)) == _DRAIN:
+                pass
+        except BlockingIOError:
+            pass
+        while True:
             try:
-                pid, status = os.waitpid(-1, 0)
+                pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                with self._cond:
-                    while not self._pending and not self._closed:
-                        self._cond.wait()
-                    self._pending = False
-                continue
+                return
             except InterruptedError:
                 continue
-            try:
-                self._loop.call_soon_threadsafe(self._dispatch, pid, status)
-            except RuntimeError:  # the loop is closed: the daemon is exiting
+            if pid == 0:
                 return
+            self._dispatch(pid, status)
