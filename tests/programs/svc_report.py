@@ -28,10 +28,7 @@ def report() -> dict:
 def main() -> None:
     data = report()
     mode = os.environ.get("REPORT_VIA", "fd3")
-    if mode == "stdio":
-        lsock = socket.socket(fileno=0)
-    else:
-        lsock = socket.socket(fileno=3)
+    lsock = socket.socket(fileno=0 if mode == "stdio" else 3)
     lsock.setblocking(True)
     if lsock.type == socket.SOCK_DGRAM:
         msg, addr = lsock.recvfrom(65536)
