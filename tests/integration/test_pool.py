@@ -146,6 +146,24 @@ def test_workers_get_the_fds_a_stable_index_and_the_daemon_stops_polling(sockvis
     assert set(seen.pids) <= {w["pid"] for w in ws}
 
 
+def test_on_demand_reuse_port_pool_polls_every_slot_socket_until_started(sockvisor: Sockvisor, port: int) -> None:
+    """An on-demand pool with reuse_port polls all its per-slot sockets while idle, and none once workers run."""
+    sockvisor.unit("pool", f"""
+        listen: [{{tcp: "127.0.0.1:{port}", reuse_port: true}}]
+        mode: pool
+        workers: 3
+        exec: [{PY}, {WORKER}]
+    """)
+    sockvisor.start()
+    assert sockvisor.proc is not None
+    assert _polled_listeners(sockvisor.proc.pid, port) == 3
+    _hello(port)
+    _running(sockvisor, 3)
+    assert _polled_listeners(sockvisor.proc.pid, port) == 0
+    load = Load(port, threads=2, per_thread=200).start().join()
+    assert not load.failed and set(load.workers) == {"0", "1", "2"}
+
+
 def test_dead_worker_is_replaced_in_its_slot(sockvisor: Sockvisor, port: int) -> None:
     """A killed worker comes back in the same slot (same SOCKVISOR_WORKER) after the restart delay."""
     _pool(sockvisor, port, workers=2, extra="restart_delay: 50ms\n")
