@@ -56,6 +56,7 @@
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
+#include <malloc.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
@@ -809,7 +810,20 @@ sigchld_fd(PyObject *module, PyObject *Py_UNUSED(ignored))
     return PyLong_FromLong(fd);
 }
 
+PyDoc_STRVAR(trim_doc,
+"trim() -> None\n\n"
+"Return free heap memory to the kernel (glibc malloc_trim): start-up garbage\n"
+"(imports, YAML parsing) otherwise stays resident for the daemon's lifetime.");
+
+static PyObject *
+trim(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    malloc_trim(0);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef spawn_methods[] = {
+    {"trim", trim, METH_NOARGS, trim_doc},
     {"spawn", (PyCFunction)(void (*)(void))spawn, METH_FASTCALL, spawn_doc},
     {"sigchld_fd", sigchld_fd, METH_NOARGS, sigchld_fd_doc},
     {NULL, NULL, 0, NULL},

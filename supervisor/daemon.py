@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -34,9 +35,10 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from supervisor import activation, sockets
+from supervisor import _spawn, activation, sockets
 from supervisor.accept import AcceptRuntime, Offload
 from supervisor.errors import BindError, ConfigError
+from supervisor.lifecycle import Exit
 from supervisor.model import Config, Mode, Unit
 from supervisor.reaper import Reaper
 from supervisor.service import SlotDriver, SlottedRuntime
@@ -76,8 +78,9 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._inherited: dict[int, bool] = {}
         self._inherited_names: dict[int, str] = {}
-        # unit name -> the last child exit seen: {"pid", "status", "at"} (status --json "last_exit")
-        self.last_exit: dict[str, dict[str, Any]] = {}
+        # unit name -> the last child exit seen: (pid, exit, wall time), formatted only
+        # when status asks (status --json "last_exit"); kept raw to stay off the hot path
+        self.last_exit: dict[str, tuple[int, Exit, float]] = {}
         self.started_at = time.time()
         self.control: Any = None
         self.retiring: list[UnitRuntime] = []
@@ -145,7 +148,7 @@ class Daemon:
             ex = exit_of(status)
             owner = _runtime_of(callback)
             if owner is not None:
-                self.last_exit[owner.unit.name] = {"pid": pid, "status": str(ex), "at": round(time.time(), 3)}
+                self.last_exit[owner.unit.name] = (pid, ex, time.time())
             try:
                 callback(pid, ex)
             except Exception:  # a bug in one unit must not take the daemon down
@@ -169,7 +172,9 @@ class Daemon:
 
     def unit_status(self, runtime: UnitRuntime) -> dict[str, Any]:
         """The runtime's status plus what only the daemon sees (``last_exit``), for ``sockvisor status``."""
-        return {**runtime.status(), "last_exit": self.last_exit.get(runtime.unit.name)}
+        last = self.last_exit.get(runtime.unit.name)
+        shown = {"pid": last[0], "status": str(last[1]), "at": round(last[2], 3)} if last else None
+        return {**runtime.status(), "last_exit": shown}
 
     def summary(self) -> str:
         running = sum(1 for u in self.units.values() if u.pids())
@@ -204,6 +209,8 @@ class Daemon:
             await self._start_control()
             for runtime in self.units.values():
                 runtime.activate()
+            gc.collect()
+            _spawn.trim()
             self.log.info("daemon_ready", units=len(self.units), pid=os.getpid())
             _sd_notify("READY=1", f"STATUS={self.summary()}")
             if ready is not None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import array
 import os
-import secrets
 import socket
 import struct
 from collections.abc import Callable
@@ -60,7 +59,7 @@ class Endpoint:
     """One unit's notify socket; ``on_message`` gets each valid message, ``on_drop`` each dropped one."""
 
     def __init__(self, unit: str, on_message: Callable[[Message], None], on_drop: Callable[[str], None]) -> None:
-        self.address = f"@sockvisor/{os.getpid()}/{secrets.token_hex(4)}/{unit}"
+        self.address = f"@sockvisor/{os.getpid()}/{os.urandom(4).hex()}/{unit}"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.sock.bind("\0" + self.address[1:])
