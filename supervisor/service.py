@@ -438,9 +438,10 @@ class PoolRuntime(SlottedRuntime):
                 case rolling.Promote(slot=slot):
                     self._promote(slot)
                 case rolling.CancelSurge(slot=slot):
-                    surge = self.surges.pop(slot)
-                    self.retiring.append((None, surge))
-                    surge.feed(lifecycle.StopRequest(lifecycle.After.NOTHING))
+                    cancelled = self.surges.pop(slot, None)
+                    if cancelled is not None:
+                        self.retiring.append((None, cancelled))
+                        cancelled.feed(lifecycle.StopRequest(lifecycle.After.NOTHING))
                 case rolling.Log(event=name, fields=fields):
                     if name == "roll_aborted":
                         self.log.warning(name, **dict(fields))
