@@ -256,7 +256,7 @@ def test_failed_new_worker_aborts_the_roll_and_keeps_the_old_ones(sockvisor: Soc
 def test_start_timeout_of_a_new_worker_aborts_the_roll(sockvisor: Sockvisor, port: int, short_tmp: Path) -> None:
     """A new worker that never sends READY=1 is killed at start_timeout and the roll is aborted."""
     hang = short_tmp / "hang"
-    _pool(sockvisor, port, workers=2, extra=f"start_timeout: 300ms\nenvironment: {{POOL_HANG_FILE: {hang}}}\n")
+    _pool(sockvisor, port, workers=2, extra=f"start_timeout: 1s\nenvironment: {{POOL_HANG_FILE: {hang}}}\n")
     sockvisor.start()
     before = [w["pid"] for w in _running(sockvisor, 2)]
     hang.write_text("")
