@@ -169,7 +169,26 @@ def format_status(units: list[dict[str, Any]]) -> str:
             u.get("status") or "-",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    return table + "".join(_pool_details(u) for u in units)
+
+
+def _pool_details(unit: dict[str, Any]) -> str:
+    """Per-worker lines (slot, pid, state, age, restarts) and the rolling restart, for pool units."""
+    workers = unit.get("workers")
+    if not workers:
+        return ""
+    lines = [f"\n{unit['name']} workers:"]
+    for w in workers:
+        age = w.get("age")
+        lines.append(f"  slot {w.get('slot')}: pid {w.get('pid') or '-'} {w.get('state')}"
+                     f" age {age if age is not None else '-'}s restarts {w.get('restarts', 0)}"
+                     + (f" ({w['role']})" if w.get("role") not in (None, "worker") else ""))
+    roll = unit.get("roll")
+    if roll:
+        lines.append(f"  roll: {roll.get('state')} {roll.get('replaced', 0)}/{roll.get('total', 0)}"
+                     + (f" ({roll['reason']})" if roll.get("reason") else ""))
+    return "\n".join(lines)
 
 
 def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:

@@ -41,14 +41,14 @@ from supervisor.errors import BindError, ConfigError
 from supervisor.lifecycle import Exit
 from supervisor.model import Config, Mode, Unit
 from supervisor.reaper import Reaper
-from supervisor.service import SlotDriver, SlottedRuntime
+from supervisor.service import PoolRuntime, SlotDriver, SlottedRuntime
 from supervisor.units import ChildCallback, UnitRuntime, exit_of
 
 EARLY_EXITS_MAX = 4096  # unregistered exits remembered (helper-thread spawns, adopted orphans)
 
 RUNTIMES: dict[Mode, type[UnitRuntime]] = {
     Mode.SERVICE: SlottedRuntime,
-    Mode.POOL: SlottedRuntime,
+    Mode.POOL: PoolRuntime,
     Mode.ACCEPT: AcceptRuntime,
 }
 

@@ -120,14 +120,6 @@ class SlotDriver:
 class SlottedRuntime(UnitRuntime):
     """``mode: service`` (one slot) and ``mode: pool`` (``workers`` slots)."""
 
-    def __new__(cls, daemon: Daemon, unit: Unit, bound: list[sockets.Bound]) -> SlottedRuntime:
-        # The daemon maps both slotted modes to this class; a pool gets its
-        # subclass. (Once ``daemon.RUNTIMES`` maps ``Mode.POOL`` to
-        # ``PoolRuntime`` directly, this can go.)
-        if cls is SlottedRuntime and unit.mode is Mode.POOL:
-            return super().__new__(PoolRuntime)
-        return super().__new__(cls)
-
     def __init__(self, daemon: Daemon, unit: Unit, bound: list[sockets.Bound]) -> None:
         super().__init__(daemon, unit, bound)
         count = unit.workers if unit.mode is Mode.POOL else 1

@@ -46,3 +46,17 @@ def test_no_units_prints_the_header_only() -> None:
     """With no units configured the table is just its header."""
     assert format_status([]).splitlines()[0].startswith("UNIT")
     assert len(format_status([]).splitlines()) == 1
+
+
+def test_pool_units_list_their_workers_and_roll_under_the_table() -> None:
+    """A pool unit's workers (slot, pid, state, age, restarts) and its roll appear below the table."""
+    from supervisor.cli import format_status
+
+    unit = {"name": "web", "mode": "pool", "state": "running", "listen": ["tcp:127.0.0.1:80"], "pids": [10, 11],
+            "connections": {}, "restarts": 0,
+            "workers": [{"slot": 0, "pid": 10, "state": "running", "age": 5.0, "restarts": 0, "role": "worker"},
+                        {"slot": 0, "pid": 11, "state": "starting", "age": 0.1, "restarts": 0, "role": "surge"}],
+            "roll": {"state": "rolling", "replaced": 0, "total": 2}}
+    text = format_status([unit])
+    assert "web workers:\n  slot 0: pid 10 running age 5.0s restarts 0\n" in text
+    assert "  slot 0: pid 11 starting age 0.1s restarts 0 (surge)\n  roll: rolling 0/2" in text
