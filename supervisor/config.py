@@ -40,6 +40,7 @@ from supervisor import addresses, values
 from supervisor.errors import ConfigError, Location, Problem
 from supervisor.model import (
     DEFAULT_CONFIG_DIR,
+    LISTEN_OPTION_KINDS,
     Config,
     InetAddress,
     Listen,
@@ -96,35 +97,7 @@ _KIND_GROUP_NAMES = {
 
 # Per-listen options: the kinds each applies to. Their value parsers are in
 # _Reader._listen_option; a test checks both tables name the same keys.
-_LISTEN_OPTIONS: dict[str, frozenset[ListenKind]] = {
-    "name": _ALL_KINDS,
-    "backlog": _STREAM,
-    "ipv6_only": _INET,
-    "freebind": _INET,
-    "transparent": _INET,
-    "reuse_port": _INET,
-    "bind_to_device": _INET,
-    "receive_buffer": _SOCKETS,
-    "send_buffer": _SOCKETS,
-    "nodelay": _TCP,
-    "keepalive": _TCP,
-    "keepalive_time": _TCP,
-    "keepalive_interval": _TCP,
-    "keepalive_probes": _TCP,
-    "defer_accept": _TCP,
-    "mark": _SOCKETS,
-    "ip_tos": _INET,
-    "ip_ttl": _INET,
-    "priority": _SOCKETS,
-    "broadcast": _UDP,
-    "pass_credentials": _UNIX,
-    "mode": _LOCAL,
-    "user": _LOCAL,
-    "group": _LOCAL,
-    "directory_mode": _LOCAL,
-    "remove_on_stop": _LOCAL,
-    "symlinks": _LOCAL,
-}
+_LISTEN_OPTIONS = LISTEN_OPTION_KINDS
 # Options about a node in the file system: meaningless for "@abstract" names.
 _FILESYSTEM_OPTIONS = ("mode", "user", "group", "directory_mode", "symlinks")
 _KIND_KEYS = tuple(kind.value for kind in ListenKind)

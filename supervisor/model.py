@@ -157,6 +157,49 @@ class Listen:
         return f"{self.kind.value}:{self.address}"
 
 
+_ALL_KINDS = frozenset(ListenKind)
+_TCP = frozenset({ListenKind.TCP})
+_UDP = frozenset({ListenKind.UDP})
+_INET = frozenset({ListenKind.TCP, ListenKind.UDP})
+_STREAM = frozenset({ListenKind.TCP, ListenKind.UNIX, ListenKind.UNIX_SEQPACKET})  # the kinds that listen()
+_UNIX = frozenset({ListenKind.UNIX, ListenKind.UNIX_DGRAM, ListenKind.UNIX_SEQPACKET})
+_SOCKETS = _INET | _UNIX
+_LOCAL = _UNIX | {ListenKind.FIFO}  # a node in the file system (abstract names excepted)
+
+# Which listen kinds each per-listen option means something for (systemd's
+# rules). The config refuses an option set on any other kind; the socket layer
+# re-checks, since a ``Listen`` can also be built by code.
+LISTEN_OPTION_KINDS: dict[str, frozenset[ListenKind]] = {
+    "name": _ALL_KINDS,
+    "backlog": _STREAM,
+    "ipv6_only": _INET,
+    "freebind": _INET,
+    "transparent": _INET,
+    "reuse_port": _INET,
+    "bind_to_device": _INET,
+    "receive_buffer": _SOCKETS,
+    "send_buffer": _SOCKETS,
+    "nodelay": _TCP,
+    "keepalive": _TCP,
+    "keepalive_time": _TCP,
+    "keepalive_interval": _TCP,
+    "keepalive_probes": _TCP,
+    "defer_accept": _TCP,
+    "mark": _SOCKETS,
+    "ip_tos": _INET,
+    "ip_ttl": _INET,
+    "priority": _SOCKETS,
+    "broadcast": _UDP,
+    "pass_credentials": _UNIX,
+    "mode": _LOCAL,
+    "user": _LOCAL,
+    "group": _LOCAL,
+    "directory_mode": _LOCAL,
+    "remove_on_stop": _LOCAL,
+    "symlinks": _LOCAL,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class StartLimit:
     """At most ``burst`` starts within ``interval`` seconds, else the unit fails for good."""

@@ -32,7 +32,6 @@ Pools (``PoolRuntime``) add two things on top of the slots:
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
 from collections.abc import Iterator, Mapping
@@ -42,7 +41,7 @@ from supervisor import lifecycle, rolling, sockets, spawn
 from supervisor.errors import BindError, SpawnError
 from supervisor.lifecycle import ALIVE, Exit, SlotState
 from supervisor.model import ListenKind, Mode, Pass, Start, Unit
-from supervisor.units import UnitRuntime, kill_group
+from supervisor.units import Deadline, UnitRuntime, kill_group
 
 if TYPE_CHECKING:
     from supervisor.daemon import Daemon
@@ -57,8 +56,7 @@ class SlotDriver:
         # A pool's second process for a slot during a rolling restart, until it takes the slot over.
         self.surge = surge
         self.slot, _ = lifecycle.initial(runtime.unit)
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._deadline = Deadline(runtime.daemon.loop, lambda: self.feed(lifecycle.Timer()))
 
     def feed(self, event: lifecycle.Event) -> None:
         rt = self.runtime
@@ -75,24 +73,8 @@ class SlotDriver:
                     if self.surge:
                         extra["surge"] = True
                     rt.log.info(name, **dict(fields), **extra)
-        self._arm()
+        self._deadline.set(self.slot.deadline)
         rt.driver_changed(self)
-
-    def _arm(self) -> None:
-        deadline = self.slot.deadline
-        if deadline == self._timer_at:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_at = deadline
-        if deadline is not None:
-            self._timer = self.runtime.daemon.loop.call_at(deadline, self._fire)
-
-    def _fire(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        self.feed(lifecycle.Timer())
 
     def _spawn(self) -> None:
         rt = self.runtime
@@ -111,10 +93,7 @@ class SlotDriver:
         self.feed(lifecycle.Exited(pid, ex))
 
     def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-            self._timer_at = None
+        self._deadline.cancel()
 
 
 class SlottedRuntime(UnitRuntime):
@@ -274,8 +253,7 @@ class PoolRuntime(SlottedRuntime):
         self.roll: rolling.Roll | None = None
         self._queue: collections.deque[rolling.Event | None] = collections.deque()  # None: begin a roll
         self._pumping = False
-        self._roll_timer: asyncio.TimerHandle | None = None
-        self._roll_timer_at: float | None = None
+        self._roll_deadline = Deadline(daemon.loop, lambda: self._post(rolling.Timer()))
         super().__init__(daemon, unit, bound)
         self._sync_slot_sockets(unit.workers)
 
@@ -408,7 +386,7 @@ class PoolRuntime(SlottedRuntime):
                     self._queue.append(None)
         finally:
             self._pumping = False
-        self._arm_roll_timer()
+        self._roll_deadline.set(self.roll.deadline if self.roll is not None and self.roll.active else None)
 
     def _begin_slots(self) -> tuple[int, ...]:
         """The slots a new roll replaces; the others (not running) start now: nothing there to keep."""
@@ -451,22 +429,6 @@ class PoolRuntime(SlottedRuntime):
         self.retiring.append((slot, old))
         old.feed(lifecycle.StopRequest(lifecycle.After.NOTHING))
 
-    def _arm_roll_timer(self) -> None:
-        deadline = self.roll.deadline if self.roll is not None and self.roll.active else None
-        if deadline == self._roll_timer_at:
-            return
-        if self._roll_timer is not None:
-            self._roll_timer.cancel()
-            self._roll_timer = None
-        self._roll_timer_at = deadline
-        if deadline is not None:
-            self._roll_timer = self.daemon.loop.call_at(deadline, self._roll_fire)
-
-    def _roll_fire(self) -> None:
-        self._roll_timer = None
-        self._roll_timer_at = None
-        self._post(rolling.Timer())
-
     # ------------------------------------------------------------ operator, reload, shutdown
 
     def operator_stop(self) -> None:
@@ -496,9 +458,7 @@ class PoolRuntime(SlottedRuntime):
                 driver.feed(lifecycle.StartRequest())
 
     def close(self, *, remove: bool = True) -> None:
-        if self._roll_timer is not None:
-            self._roll_timer.cancel()
-            self._roll_timer = None
+        self._roll_deadline.cancel()
         for d in self.drivers():
             d.cancel()
         self.poll(False)

@@ -55,7 +55,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from supervisor.errors import BindError
-from supervisor.model import InetAddress, Listen, ListenKind
+from supervisor.model import LISTEN_OPTION_KINDS, InetAddress, Listen, ListenKind
 
 __all__ = [
     "Bound",
@@ -96,38 +96,11 @@ _SOCK_TYPE: dict[ListenKind, int] = {
 # Types that listen() and accept(); the others are read directly.
 _LISTENING_TYPES = frozenset({socket.SOCK_STREAM, socket.SOCK_SEQPACKET})
 
-# Which kinds each option means something for. An option set on any other kind
-# is refused (see the module docstring).
-_INET = frozenset({ListenKind.TCP, ListenKind.UDP})
-_TCP = frozenset({ListenKind.TCP})
-_UDP = frozenset({ListenKind.UDP})
-_UNIX = frozenset({ListenKind.UNIX, ListenKind.UNIX_DGRAM, ListenKind.UNIX_SEQPACKET})
-_SOCKETS = _INET | _UNIX
-_NODES = _UNIX | {ListenKind.FIFO}  # abstract unix names excepted, checked separately
-_APPLIES_TO: dict[str, frozenset[ListenKind]] = {
-    "ipv6_only": _INET,
-    "freebind": _INET,
-    "transparent": _INET,
-    "reuse_port": _INET,
-    "bind_to_device": _INET,
-    "ip_tos": _INET,
-    "ip_ttl": _INET,
-    "nodelay": _TCP,
-    "keepalive": _TCP,
-    "keepalive_time": _TCP,
-    "keepalive_interval": _TCP,
-    "keepalive_probes": _TCP,
-    "defer_accept": _TCP,
-    "broadcast": _UDP,
-    "pass_credentials": _UNIX,
-    "receive_buffer": _SOCKETS,
-    "send_buffer": _SOCKETS,
-    "mark": _SOCKETS,
-    "priority": _SOCKETS,
-    "user": _NODES,
-    "group": _NODES,
-    "symlinks": _NODES,
-}
+# Options whose default is "unset" (None, False, ()): setting one on a kind it
+# does not apply to is refused. (name, backlog, mode, directory_mode and
+# remove_on_stop always carry a default, so only the config can tell.)
+_APPLIES_TO = {name: kinds for name, kinds in LISTEN_OPTION_KINDS.items()
+               if name not in ("name", "backlog", "mode", "directory_mode", "remove_on_stop")}
 
 
 class _Failed(Exception):

@@ -8,6 +8,7 @@ lifecycle slots) and ``supervisor.accept`` (one child per connection).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -21,6 +22,42 @@ if TYPE_CHECKING:
     from supervisor.daemon import Daemon
 
 ChildCallback = Callable[[int, Exit], None]
+
+
+class Deadline:
+    """One loop timer kept at a time that moves: ``set`` re-arms only when the time changes.
+
+    The pure cores (``lifecycle``, ``rolling``) say *when* something must
+    happen as a deadline in their state; this keeps exactly one timer per
+    owner at that deadline and calls ``callback`` when it passes.
+    """
+
+    __slots__ = ("_at", "_callback", "_handle", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        self._loop = loop
+        self._callback = callback
+        self._handle: asyncio.TimerHandle | None = None
+        self._at: float | None = None
+
+    def set(self, at: float | None) -> None:
+        if at == self._at:
+            return
+        self.cancel()
+        self._at = at
+        if at is not None:
+            self._handle = self._loop.call_at(at, self._fire)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._at = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._at = None
+        self._callback()
 
 # systemd's fdname_is_valid(): printable ASCII, no ':' (the LISTEN_FDNAMES separator), 1-255 chars.
 _FDNAME_MAX = 255
