@@ -87,14 +87,6 @@ def free_port() -> Iterator[Any]:
     yield pick
 
 
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A short temporary directory, so unix socket paths stay below 108 bytes."""
-    path = Path("/tmp") / f"sv-{uuid.uuid4().hex[:8]}"
-    path.mkdir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
 
 @pytest.fixture
 def view_script(tmp_path: Path) -> Path:
@@ -212,13 +204,13 @@ CASES = {
 @pytest.mark.skipif(REAL is None, reason="systemd-socket-activate is not installed")
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_activate_matches_systemd_socket_activate(
-    case: str, free_port: Any, short_dir: Path, view_script: Path, tmp_path: Path
+    case: str, free_port: Any, short_tmp: Path, view_script: Path, tmp_path: Path
 ) -> None:
     """The child of `sockvisor activate` sees exactly what systemd-socket-activate's child sees."""
     flags, layout, trigger = CASES[case]
     tcp = free_port()
     tcp6 = free_port(socket.AF_INET6, "::1")
-    path = str(short_dir / "s.sock")
+    path = str(short_tmp / "s.sock")
     abstract = f"@sv-test-{uuid.uuid4().hex[:8]}"
     listens = {
         "stream": [f"127.0.0.1:{tcp}", f"[::1]:{tcp6}", path, abstract],
@@ -321,10 +313,10 @@ def test_accept_inetd_serves_each_connection(free_port: Any) -> None:
     assert log.count("Spawned cat (cat) as PID") == 2
 
 
-def test_now_execs_without_waiting(view_script: Path, tmp_path: Path, short_dir: Path) -> None:
+def test_now_execs_without_waiting(view_script: Path, tmp_path: Path, short_tmp: Path) -> None:
     """With --now the command starts at once, with the fds already listening."""
     out = tmp_path / "view.json"
-    path = str(short_dir / "now.sock")
+    path = str(short_tmp / "now.sock")
     argv = [sys.executable, "-m", "supervisor.activate", "--now", "-l", path, "--fdname", "ctl"]
     argv += ["-E", f"PYTHONPATH={REPO}", "--", sys.executable, str(view_script), str(out)]
     runner = Tool(argv, tool_env())
@@ -334,9 +326,9 @@ def test_now_execs_without_waiting(view_script: Path, tmp_path: Path, short_dir:
     assert json.loads(out.read_text())["sockets"] == [[3, "ctl", "socket", socket.AF_UNIX, 1, True, repr(path)]]
 
 
-def test_live_unix_socket_is_not_stolen(short_dir: Path) -> None:
+def test_live_unix_socket_is_not_stolen(short_tmp: Path) -> None:
     """A unix path something still listens on is a bind failure (exit 1), never unlinked."""
-    path = str(short_dir / "busy.sock")
+    path = str(short_tmp / "busy.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as owner:
         owner.bind(path)
         owner.listen()
@@ -355,9 +347,9 @@ def test_live_unix_socket_is_not_stolen(short_dir: Path) -> None:
         assert os.path.exists(path)
 
 
-def test_stale_unix_socket_is_replaced(short_dir: Path) -> None:
+def test_stale_unix_socket_is_replaced(short_tmp: Path) -> None:
     """A unix socket node nobody listens on any more is replaced, as systemd does."""
-    path = str(short_dir / "stale.sock")
+    path = str(short_tmp / "stale.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as old:
         old.bind(path)
     result = subprocess.run(
@@ -404,10 +396,10 @@ def test_activate_errors_are_one_line(args: list[str], status: int, message: str
 
 
 @pytest.mark.skipif(REAL is None, reason="systemd-socket-activate is not installed")
-def test_fds_describes_fds_from_systemd_socket_activate(free_port: Any, short_dir: Path) -> None:
+def test_fds_describes_fds_from_systemd_socket_activate(free_port: Any, short_tmp: Path) -> None:
     """`sockvisor fds` prints one line per fd: number, name, family, type, address, state."""
     port = free_port()
-    path = str(short_dir / "f.sock")
+    path = str(short_tmp / "f.sock")
     argv = [
         *tool_command("real"),
         "-l",

@@ -102,14 +102,6 @@ def free_port() -> Iterator[Any]:
     yield pick
 
 
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A short temporary directory, so unix socket paths stay below 108 bytes."""
-    path = Path("/tmp") / f"sv-{uuid.uuid4().hex[:8]}"
-    path.mkdir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
 
 def _wait_stderr(proc: subprocess.Popen[bytes], needle: bytes, count: int) -> bytes:
     """Read the tool's stderr until ``needle`` appeared ``count`` times."""
@@ -127,10 +119,10 @@ def _wait_stderr(proc: subprocess.Popen[bytes], needle: bytes, count: int) -> by
 
 
 @pytest.mark.skipif(REAL is None, reason="systemd-socket-activate is not installed")
-def test_listen_sockets_under_real_systemd_socket_activate(free_port: Any, short_dir: Path, tmp_path: Path) -> None:
+def test_listen_sockets_under_real_systemd_socket_activate(free_port: Any, short_tmp: Path, tmp_path: Path) -> None:
     """Under systemd-socket-activate the library reports each fd's number, name, family and address."""
     port = free_port()
-    path = str(short_dir / "lib.sock")
+    path = str(short_tmp / "lib.sock")
     abstract = f"sv-lib-{uuid.uuid4().hex[:8]}"
     script = tmp_path / "child.py"
     script.write_text(CHILD)
@@ -255,7 +247,7 @@ def _recv_notification(server: socket.socket) -> tuple[bytes, list[int]]:
 
 @pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
 def test_notify_sends_one_datagram_with_fds(
-    abstract: bool, short_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    abstract: bool, short_tmp: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """notify() sends the assignments as one datagram to NOTIFY_SOCKET, with fds via SCM_RIGHTS."""
     name = f"sv-notify-{uuid.uuid4().hex[:8]}"
@@ -264,8 +256,8 @@ def test_notify_sends_one_datagram_with_fds(
             server.bind(b"\0" + name.encode())
             monkeypatch.setenv("NOTIFY_SOCKET", f"@{name}")
         else:
-            server.bind(str(short_dir / "notify"))
-            monkeypatch.setenv("NOTIFY_SOCKET", str(short_dir / "notify"))
+            server.bind(str(short_tmp / "notify"))
+            monkeypatch.setenv("NOTIFY_SOCKET", str(short_tmp / "notify"))
         stored = tmp_path / "stored"
         stored.write_text("x")
         with open(stored) as handle:
@@ -285,11 +277,11 @@ def test_notify_sends_one_datagram_with_fds(
         assert "NOTIFY_SOCKET" not in os.environ
 
 
-def test_notify_reloading_carries_monotonic_usec(short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_notify_reloading_carries_monotonic_usec(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """notify_reloading() sends RELOADING=1 with the current CLOCK_MONOTONIC in microseconds."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
-        server.bind(str(short_dir / "n"))
-        monkeypatch.setenv("NOTIFY_SOCKET", str(short_dir / "n"))
+        server.bind(str(short_tmp / "n"))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(short_tmp / "n"))
         before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         assert activation.notify_reloading()
         after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -306,9 +298,9 @@ def test_notify_without_supervisor_returns_false(monkeypatch: pytest.MonkeyPatch
     assert activation.notify("READY=1") is False
 
 
-def test_notify_to_nobody_raises(short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_notify_to_nobody_raises(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A NOTIFY_SOCKET nobody listens on is an OSError, not a silent success."""
-    monkeypatch.setenv("NOTIFY_SOCKET", str(short_dir / "missing"))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(short_tmp / "missing"))
     with pytest.raises(OSError):
         activation.notify("READY=1")
 
@@ -331,9 +323,9 @@ def test_listen_fds_zero_with_our_pid_is_an_error(monkeypatch: pytest.MonkeyPatc
     assert "LISTEN_PID" not in os.environ
 
 
-def test_is_helpers_on_real_fds(short_dir: Path) -> None:
+def test_is_helpers_on_real_fds(short_tmp: Path) -> None:
     """The sd_is_* twins distinguish family, type, listening state, port, path and FIFOs."""
-    fifo = short_dir / "fifo"
+    fifo = short_tmp / "fifo"
     os.mkfifo(fifo)
     with (
         socket.socket() as tcp,
@@ -343,7 +335,7 @@ def test_is_helpers_on_real_fds(short_dir: Path) -> None:
         tcp.bind(("127.0.0.1", 0))
         tcp.listen()
         port = tcp.getsockname()[1]
-        dgram.bind(str(short_dir / "d"))
+        dgram.bind(str(short_tmp / "d"))
         fd = os.open(fifo, os.O_RDWR)
         try:
             assert activation.is_socket(tcp.fileno(), socket.AF_INET, socket.SOCK_STREAM, 1)
@@ -351,12 +343,12 @@ def test_is_helpers_on_real_fds(short_dir: Path) -> None:
             assert not activation.is_socket(tcp.fileno(), listening=0)
             assert activation.is_socket_inet(tcp.fileno(), port=port)
             assert not activation.is_socket_inet(tcp.fileno(), port=port + 1 if port < 65535 else 1)
-            assert activation.is_socket_unix(dgram.fileno(), socket.SOCK_DGRAM, 0, str(short_dir / "d"))
+            assert activation.is_socket_unix(dgram.fileno(), socket.SOCK_DGRAM, 0, str(short_tmp / "d"))
             assert not activation.is_socket_unix(dgram.fileno(), socket.SOCK_STREAM)
             assert activation.is_socket_unix(unnamed.fileno(), path="")
             assert not activation.is_socket(fd)
             assert activation.is_fifo(fd, str(fifo))
-            assert not activation.is_fifo(fd, str(short_dir / "nope"))
+            assert not activation.is_fifo(fd, str(short_tmp / "nope"))
             assert not activation.is_fifo(tcp.fileno())
             item = activation.InheritedSocket.from_fd(fd, "events")
             assert (item.kind, item.family, item.address) == ("fifo", 0, str(fifo))
@@ -366,13 +358,13 @@ def test_is_helpers_on_real_fds(short_dir: Path) -> None:
             os.close(fd)
 
 
-def test_start_servers_serves_inherited_tcp_and_unix(short_dir: Path) -> None:
+def test_start_servers_serves_inherited_tcp_and_unix(short_tmp: Path) -> None:
     """start_servers() turns each listening stream socket into an asyncio server and skips the rest."""
     tcp = socket.socket()
     tcp.bind(("127.0.0.1", 0))
     tcp.listen()
     unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    unix.bind(str(short_dir / "u"))
+    unix.bind(str(short_tmp / "u"))
     unix.listen()
     dgram = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     dgram.bind(("127.0.0.1", 0))
@@ -395,7 +387,7 @@ def test_start_servers_serves_inherited_tcp_and_unix(short_dir: Path) -> None:
             replies = []
             connections = (
                 asyncio.open_connection("127.0.0.1", port),
-                asyncio.open_unix_connection(str(short_dir / "u")),
+                asyncio.open_unix_connection(str(short_tmp / "u")),
             )
             for connecting in connections:
                 reader, writer = await connecting
