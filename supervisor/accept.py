@@ -335,6 +335,10 @@ class Offload:
         self.busy = False
         self._closed = False
         self._thread: threading.Thread | None = None
+        # Set on the loop when no spawn is in flight, so a stopping daemon can
+        # wait for the last result (and stop that child) before it exits.
+        self.idle = asyncio.Event()
+        self.idle.set()
 
     def submit(self, job: Job, done: Callable[[Job, int, SpawnError | None], None]) -> bool:
         """Hand ``job`` to the thread if it is idle; False if it is busy (spawn inline then)."""
@@ -343,6 +347,7 @@ class Offload:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="sockvisor-spawn", daemon=True)
             self._thread.start()
+        self.idle.clear()
         with self._cond:
             self.busy = True
             self._job = (job, done)
@@ -372,9 +377,18 @@ class Offload:
             os.close(job.fd)
             self.busy = False
             try:
-                self._loop.call_soon_threadsafe(done, job, pid, error)
+                self._loop.call_soon_threadsafe(self._finish, done, job, pid, error)
             except RuntimeError:  # the loop is closed: the daemon is exiting
                 return
+
+    def _finish(self, done: Callable[[Job, int, SpawnError | None], None], job: Job, pid: int,
+                error: SpawnError | None) -> None:
+        """On the loop: hand the result over, then say so if nothing else is in flight."""
+        try:
+            done(job, pid, error)
+        finally:
+            if not self.busy:
+                self.idle.set()
 
 
 def _stderr_slot(stderr: Stderr) -> int:

@@ -252,6 +252,9 @@ class Daemon:
     async def _shutdown(self) -> None:
         for runtime in [*self.units.values(), *self.retiring]:
             runtime.shutdown()
+        # A spawn still in flight on the helper thread comes back stopped
+        # (its unit is no longer running) and joins the children waited for.
+        await self.offload.idle.wait()
         if self.children:
             await self._children_gone.wait()
         for runtime in [*self.units.values(), *self.retiring]:
