@@ -35,9 +35,6 @@ class Reaper:
         self._fd = _spawn.sigchld_fd()
         loop.add_reader(self._fd, self.reap)
 
-    def expect(self) -> None:
-        """A child was spawned (nothing to do: the signalfd already watches every child)."""
-
     def close(self) -> None:
         if self._fd >= 0:
             self._loop.remove_reader(self._fd)
