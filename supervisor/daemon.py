@@ -86,7 +86,6 @@ class Daemon:
         self.retiring: list[UnitRuntime] = []
         self._early_exits: dict[int, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self.retired_slots: list[SlotDriver] = []
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -165,8 +164,6 @@ class Daemon:
                 self.retiring.remove(rt)
                 rt.close(remove=True)
                 self.log.info("unit_removed", unit=rt.unit.name)
-        if self.retired_slots:
-            self.retired_slots = [d for d in self.retired_slots if d.slot.pid is not None]
 
     # ------------------------------------------------------------ running
 

@@ -119,19 +119,6 @@ class SlottedRuntime(UnitRuntime):
                 return str(s.value)
         return str(SlotState.STOPPED.value)
 
-    def reconfigured(self) -> None:
-        super().reconfigured()
-        want = self.unit.workers if self.unit.mode is Mode.POOL else 1
-        while len(self.slots) < want:
-            driver = SlotDriver(self, len(self.slots))
-            self.slots.append(driver)
-            if self.pids() or self.unit.start is Start.EAGER:
-                driver.feed(lifecycle.StartRequest())
-        while len(self.slots) > want:
-            driver = self.slots.pop()
-            driver.feed(lifecycle.StopRequest(lifecycle.After.NOTHING))
-            self.daemon.retired_slots.append(driver)
-
     def driver_changed(self, driver: SlotDriver) -> None:
         """``driver`` was fed an event (its slot may have changed)."""
         self.slots_changed()
