@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -289,6 +290,7 @@ class AcceptRuntime(UnitRuntime):
         self.log.error("spawn_failed", remote=job.remote, error=str(exc), stage=exc.stage)
 
     def _exited(self, pid: int, ex: Exit) -> None:
+        self.last_exit = (pid, ex, time.time())
         peer, started, remote = self.conns.pop(pid)
         self.policy.release(peer)
         if self._log_conns:

@@ -162,12 +162,12 @@ class ControlServer:
             return {"ok": True, **summary}
         if cmd == "status":
             if unit is None:
-                return {"ok": True, "units": [daemon.unit_status(rt) for rt in daemon.units.values()],
+                return {"ok": True, "units": [rt.status() for rt in daemon.units.values()],
                         "daemon": {"pid": os.getpid(), "summary": daemon.summary()}}
             rt = daemon.units.get(unit)
             if rt is None:
                 return {"ok": False, "error": f"unknown unit {unit!r}"}
-            return {"ok": True, "units": [daemon.unit_status(rt)]}
+            return {"ok": True, "units": [rt.status()]}
         if unit is None:
             return {"ok": False, "error": f"{cmd} needs a unit name"}
         rt = daemon.units.get(unit)
@@ -180,7 +180,7 @@ class ControlServer:
         else:
             rt.operator_restart()
         self.log.info(f"unit_{cmd}_requested", unit=unit)
-        return {"ok": True, "unit": daemon.unit_status(rt)}
+        return {"ok": True, "unit": rt.status()}
 
 
 def request(path: str, req: dict[str, Any], *, timeout: float = 30.0) -> dict[str, Any]:

@@ -38,10 +38,9 @@ from typing import Any
 from supervisor import _spawn, activation, sockets
 from supervisor.accept import AcceptRuntime, Offload
 from supervisor.errors import BindError, ConfigError
-from supervisor.lifecycle import Exit
 from supervisor.model import Config, Mode, Unit
 from supervisor.reaper import Reaper
-from supervisor.service import PoolRuntime, SlotDriver, SlottedRuntime
+from supervisor.service import PoolRuntime, SlottedRuntime
 from supervisor.units import ChildCallback, UnitRuntime, exit_of
 
 EARLY_EXITS_MAX = 4096  # unregistered exits remembered (helper-thread spawns, adopted orphans)
@@ -78,9 +77,6 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._inherited: dict[int, bool] = {}
         self._inherited_names: dict[int, str] = {}
-        # unit name -> the last child exit seen: (pid, exit, wall time), formatted only
-        # when status asks (status --json "last_exit"); kept raw to stay off the hot path
-        self.last_exit: dict[str, tuple[int, Exit, float]] = {}
         self.started_at = time.time()
         self.control: Any = None
         self.retiring: list[UnitRuntime] = []
@@ -144,12 +140,8 @@ class Daemon:
                 self._early_exits.pop(next(iter(self._early_exits)))
             self._early_exits[pid] = status
         else:
-            ex = exit_of(status)
-            owner = _runtime_of(callback)
-            if owner is not None:
-                self.last_exit[owner.unit.name] = (pid, ex, time.time())
             try:
-                callback(pid, ex)
+                callback(pid, exit_of(status))
             except Exception:  # a bug in one unit must not take the daemon down
                 self.log.exception("child_exit_handler_failed", pid=pid)
         if not self.children and self._stop.is_set():
@@ -166,12 +158,6 @@ class Daemon:
                 self.log.info("unit_removed", unit=rt.unit.name)
 
     # ------------------------------------------------------------ running
-
-    def unit_status(self, runtime: UnitRuntime) -> dict[str, Any]:
-        """The runtime's status plus what only the daemon sees (``last_exit``), for ``sockvisor status``."""
-        last = self.last_exit.get(runtime.unit.name)
-        shown = {"pid": last[0], "status": str(last[1]), "at": round(last[2], 3)} if last else None
-        return {**runtime.status(), "last_exit": shown}
 
     def summary(self) -> str:
         running = sum(1 for u in self.units.values() if u.pids())
@@ -287,14 +273,6 @@ class Daemon:
                 return reloading.apply(self)
             finally:
                 _sd_notify("READY=1", f"STATUS={self.summary()}")
-
-
-def _runtime_of(callback: ChildCallback) -> UnitRuntime | None:
-    """The unit runtime a child-exit callback belongs to (a runtime's or a slot driver's bound method)."""
-    owner = getattr(callback, "__self__", None)
-    if isinstance(owner, SlotDriver):
-        return owner.runtime
-    return owner if isinstance(owner, UnitRuntime) else None
 
 
 def _describe_fd(fd: int) -> str:

@@ -233,7 +233,9 @@ def apply(daemon: Daemon) -> dict[str, Any]:
             runtime.bound = leftovers
             daemon.units.pop(name)
             _retire(daemon, runtime)
-            daemon.add_unit(p.unit, new_bound).activate()
+            successor = daemon.add_unit(p.unit, new_bound)
+            successor.last_exit = runtime.last_exit  # the unit's history outlives its mode
+            successor.activate()
         changed.append(name)
     for name in retire:
         _retire(daemon, daemon.units.pop(name))

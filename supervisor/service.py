@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +88,7 @@ class SlotDriver:
         self.feed(lifecycle.Spawned(pid))
 
     def _exited(self, pid: int, ex: Exit) -> None:
+        self.runtime.last_exit = (pid, ex, time.time())
         # What the process said before it died (STOPPING=1, STATUS=) is read
         # while it is still ours, as systemd reads notify before SIGCHLD.
         self.runtime.drain_notify()

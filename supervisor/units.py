@@ -115,6 +115,8 @@ class UnitRuntime:
         self._polling = False
         self.stopped_by_operator = not unit.enabled
         self.retired = False
+        # The last child exit (pid, exit, wall time), kept raw: formatted only when status asks.
+        self.last_exit: tuple[int, Exit, float] | None = None
         self.set_blocking()
 
     # ------------------------------------------------------------ plumbing
@@ -301,7 +303,14 @@ class UnitRuntime:
             "restarts": self.restarts(),
             "status": self.status_text,
             "description": self.unit.description,
+            "last_exit": self._last_exit_status(),
         }
+
+    def _last_exit_status(self) -> dict[str, Any] | None:
+        if self.last_exit is None:
+            return None
+        pid, ex, at = self.last_exit
+        return {"pid": pid, "status": str(ex), "at": round(at, 3)}
 
     def active(self) -> int:
         return len(self.pids())
