@@ -245,7 +245,8 @@ class AcceptRuntime(UnitRuntime):
         try:
             prepared = self._prepared or self.prepared()
         except SpawnError as exc:
-            self._spawn_failed(Job(fd, [], env, False, peer, now, remote or _describe(peer, addr), None), exc)
+            os.close(fd)
+            self._spawn_failed(peer, remote or _describe(peer, addr), exc)
             return None
         err = self._err
         if self._pass_fds:
@@ -256,19 +257,19 @@ class AcceptRuntime(UnitRuntime):
         return Job(fd, fds, env, self._pass_fds, peer, now, remote, prepared)
 
     def _spawn_inline(self, job: Job) -> None:
-        assert job.prepared is not None
         try:
-            pid = spawn.spawn_child(job.prepared, job.fds, job.env, listen_pid=job.listen_pid)
+            pid = job.spawn()
         except SpawnError as exc:
-            self._spawn_failed(job, exc)
+            self._spawn_failed(job.peer, job.remote, exc)
             return
-        os.close(job.fd)
+        finally:
+            os.close(job.fd)  # the child has its copy (or there is no child)
         self._spawned(job, pid)
 
     def _offloaded(self, job: Job, pid: int, exc: SpawnError | None) -> None:
         """Back on the loop: the helper thread spawned ``job`` (it already closed the connection)."""
         if exc is not None:
-            self._spawn_failed(job, exc, closed=True)
+            self._spawn_failed(job.peer, job.remote, exc)
             return
         if not self._running:
             kill_group(pid, self.unit.process.stop_signal)  # stopped while it was being spawned
@@ -281,13 +282,12 @@ class AcceptRuntime(UnitRuntime):
         if self._log_conns:
             self.log.info("connection_accepted", remote=job.remote, pid=pid)
 
-    def _spawn_failed(self, job: Job, exc: SpawnError, *, closed: bool = False) -> None:
-        if not closed:
-            os.close(job.fd)
-        self.policy.release(job.peer)
+    def _spawn_failed(self, peer: Peer | None, remote: str, exc: SpawnError) -> None:
+        """An admitted connection got no child (its fd is already closed): undo the admission, log it."""
+        self.policy.release(peer)
         self.refused += 1
         self.spawn_failures += 1
-        self.log.error("spawn_failed", remote=job.remote, error=str(exc), stage=exc.stage)
+        self.log.error("spawn_failed", remote=remote, error=str(exc), stage=exc.stage)
 
     def _exited(self, pid: int, ex: Exit) -> None:
         self.last_exit = (pid, ex, time.time())
@@ -315,7 +315,11 @@ class Job(NamedTuple):
     peer: Peer | None
     now: float
     remote: str
-    prepared: spawn.Prepared | None
+    prepared: spawn.Prepared
+
+    def spawn(self) -> int:
+        """Start the child (from the loop thread or the helper thread); raises SpawnError."""
+        return spawn.spawn_child(self.prepared, self.fds, self.env, listen_pid=self.listen_pid)
 
 
 class Offload:
@@ -372,8 +376,7 @@ class Offload:
                 self._job = None
             pid, error = 0, None
             try:
-                assert job.prepared is not None
-                pid = spawn.spawn_child(job.prepared, job.fds, job.env, listen_pid=job.listen_pid)
+                pid = job.spawn()
             except SpawnError as exc:
                 error = exc
             os.close(job.fd)
