@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 This is a drop-in for systemd's ``systemd-socket-activate(1)`` (same flags, same child view,
 same log lines), checked side by side against systemd 252's binary. It is deliberately
-self-contained (standard library plus :mod:`supervisor.activation`) and knows nothing of units,
-configs or the daemon.
+light (standard library plus :mod:`supervisor.activation` and the address syntax of
+:mod:`supervisor.addresses`) and knows nothing of units, configs or the daemon.
 
 1. *Inherit.* fds passed to us with ``LISTEN_FDS`` are passed on in their original positions
    (3 ..), as systemd-socket-activate does; our own listeners follow them.
@@ -44,7 +44,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import ipaddress
 import os
 import re
 import select
@@ -55,6 +54,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, NoReturn
 
+from supervisor import addresses
 from supervisor.activation import SD_LISTEN_FDS_START, listen_fds
 
 PROG: Final = "sockvisor activate"
@@ -65,7 +65,6 @@ _COPIED_VARIABLES: Final = ("TERM", "PATH", "USER", "HOME")
 _FDNAME_MAX: Final = 255
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # sizeof(struct sockaddr_un.sun_path): a path needs room for its NUL, an abstract name does not.
-_SUN_PATH_MAX: Final = 108
 _PR_SET_PDEATHSIG: Final = 1
 # accept() failures that only mean "that connection went away": try the next one.
 _ACCEPT_AGAIN: Final = frozenset(
@@ -108,21 +107,13 @@ def _ipv6_supported() -> bool:
     return True
 
 
-def _parse_port(text: str, whole: str) -> int:
-    if not text.isdigit() or not text.isascii():
-        raise UsageError(f"invalid listen address {whole!r}: port {text!r} is not a number")
-    port = int(text)
-    if not 1 <= port <= 65535:
-        raise UsageError(f"invalid listen address {whole!r}: port {port} is out of range (1-65535)")
-    return port
-
-
 def parse_address(text: str) -> ListenAddress:
     """Parse a ``-l`` argument the way systemd's ``socket_address_parse()`` does.
 
     Accepted: ``PORT`` (all addresses: ``[::]`` dual stack when IPv6 is available, else
     ``0.0.0.0``), ``IPV4:PORT``, ``[IPV6]:PORT`` (``[fe80::1%eth0]:PORT`` with a scope),
-    ``/absolute/path`` and ``@abstract``. Host names are not resolved, as in systemd.
+    ``/absolute/path`` and ``@abstract``. Host names are not resolved, as in systemd. The
+    syntax is the config's (``supervisor.addresses``); this only turns it into a sockaddr.
 
     Args:
         text: The argument.
@@ -133,46 +124,22 @@ def parse_address(text: str) -> ListenAddress:
     Raises:
         UsageError: The address is malformed.
     """
-    if text.startswith("/"):
-        if len(os.fsencode(text)) >= _SUN_PATH_MAX:
-            raise UsageError(f"invalid listen address {text!r}: unix socket path is too long")
-        return ListenAddress(text, socket.AF_UNIX, text)
-    if text.startswith("@"):
-        name = os.fsencode(text[1:])
-        if not name or len(name) + 1 > _SUN_PATH_MAX:
-            raise UsageError(f"invalid listen address {text!r}: abstract name must be 1-107 bytes")
-        return ListenAddress(text, socket.AF_UNIX, b"\0" + name)
-    if text.startswith("["):
-        match = re.fullmatch(r"\[([^\]%]+)(?:%([^\]]+))?\]:([^:]*)", text)
-        if match is None:
-            raise UsageError(f"invalid listen address {text!r}: expected [IPV6]:PORT")
-        host, scope, port_text = match.groups()
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise UsageError(f"invalid listen address {text!r}: {host!r} is not an IPv6 address") from None
-        scope_id = 0
-        if scope is not None:
-            try:
-                scope_id = int(scope) if scope.isdigit() else socket.if_nametoindex(scope)
-            except OSError:
-                raise UsageError(f"invalid listen address {text!r}: no interface {scope!r}") from None
-        return ListenAddress(text, socket.AF_INET6, (host, _parse_port(port_text, text), 0, scope_id))
-    if ":" in text:
-        host, _, port_text = text.rpartition(":")
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            raise UsageError(
-                f"invalid listen address {text!r}: expected PORT, IPV4:PORT, [IPV6]:PORT, /path or @name"
-            ) from None
-        return ListenAddress(text, socket.AF_INET, (host, _parse_port(port_text, text)))
-    if text.isdigit():
-        port = _parse_port(text, text)
+    try:
+        parsed = addresses.parse_any(text)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"invalid listen address {text!r}: {exc}") from None
+    if isinstance(parsed, str):
+        if parsed.startswith("@"):
+            return ListenAddress(text, socket.AF_UNIX, b"\0" + os.fsencode(parsed[1:]))
+        return ListenAddress(text, socket.AF_UNIX, parsed)
+    if parsed.any_dual_stack:
         if _ipv6_supported():
-            return ListenAddress(text, socket.AF_INET6, ("::", port, 0, 0))
-        return ListenAddress(text, socket.AF_INET, ("0.0.0.0", port))
-    raise UsageError(f"invalid listen address {text!r}: expected PORT, IPV4:PORT, [IPV6]:PORT, /path or @name")
+            return ListenAddress(text, socket.AF_INET6, ("::", parsed.port, 0, 0))
+        return ListenAddress(text, socket.AF_INET, ("0.0.0.0", parsed.port))
+    if parsed.family == socket.AF_INET6:
+        host = parsed.host.partition("%")[0]
+        return ListenAddress(text, socket.AF_INET6, (host, parsed.port, 0, parsed.scope_id))
+    return ListenAddress(text, socket.AF_INET, (parsed.host, parsed.port))
 
 
 def pretty_address(family: int, address: object) -> str:
