@@ -64,7 +64,6 @@ _COPIED_VARIABLES: Final = ("TERM", "PATH", "USER", "HOME")
 # are only warned about (as systemd-socket-activate does); the child may reject them.
 _FDNAME_MAX: Final = 255
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# sizeof(struct sockaddr_un.sun_path): a path needs room for its NUL, an abstract name does not.
 _PR_SET_PDEATHSIG: Final = 1
 # accept() failures that only mean "that connection went away": try the next one.
 _ACCEPT_AGAIN: Final = frozenset(
