@@ -322,11 +322,8 @@ def bind_socket(sock: socket.socket, path: str, *, mode: int, uid: int = -1, gid
         try:
             sock.bind(where.path)
         except OSError as exc:
-            hint = ""
-            if exc.errno == errno.EADDRINUSE:
-                hint = " (a node appeared at the path while binding)"
-            else:
-                hint = _hint(exc)
+            in_use = exc.errno == errno.EADDRINUSE
+            hint = " (a node appeared at the path while binding)" if in_use else _hint(exc)
             raise PathError(f"{exc.strerror or exc}{hint}") from exc
         st = where.lstat()
         # Nobody else can rename or remove a node in a trusted directory, so this is ours.
