@@ -54,7 +54,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, NoReturn
 
-from supervisor import addresses
+from supervisor import addresses, fsnodes
 from supervisor.activation import SD_LISTEN_FDS_START, listen_fds
 
 PROG: Final = "sockvisor activate"
@@ -301,18 +301,6 @@ def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _unix_node_is_live(path: str, socket_type: int) -> bool:
-    """Whether something still accepts on the unix socket at ``path`` (never steal a live one)."""
-    with socket.socket(socket.AF_UNIX, socket_type | socket.SOCK_CLOEXEC) as probe:
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            return False  # a node nobody listens on any more: stale
-        except OSError:
-            return True  # a live socket of another type, or something we may not touch
-        return True
-
-
 def bind(address: ListenAddress, socket_type: int) -> socket.socket:
     """Create, bind and (unless datagram) listen, as systemd's ``make_socket_fd()``.
 
@@ -337,22 +325,15 @@ def bind(address: ListenAddress, socket_type: int) -> socket.socket:
         if path is None:
             sock.bind(address.sockaddr)
         else:
-            directory = os.path.dirname(path)
-            if directory:
-                os.makedirs(directory, mode=0o755, exist_ok=True)
-            old_umask = os.umask(0o133)  # socket node mode 0644
-            try:
-                try:
-                    sock.bind(path)
-                except OSError as exc:
-                    if exc.errno != errno.EADDRINUSE or _unix_node_is_live(path, socket_type):
-                        raise
-                    os.unlink(path)
-                    sock.bind(path)
-            finally:
-                os.umask(old_umask)
+            # The daemon's rule (supervisor.fsnodes): parents walked without
+            # following planted links, only a stale node of ours replaced
+            # (a live one is never stolen), the mode set on the node bound.
+            fsnodes.bind_socket(sock, path, mode=0o644, directory_mode=0o755)
         if socket_type != socket.SOCK_DGRAM:
             sock.listen(socket.SOMAXCONN)
+    except fsnodes.PathError as exc:
+        sock.close()
+        raise RuntimeFailure(f"cannot listen on {address.text}: {exc.reason}") from None
     except OSError as exc:
         sock.close()
         raise RuntimeFailure(f"cannot listen on {address.text}: {exc.strerror or exc}") from None

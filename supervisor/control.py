@@ -24,13 +24,13 @@ event loop, so ``sockvisor status`` starts fast.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import socket
 import struct
 from typing import TYPE_CHECKING, Any
 
+from supervisor import fsnodes
 from supervisor.errors import BindError, ConfigError, ControlError
 
 if TYPE_CHECKING:
@@ -56,32 +56,32 @@ class ControlServer:
         self.log = daemon.log.bind(component="control")
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._node: tuple[int, int] | None = None
 
     async def start(self) -> None:
-        """Bind the control socket; a live daemon already answering on it is an error, a stale node is replaced."""
-        parent = os.path.dirname(self.path)
-        if parent:
-            os.makedirs(parent, mode=0o755, exist_ok=True)
-        if os.path.exists(self.path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(self.path)
-            except OSError:
-                os.unlink(self.path)
-            else:
-                raise BindError("control", self.path, "another sockvisor is running on this control socket")
-            finally:
-                probe.close()
-        # The socket is created with a restrictive umask so no other user can
-        # connect between bind() and chmod().
-        old = os.umask(0o177)
+        """Bind the control socket; a live daemon already answering on it is an error, a stale node is replaced.
+
+        The node goes through ``fsnodes`` like every unit socket: parents walked
+        from ``/`` without following planted links (and made 0755 where
+        missing), only a stale socket of ours replaced (a regular file or
+        anyone else's node is left alone and is an error), mode set on the
+        very node bound, never more open than ``control.mode`` even for a moment.
+        """
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            self._server = await asyncio.start_unix_server(self._client, self.path, limit=MAX_REQUEST, backlog=1024)
+            self._node = fsnodes.bind_socket(sock, self.path, mode=self.mode, directory_mode=0o755)
+        except fsnodes.PathError as exc:
+            sock.close()
+            reason = exc.reason
+            if "in use by a running process" in reason:
+                reason = "another sockvisor is running on this control socket"
+            raise BindError("control", self.path, reason) from exc
+        try:
+            self._server = await asyncio.start_unix_server(self._client, sock=sock, limit=MAX_REQUEST, backlog=1024)
         except OSError as exc:
+            sock.close()
+            fsnodes.remove_node(self.path, self._node)
             raise BindError("control", self.path, exc.strerror or str(exc)) from exc
-        finally:
-            os.umask(old)
-        os.chmod(self.path, self.mode)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -89,8 +89,9 @@ class ControlServer:
             for task in list(self._tasks):
                 task.cancel()
             await self._server.wait_closed()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            if self._node is not None:
+                # Only while the path still holds the node we bound (never a successor's).
+                fsnodes.remove_node(self.path, self._node)
 
     def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.ensure_future(self._serve(reader, writer))
@@ -184,21 +185,37 @@ class ControlServer:
 
 
 def request(path: str, req: dict[str, Any], *, timeout: float = 30.0) -> dict[str, Any]:
-    """Send one request to the daemon at ``path`` and return its reply; ControlError if unreachable."""
+    """Send one request to the daemon at ``path`` and return its reply; ControlError if unreachable.
+
+    A daemon that refuses the peer replies at once and closes without reading
+    the request, so sending it may fail (EPIPE) or the close may reset the
+    connection after the reply arrived; either way the reply already queued
+    here is read and returned, so the caller always sees the refusal reason.
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
+    buf = b""
     try:
         try:
             sock.connect(path)
         except OSError as exc:
             raise ControlError(f"cannot reach the daemon at {path}: {exc.strerror or exc} (is it running?)") from exc
-        sock.sendall(json.dumps(req).encode() + b"\n")
-        buf = b""
+        sent_error: OSError | None = None
+        try:
+            sock.sendall(json.dumps(req).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            sent_error = exc  # the daemon closed early: its reply (a refusal) may be waiting
         while not buf.endswith(b"\n"):
-            chunk = sock.recv(65536)
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError as exc:
+                sent_error = sent_error or exc
+                break
             if not chunk:
                 break
             buf += chunk
+        if not buf and sent_error is not None:
+            raise ControlError(f"control socket {path}: {sent_error.strerror or sent_error}")
     except TimeoutError as exc:
         raise ControlError(f"the daemon at {path} did not answer within {timeout:g}s") from exc
     except OSError as exc:

@@ -54,6 +54,7 @@ import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from supervisor import fsnodes
 from supervisor.errors import BindError
 from supervisor.model import LISTEN_OPTION_KINDS, InetAddress, Listen, ListenKind
 
@@ -128,7 +129,15 @@ def _step(what: str, hints: dict[int, str] | None = None) -> Iterator[None]:
 
 
 _NEEDS_NET_ADMIN = {errno.EPERM: "needs CAP_NET_ADMIN"}
-_PATH_HINTS = {errno.EACCES: "check the permissions of the directories on the path"}
+
+
+@contextlib.contextmanager
+def _path_step() -> Iterator[None]:
+    """Turn a refused or failed path operation (``fsnodes.PathError``) into ``_Failed``."""
+    try:
+        yield
+    except fsnodes.PathError as exc:
+        raise _Failed(exc.reason) from exc
 
 
 # --- the bound object ----------------------------------------------------------------------
@@ -199,14 +208,10 @@ class Bound:
         if path is None or self._node is None:
             return
         for link in self.listen.symlinks:
-            # Only a symlink that still points at our node is ours to remove.
-            with contextlib.suppress(OSError):
-                if os.readlink(link) == path:
-                    os.unlink(link)
-        with contextlib.suppress(OSError):
-            st = os.lstat(path)
-            if (st.st_dev, st.st_ino) == self._node:
-                os.unlink(path)
+            # Only our symlink that still points at our node is ours to remove.
+            fsnodes.remove_symlink(link, path)
+        # Reached without following planted links, and only while it is still our inode.
+        fsnodes.remove_node(path, self._node)
 
     def local_address(self) -> str:
         """The bound address, human-readable: ``127.0.0.1:8080``, ``[::]:8080``, ``/run/x.sock``, ``@name``."""
@@ -375,13 +380,12 @@ def adopt(fd: int, listen: Listen, *, unit: str = "?") -> Bound:
             bound = Bound(listen, fd, sock, adopted=True)
             path = _node_path(listen)
             if path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    st = os.lstat(path)
+                uid, gid = _resolve_owner(listen)
+                with _path_step():
                     # Touch the node only if it is a socket: the path may have
                     # been replaced since the fd was bound.
-                    if stat.S_ISSOCK(st.st_mode):
-                        _own_path(path, listen, *_resolve_owner(listen))
-                        bound._node = (st.st_dev, st.st_ino)
+                    bound._node = fsnodes.set_node_mode(path, None, mode=listen.mode, uid=uid, gid=gid,
+                                                        missing_ok=True)
                 _make_symlinks(path, listen)
         except BaseException:
             sock.detach()  # the fd stays the caller's
@@ -434,9 +438,7 @@ def retune(bound: Bound, listen: Listen, *, unit: str = "?") -> None:
                 else:
                     _own_socket_node(bound, path, listen, uid, gid)
             for link in set(old.symlinks) - set(listen.symlinks):
-                with contextlib.suppress(OSError):
-                    if os.readlink(link) == path:
-                        os.unlink(link)
+                fsnodes.remove_symlink(link, path)
             _make_symlinks(path, listen)
     except _Failed as exc:
         raise BindError(unit, listen.display, exc.reason) from exc.__cause__
@@ -747,22 +749,12 @@ def _bind_unix(listen: Listen) -> Bound:
             with _step("", {errno.EADDRINUSE: "another socket has this abstract name"}):
                 sock.bind(sockaddr)
         else:
-            _make_parents(address, listen.directory_mode)
-            _clear_stale(address, type_)
-            # The node is created with the socket inode's mode minus the umask,
-            # so it is never more open than asked, not even for a moment; the
-            # chmod below then gives it exactly the mode asked for.
-            with _step("cannot set the mode of the socket"):
-                os.fchmod(sock.fileno(), listen.mode & 0o7777)
-            with _step(
-                "",
-                {errno.EADDRINUSE: "a node appeared at the path while binding", **_PATH_HINTS},
-            ):
-                sock.bind(sockaddr)
-            with _step(f"cannot stat {address}"):
-                st = os.lstat(address)
-            bound._node = (st.st_dev, st.st_ino)
-            _own_path(address, listen, uid, gid)
+            # Parents walked and made without following planted links, a stale
+            # node of ours replaced, mode and owner set on the very node bound
+            # (see fsnodes).
+            with _path_step():
+                bound._node = fsnodes.bind_socket(sock, address, mode=listen.mode, uid=uid, gid=gid,
+                                                  directory_mode=listen.directory_mode)
             _make_symlinks(address, listen)
         _listen(sock, listen)
     except BaseException:
@@ -771,82 +763,11 @@ def _bind_unix(listen: Listen) -> Bound:
     return bound
 
 
-def _clear_stale(path: str, type_: int) -> None:
-    """Unlink a stale socket node at ``path``; refuse a live one or anything else."""
-    with _step("", _PATH_HINTS):
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise _Failed(f"{path} exists and is not a socket; refusing to replace it")
-    # Ask the node: connect() with the entry's type, non-blocking so that a
-    # full backlog cannot hang us. A live stream server sees one connection
-    # that closes at once; that is the price of never stealing a socket.
-    probe = socket.socket(socket.AF_UNIX, type_)
-    probe.setblocking(False)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        live = False  # no socket bound to the node (or it vanished): stale
-    except BlockingIOError:
-        live = True  # a listener with a full backlog
-    except OSError as exc:
-        # EPROTOTYPE: a live socket of another type; EPERM: a live datagram
-        # socket connected to someone else.
-        if exc.errno not in (errno.EPROTOTYPE, errno.EPERM):
-            raise _Failed(f"cannot check the existing socket {path}: {_strerror(exc)}") from exc
-        live = True
-    else:
-        live = True
-    finally:
-        probe.close()
-    if live:
-        raise _Failed(f"{path} is in use by a running process; refusing to take it over")
-    with _step(f"cannot remove the stale socket {path}"), contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-def _make_parents(path: str, mode: int) -> None:
-    """Create the missing parent directories of ``path`` with exactly ``mode`` (umask aside)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    missing: list[str] = []
-    while not os.path.isdir(parent):
-        missing.append(parent)
-        up = os.path.dirname(parent)
-        if up == parent:
-            break
-        parent = up
-    for directory in reversed(missing):
-        with _step(f"cannot create directory {directory}"):
-            try:
-                os.mkdir(directory, mode & 0o7777)
-            except FileExistsError:
-                continue  # created meanwhile by someone else: theirs, leave its mode
-            os.chmod(directory, mode & 0o7777)
-
-
 def _make_symlinks(target: str, listen: Listen) -> None:
-    """Point each of ``listen.symlinks`` at ``target``, replacing an existing symlink atomically."""
-    for link in listen.symlinks:
-        _make_parents(link, listen.directory_mode)
-        try:
-            st = os.lstat(link)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISLNK(st.st_mode):
-                raise _Failed(f"symlink {link}: a file that is not a symlink is in the way")
-        temporary = f"{link}.sockvisor-{os.getpid()}"
-        with _step(f"cannot create symlink {link}"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-            os.symlink(target, temporary)
-            try:
-                os.replace(temporary, link)
-            except OSError:
-                os.unlink(temporary)
-                raise
+    """Point each of ``listen.symlinks`` at ``target``, replacing an existing symlink of ours atomically."""
+    with _path_step():
+        for link in listen.symlinks:
+            fsnodes.make_symlink(link, target, directory_mode=listen.directory_mode)
 
 
 def _resolve_owner(listen: Listen) -> tuple[int, int]:
@@ -878,22 +799,10 @@ def _resolve_owner(listen: Listen) -> tuple[int, int]:
     return uid, gid
 
 
-def _own_path(path: str, listen: Listen, uid: int, gid: int) -> None:
-    """Give the node at ``path`` the entry's mode and the owner ``uid``/``gid`` (-1: leave)."""
-    with _step(f"cannot set the mode of {path}"):
-        os.chmod(path, listen.mode & 0o7777)
-    if (uid, gid) != (-1, -1):
-        with _step(f"cannot change the owner of {path}"):
-            os.chown(path, uid, gid, follow_symlinks=False)
-
-
 def _own_socket_node(bound: Bound, path: str, listen: Listen, uid: int, gid: int) -> None:
     """Mode and owner for the node of a bound unix socket, if the path still holds it."""
-    with _step(f"cannot stat {path}"):
-        st = os.lstat(path)
-    if not stat.S_ISSOCK(st.st_mode) or (bound._node is not None and (st.st_dev, st.st_ino) != bound._node):
-        raise _Failed(f"{path} is no longer this socket's node")
-    _own_path(path, listen, uid, gid)
+    with _path_step():
+        fsnodes.set_node_mode(path, bound._node, mode=listen.mode, uid=uid, gid=gid)
 
 
 # --- matching inherited fds ------------------------------------------------------------
@@ -948,29 +857,9 @@ def _socket_matches(sock: socket.socket, listen: Listen) -> bool:
 def _bind_fifo(listen: Listen) -> Bound:
     path = _path_address(listen)
     uid, gid = _resolve_owner(listen)
-    _make_parents(path, listen.directory_mode)
-    with _step("", _PATH_HINTS), contextlib.suppress(FileNotFoundError):
-        # Refuse before open(): opening some other file read-write (a device,
-        # say) could have effects of its own.
-        if not stat.S_ISFIFO(os.lstat(path).st_mode):
-            raise _Failed(f"{path} exists and is not a fifo; refusing to replace it")
-    created = False
-    with _step("cannot create fifo", _PATH_HINTS):
-        try:
-            # mode minus the umask: never more open than asked; fchmod below makes it exact.
-            os.mkfifo(path, listen.mode & 0o7777)
-            created = True
-        except FileExistsError:
-            pass  # a fifo left by an earlier run (checked above, re-checked after open)
-    try:
-        with _step("cannot open fifo", _PATH_HINTS):
-            # O_RDWR: the open does not wait for a writer, and the reader never sees EOF.
-            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW)
-    except BaseException:
-        if created:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        raise
+    with _path_step():
+        # mode minus the umask: never more open than asked; fchmod below makes it exact.
+        fd, created = fsnodes.open_fifo(path, mode=listen.mode, directory_mode=listen.directory_mode)
     bound = Bound(listen, fd, None)
     try:
         st = os.fstat(fd)

@@ -342,7 +342,8 @@ def test_live_unix_socket_is_not_stolen(short_tmp: Path) -> None:
         )
         assert result.returncode == 1
         assert result.stderr.strip().splitlines() == [
-            f"sockvisor activate: cannot listen on {path}: Address already in use"
+            f"sockvisor activate: cannot listen on {path}: {path} is in use by a running process;"
+            " refusing to take it over"
         ]
         assert os.path.exists(path)
 

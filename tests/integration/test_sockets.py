@@ -306,7 +306,8 @@ def test_permission_errors_carry_a_hint(short_dir: str) -> None:
     assert messages == [
         "unit web: cannot bind tcp:127.0.0.1:80: Permission denied"
         " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
-        f"unit web: cannot bind unix:{path}: Permission denied (check the permissions of the directories on the path)",
+        f"unit web: cannot bind unix:{path}: cannot open directory {short_dir}: Permission denied"
+            " (check the permissions of the directories on the path)",
     ]
 
 
