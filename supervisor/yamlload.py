@@ -137,6 +137,11 @@ def compose(text: str, file: str) -> tuple[list[Value], list[Problem]]:
     document is returned: the single problem points at the error.
     """
     try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: only from a caller's str, never a file
+        where = location_of_prefix(file, text[: exc.start])
+        return [], [Problem(where, "", f"invalid text: character U+{ord(text[exc.start]):04X} cannot be encoded")]
+    try:
         too_deep = _too_deep(text, file)
         if too_deep is not None:
             return [], [too_deep]
@@ -238,9 +243,9 @@ class _Converter:
             problem = getattr(exc, "problem", None) or str(exc)
             self.problem(node.start_mark, path, f"invalid value: {problem[:200]}")
             resolved = None
-        except (ValueError, OverflowError, TypeError, KeyError) as exc:
-            # PyYAML's constructors let these through for text such as
-            # "2001-02-30", "!!int 0xfff+f", a 5,000-digit int or "!!bool maybe".
+        except Exception as exc:  # PyYAML's constructors are not total over hostile text
+            # ValueError for "2001-02-30", "!!int 0xfff+f" or a 5,000-digit int, KeyError
+            # for "!!bool maybe", AttributeError for "!!timestamp x", ...: all located.
             tag = str(node.tag).rsplit(":", 1)[-1]
             self.problem(node.start_mark, path, f"invalid value: not a valid {tag} ({str(exc)[:100]})")
             resolved = None
