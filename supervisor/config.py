@@ -58,7 +58,18 @@ from supervisor.model import (
     Stderr,
     Unit,
 )
-from supervisor.yamlload import Map, Scalar, Seq, Value, child_path, compose, is_empty_document, to_plain
+from supervisor.yamlload import (
+    Map,
+    Scalar,
+    Seq,
+    Value,
+    child_path,
+    compose,
+    is_empty_document,
+    kind_of,
+    location_of_prefix,
+    to_plain,
+)
 
 MAIN_CONFIG_NAME = "sockvisor.yaml"
 DEFAULT_INCLUDE = ("sockets.d/*.yaml",)
@@ -70,6 +81,12 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LIMIT_NAMES = ("nofile", "nproc", "as", "cpu", "core", "fsize", "memlock", "stack")
 # Set by sockvisor for every child; a unit may not override them.
 _RESERVED_ENV = frozenset({"LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET"})
+# Ranges the daemon can apply (checked at parse time: what check accepts, run applies).
+INT_MAX = 2**31 - 1  # setsockopt() takes a C int; so do counts handed to the kernel
+MAX_ID = 2**32 - 2  # uid_t/gid_t; (uid_t)-1 means "unchanged"
+MAX_KEEPALIVE = 32767.0  # seconds: the kernel's MAX_TCP_KEEPIDLE and MAX_TCP_KEEPINTVL
+MAX_WORKERS = 4096
+MAX_RATE = 1e9  # connections per second
 
 T = TypeVar("T")
 E = TypeVar("E", bound=Enum)
@@ -283,7 +300,8 @@ def _read(file: str, display: str, problems: list[Problem]) -> str | None:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        problems.append(Problem(Location(display), "", f"not UTF-8 text (byte {exc.start})"))
+        where = location_of_prefix(display, data[: exc.start].decode("utf-8", "replace"))
+        problems.append(Problem(where, "", f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"))
         return None
 
 
@@ -306,19 +324,30 @@ def _unit_files(base: str, include: tuple[str, ...], exclude: str | None = None)
 # source text where a string is wanted ("PORT: 8080" is "8080").
 
 
+def _clean(text: str) -> str:
+    """Refuse what no file name, argument or variable can hold: NUL, and unencodable (surrogate) characters."""
+    if "\x00" in text:
+        raise ValueError("must not contain a NUL character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"holds a character that cannot be encoded (U+{ord(text[exc.start]):04X})") from None
+    return text
+
+
 def _scalar_text(value: Value, what: str) -> str:
     if isinstance(value, Scalar):
         if isinstance(value.value, str):
-            return value.value
+            return _clean(value.value)
         if isinstance(value.value, int | float) and not isinstance(value.value, bool):
             return value.text
-    raise ValueError(f"expected {what}, got {values.describe(to_plain(value))}")
+    raise ValueError(f"expected {what}, got {kind_of(value)}")
 
 
 def _string(value: Value) -> str:
     if isinstance(value, Scalar) and isinstance(value.value, str):
-        return value.value
-    raise ValueError(f"expected a string, got {values.describe(to_plain(value))}")
+        return _clean(value.value)
+    raise ValueError(f"expected a string, got {kind_of(value)}")
 
 
 def _nonempty_string(value: Value) -> str:
@@ -331,10 +360,10 @@ def _nonempty_string(value: Value) -> str:
 def _principal(value: Value) -> str:
     """A user or group: a name, or a numeric id."""
     text = _scalar_text(value, "a user or group name or id")
-    if not text or any(c.isspace() or c == ":" for c in text):
-        raise ValueError(f"invalid user or group name {text!r}")
-    if text.lstrip("-").isdigit() and int(text) < 0:
-        raise ValueError(f"invalid id {text}")
+    if not text or len(text) > 256 or any(c.isspace() or c == ":" or not c.isprintable() for c in text):
+        raise ValueError(f"invalid user or group name {values.show(text)}")
+    if text.lstrip("-").isdigit() and (len(text) > 12 or not 0 <= int(text) <= MAX_ID):
+        raise ValueError(f"invalid id {values.show(text)} (0-{MAX_ID})")
     return text
 
 
@@ -361,8 +390,14 @@ def _int(minimum: int | None = None, maximum: int | None = None) -> Callable[[Va
     return _plain(lambda v: values.parse_int(v, minimum=minimum, maximum=maximum))
 
 
-def _duration(positive: bool = False) -> Callable[[Value], float]:
-    return _plain(lambda v: values.parse_duration(v, positive=positive))
+def _duration(positive: bool = False, maximum: float | None = None) -> Callable[[Value], float]:
+    def convert(plain: object) -> float:
+        seconds = values.parse_duration(plain, positive=positive)
+        if maximum is not None and seconds > maximum:
+            raise ValueError(f"duration {values.show(plain)} is too long: the maximum is {maximum:g}s")
+        return seconds
+
+    return _plain(convert)
 
 
 _bool = _plain(values.parse_bool)
@@ -435,15 +470,17 @@ _LISTEN_PARSERS: dict[str, _Option] = {
     "transparent": _Option(_bool, "transparent"),
     "reuse_port": _Option(_bool, "reuse_port"),
     "bind_to_device": _Option(_interface, "bind_to_device"),
-    "receive_buffer": _Option(_plain(values.parse_size), "receive_buffer"),
-    "send_buffer": _Option(_plain(values.parse_size), "send_buffer"),
+    # SO_RCVBUF/SO_SNDBUF take a C int (the kernel then doubles and caps it).
+    "receive_buffer": _Option(_plain(lambda v: values.parse_size(v, maximum=INT_MAX)), "receive_buffer"),
+    "send_buffer": _Option(_plain(lambda v: values.parse_size(v, maximum=INT_MAX)), "send_buffer"),
     "nodelay": _Option(_bool, "nodelay"),
     "keepalive": _Option(_bool, "keepalive"),
-    "keepalive_time": _Option(_duration(positive=True), "keepalive_time"),
-    "keepalive_interval": _Option(_duration(positive=True), "keepalive_interval"),
+    "keepalive_time": _Option(_duration(positive=True, maximum=MAX_KEEPALIVE), "keepalive_time"),
+    "keepalive_interval": _Option(_duration(positive=True, maximum=MAX_KEEPALIVE), "keepalive_interval"),
     "keepalive_probes": _Option(_int(1, 127), "keepalive_probes"),
     "defer_accept": _Option(_duration(), "defer_accept"),
-    "mark": _Option(_int(0, 2**32 - 1), "mark"),
+    # SO_MARK takes a C int, as systemd's Mark= does: 2^31 and above cannot be passed.
+    "mark": _Option(_int(0, INT_MAX), "mark"),
     "ip_tos": _Option(_int(0, 255), "ip_tos"),
     "ip_ttl": _Option(_int(1, 255), "ip_ttl"),
     "priority": _Option(_int(0, 2**31 - 1), "priority"),
@@ -467,8 +504,12 @@ class _Reader:
 
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
+        # Scalars the YAML layer could not resolve: already reported once, not again as "got null".
+        self._broken: set[Location | None] = set()
 
     def problem(self, location: Location | None, path: str, message: str) -> None:
+        if location in self._broken:
+            return
         self.problems.append(Problem(location, path, message))
 
     def get(self, mapping: Map, key: str, path: str, convert: Callable[[Value], T], default: T) -> T:
@@ -495,7 +536,7 @@ class _Reader:
     def mapping(self, value: Value, path: str, what: str) -> Map | None:
         if isinstance(value, Map):
             return value
-        self.problem(value.location, path, f"expected {what}, got {values.describe(to_plain(value))}")
+        self.problem(value.location, path, f"expected {what}, got {kind_of(value)}")
         return None
 
     def sequence(self, mapping: Map, key: str, path: str, what: str) -> Seq | None:
@@ -504,8 +545,7 @@ class _Reader:
             return None
         if isinstance(value, Seq):
             return value
-        self.problem(value.location, child_path(path, key), f"expected a list of {what}, got "
-                     f"{values.describe(to_plain(value))}")  # fmt: skip
+        self.problem(value.location, child_path(path, key), f"expected a list of {what}, got {kind_of(value)}")
         return None
 
     def each(self, seq: Seq | None, path: str, convert: Callable[[Value], T]) -> tuple[T, ...]:
@@ -525,6 +565,7 @@ class _Reader:
     def _documents(self, text: str, file: str) -> list[Value]:
         documents, problems = compose(text, file)
         self.problems.extend(problems)
+        self._broken.update(p.location for p in problems if p.message.startswith("invalid value:"))
         return [doc for doc in documents if not is_empty_document(doc)]
 
     def main_from_text(self, text: str, file: str) -> MainConfig:
@@ -541,7 +582,7 @@ class _Reader:
         documents = self._documents(text, file)
         if not documents:
             if len(self.problems) == before:
-                self.problem(Location(file), "", "file is empty: expected a unit mapping")
+                self.problem(Location(file, 1, 1), "", "file is empty: expected a unit mapping")
             return []
         units: list[Unit] = []
         for doc in documents:
@@ -592,7 +633,9 @@ class _Reader:
         name, location = self._unit_name(doc, stem)
         mode_entry = doc.entries.get("mode")
         mode = self.get(doc, "mode", "", _enum(Mode), Mode.SERVICE)
-        mode_known = mode_entry is None or to_plain(mode_entry.value) in {m.value for m in Mode}
+        mode_known = mode_entry is None or (
+            isinstance(mode_entry.value, Scalar) and mode_entry.value.value in {m.value for m in Mode}
+        )
 
         listen = self._listens(doc, name, mode if mode_known else None)
         process = self._process(doc, mode if mode_known else None)
@@ -630,15 +673,15 @@ class _Reader:
             start_timeout=self.get(doc, "start_timeout", "", _duration(positive=True), 90.0),
             watchdog=self.get(doc, "watchdog", "", _duration(positive=True), None),
             fd_store_max=self.get(doc, "fd_store_max", "", _int(0, 2**16), 64),
-            max_connections=self.get(doc, "max_connections", "", _int(1), 256),
-            max_connections_per_source=self.get(doc, "max_connections_per_source", "", _int(1), None),
+            max_connections=self.get(doc, "max_connections", "", _int(1, INT_MAX), 256),
+            max_connections_per_source=self.get(doc, "max_connections_per_source", "", _int(1, INT_MAX), None),
             rate=self._rate(doc),
             allow=self.each(self.sequence(doc, "allow", "", "addresses"), "allow", _plain(addresses.parse_network)),
             deny=self.each(self.sequence(doc, "deny", "", "addresses"), "deny", _plain(addresses.parse_network)),
             log_connections=self.get(doc, "log_connections", "", _bool, True),
-            workers=self.get(doc, "workers", "", _int(1), 1),
+            workers=self.get(doc, "workers", "", _int(1, MAX_WORKERS), 1),
             settle=self.get(doc, "settle", "", _duration(), 1.0),
-            max_surge=self.get(doc, "max_surge", "", _int(1), 1),
+            max_surge=self.get(doc, "max_surge", "", _int(1, MAX_WORKERS), 1),
             location=location,
         )
 
@@ -700,7 +743,7 @@ class _Reader:
             return None
         self.check_keys(mapping, "start_limit", ("burst", "interval"))
         ok = self._require(mapping, "start_limit", ("burst", "interval"))
-        burst = self.get(mapping, "burst", "start_limit", _int(1), 0)
+        burst = self.get(mapping, "burst", "start_limit", _int(1, INT_MAX), 0)
         interval = self.get(mapping, "interval", "start_limit", _duration(positive=True), 0.0)
         return StartLimit(burst, interval) if ok and burst and interval else None
 
@@ -713,7 +756,7 @@ class _Reader:
             return None
         per_second = self.get(mapping, "per_second", "rate", _plain(_positive_number), 0.0)
         # Without a burst, allow one second's worth of connections at once.
-        burst = self.get(mapping, "burst", "rate", _int(1), max(1, int(per_second + 0.999999)))
+        burst = self.get(mapping, "burst", "rate", _int(1, INT_MAX), max(1, int(per_second + 0.999999)))
         return Rate(per_second, burst) if per_second else None
 
     def _require(self, mapping: Map, path: str, keys: tuple[str, ...]) -> bool:
@@ -842,7 +885,7 @@ class _Reader:
         value = entry.value
         if isinstance(value, Scalar) and isinstance(value.value, str):
             try:
-                argv = tuple(shlex.split(value.value))
+                argv = tuple(shlex.split(_clean(value.value)))
             except ValueError as exc:
                 self.problem(value.location, "exec", f"cannot split the command: {exc}")
                 return ()
@@ -852,9 +895,8 @@ class _Reader:
                 return ()
         else:
             self.problem(
-                value.location, "exec", f"expected a list of strings or a command line, got "
-                f"{values.describe(to_plain(value))}"
-            )  # fmt: skip
+                value.location, "exec", f"expected a list of strings or a command line, got {kind_of(value)}"
+            )
             return ()
         if not argv or not argv[0]:
             self.problem(value.location, "exec", "must not be empty")
@@ -963,7 +1005,7 @@ def _reading_order(problem: Problem) -> tuple[int, int]:
 
 
 def _positive_number(value: object) -> float:
-    return values.parse_number(value, positive=True)
+    return values.parse_number(value, positive=True, maximum=MAX_RATE)
 
 
 def _log_level(value: Value) -> str:

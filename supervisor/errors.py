@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MESSAGE_MAX = 300  # characters of a problem's message (and of its key path) that are printed
+
 
 @dataclass(frozen=True, slots=True)
 class Location:
@@ -34,8 +36,14 @@ class Problem:
 
     def __str__(self) -> str:
         head = f"{self.location}: " if self.location is not None else ""
-        key = f"{self.path}: " if self.path else ""
-        return f"{head}{key}{self.message}"
+        path = self.path if len(self.path) <= MESSAGE_MAX else self.path[: MESSAGE_MAX - 3] + "..."
+        key = f"{path}: " if path else ""
+        # One line, of bounded length, whatever value a message quoted (an alias
+        # bomb, a 10,000-character address): the message is for a human.
+        message = self.message.replace("\n", " ")
+        if len(message) > MESSAGE_MAX:
+            message = message[: MESSAGE_MAX - 3] + "..."
+        return f"{head}{key}{message}"
 
 
 class SockvisorError(Exception):

@@ -10,15 +10,28 @@ Two YAML 1.1 traps are handled on purpose. ``bool`` is a subclass of ``int``
 in Python, so every numeric parser refuses booleans explicitly. And an
 unquoted ``0660`` is the octal integer 432 while ``660`` is decimal 660: a file
 mode given as a number is therefore always refused, with the hint to quote it.
+
+Every value is range-checked here, at parse time, so that what ``check``
+accepts the daemon can apply: durations are finite and at most
+``MAX_DURATION`` (a year: ``loop.call_at`` and the kernel's timers take it);
+positive ones at least a microsecond (``WATCHDOG_USEC`` must not round to 0);
+sizes and rlimits at most ``MAX_SIZE``. Messages never render more than
+``_SHOWN`` characters of a value, and never a huge number in full.
 """
 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 import re
 import signal
 
 INFINITY = -1  # rlimit value meaning RLIM_INFINITY in the model
+MAX_DURATION = 365 * 86400.0  # seconds
+MIN_POSITIVE_DURATION = 1e-6  # one microsecond
+MAX_SIZE = 2**63 - 1  # what rlim_t and off_t hold
+_SHOWN = 60  # characters of a value shown in a message
+_MAX_DIGITS = 40  # digits of a size string: more is too large whatever the unit
 
 _DURATION_UNITS = {
     "us": 1e-6,
@@ -44,18 +57,22 @@ def describe(value: object) -> str:
     if isinstance(value, bool):
         return f"boolean {'true' if value else 'false'}"
     if isinstance(value, int | float):
-        return f"number {value!r}"
+        return f"number {show(value)}"
     if isinstance(value, str):
-        return f"string {value!r}"
+        return f"string {show(value)}"
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, list | tuple):
         return "a list"
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {show(value)}"
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def show(value: object) -> str:
+    """``repr(value)`` cut to a readable length; a huge int by its digit count (repr may even refuse it)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 3 * _SHOWN:
+        return f"of about {int(value.bit_length() * 0.30103) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
 
 
 def parse_bool(value: object) -> bool:
@@ -73,44 +90,59 @@ def parse_int(value: object, *, minimum: int | None = None, maximum: int | None 
     return value
 
 
-def parse_number(value: object, *, minimum: float | None = None, positive: bool = False) -> float:
-    """A finite int or float, at least ``minimum``, greater than zero if ``positive``."""
-    if not _is_number(value):
+def _float(value: int | float) -> float:
+    """``float(value)`` where an int too large for a float is infinity, not OverflowError."""
+    if isinstance(value, int) and value.bit_length() > 1000:
+        return math.inf if value > 0 else -math.inf
+    return float(value)
+
+
+def parse_number(
+    value: object, *, minimum: float | None = None, positive: bool = False, maximum: float | None = None
+) -> float:
+    """A finite int or float, at least ``minimum``, greater than zero if ``positive``, at most ``maximum``."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
         raise ValueError(f"expected a number, got {describe(value)}")
-    number = float(value)  # type: ignore[arg-type]
+    number = _float(value)
     if not math.isfinite(number):
-        raise ValueError(f"expected a finite number, got {value!r}")
+        raise ValueError(f"expected a finite number, got {show(value)}")
     if positive and number <= 0:
-        raise ValueError(f"must be greater than 0, got {value!r}")
+        raise ValueError(f"must be greater than 0, got {show(value)}")
     if minimum is not None and number < minimum:
-        raise ValueError(f"must be at least {minimum:g}, got {value!r}")
+        raise ValueError(f"must be at least {minimum:g}, got {show(value)}")
+    if maximum is not None and number > maximum:
+        raise ValueError(f"must be at most {maximum:g}, got {show(value)}")
     return number
 
 
 def _check_range(value: int, minimum: int | None, maximum: int | None) -> None:
     if minimum is not None and maximum is not None and not minimum <= value <= maximum:
         span = f"{minimum}-{maximum}" if minimum >= 0 else f"{minimum} to {maximum}"
-        raise ValueError(f"{value} is out of range ({span})")
+        raise ValueError(f"{show(value)} is out of range ({span})")
     if minimum is not None and value < minimum:
-        raise ValueError(f"must be at least {minimum}, got {value}")
+        raise ValueError(f"must be at least {minimum}, got {show(value)}")
     if maximum is not None and value > maximum:
-        raise ValueError(f"must be at most {maximum}, got {value}")
+        raise ValueError(f"must be at most {maximum}, got {show(value)}")
 
 
 def parse_duration(value: object, *, positive: bool = False) -> float:
     """Seconds: a number, or a string such as ``250ms``, ``10s``, ``2m``, ``1h``, ``1m30s``."""
-    if _is_number(value):
-        seconds = float(value)  # type: ignore[arg-type]
-        if not math.isfinite(seconds):
-            raise ValueError(f"expected a finite duration, got {value!r}")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = _float(value)
+        if math.isnan(seconds) or (isinstance(value, float) and math.isinf(value)):
+            raise ValueError(f"expected a finite duration, got {show(value)}")
     elif isinstance(value, str):
         seconds = _parse_duration_text(value)
     else:
         raise ValueError(f"expected a duration (seconds, or a string like 250ms, 10s, 2m), got {describe(value)}")
     if seconds < 0:
-        raise ValueError(f"duration must not be negative, got {value!r}")
+        raise ValueError(f"duration must not be negative, got {show(value)}")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"duration {show(value)} is too long: the maximum is {MAX_DURATION:g}s (365 days)")
     if positive and seconds == 0:
         raise ValueError("duration must be greater than 0")
+    if positive and seconds < MIN_POSITIVE_DURATION:
+        raise ValueError(f"duration {show(value)} is too short: the minimum is 1us")
     return seconds
 
 
@@ -123,7 +155,7 @@ def _parse_duration_text(text: str) -> float:
         # A unit may only be omitted on a lone number: "1m30" is ambiguous.
         if match is None or (match.group(2) is None and (position > 0 or match.end() < len(stripped))):
             raise ValueError(
-                f"invalid duration {text!r}: expected seconds or a number with a unit (250ms, 10s, 2m, 1h)"
+                f"invalid duration {show(text)}: expected seconds or a number with a unit (250ms, 10s, 2m, 1h)"
             )
         total += float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
         position = match.end()
@@ -134,8 +166,8 @@ def _parse_duration_text(text: str) -> float:
     return total
 
 
-def parse_size(value: object) -> int:
-    """Bytes: an integer, or a string such as ``64K``, ``4M``, ``1G`` (base 1024)."""
+def parse_size(value: object, *, maximum: int = MAX_SIZE) -> int:
+    """Bytes: an integer, or a string such as ``64K``, ``4M``, ``1G`` (base 1024), at most ``maximum``."""
     if isinstance(value, bool):
         raise ValueError(f"expected a size (bytes, or a string like 64K, 4M), got {describe(value)}")
     if isinstance(value, int):
@@ -143,12 +175,17 @@ def parse_size(value: object) -> int:
     elif isinstance(value, str):
         match = _SIZE.fullmatch(value.strip())
         if match is None:
-            raise ValueError(f"invalid size {value!r}: expected bytes or a number with a unit (64K, 4M, 1G)")
-        size = int(float(match.group(1)) * _SIZE_FACTORS[match.group(2).upper()])
+            raise ValueError(f"invalid size {show(value)}: expected bytes or a number with a unit (64K, 4M, 1G)")
+        if len(match.group(1)) > _MAX_DIGITS:
+            raise ValueError(f"size {show(value)} is too large: the maximum is {maximum}")
+        # Exact arithmetic: a float would turn a long string into infinity.
+        size = int(Fraction(match.group(1)) * _SIZE_FACTORS[match.group(2).upper()])
     else:
         raise ValueError(f"expected a size (bytes, or a string like 64K, 4M), got {describe(value)}")
     if size < 0:
-        raise ValueError(f"size must not be negative, got {value!r}")
+        raise ValueError(f"size must not be negative, got {show(value)}")
+    if size > maximum:
+        raise ValueError(f"size {show(value)} is too large: the maximum is {maximum}")
     return size
 
 
@@ -162,7 +199,7 @@ def parse_mode(value: object, *, key: str = "mode", text: str | None = None, max
         maximum: the largest allowed mode (0o777 for a umask).
     """
     if isinstance(value, int) and not isinstance(value, bool):
-        written = text if text and text.isdigit() else "0660"
+        written = text if text and text.isdigit() and len(text) <= 5 else "0660"
         if not written.startswith("0"):
             written = "0" + written
         raise ValueError(f'a file mode must be a quoted octal string; quote it: {key}: "{written}"')
@@ -170,10 +207,10 @@ def parse_mode(value: object, *, key: str = "mode", text: str | None = None, max
         raise ValueError(f'expected a quoted octal string like "0660", got {describe(value)}')
     match = _OCTAL.fullmatch(value.strip())
     if match is None:
-        raise ValueError(f'invalid file mode {value!r}: expected an octal string like "0660"')
+        raise ValueError(f'invalid file mode {show(value)}: expected an octal string like "0660"')
     mode = int(match.group(1), 8)
     if mode > maximum:
-        raise ValueError(f"file mode {value!r} is out of range (0-{maximum:o})")
+        raise ValueError(f"file mode {show(value)} is out of range (0-{maximum:o})")
     return mode
 
 
@@ -183,7 +220,7 @@ def parse_signal(value: object) -> int:
         raise ValueError(f"expected a signal name like SIGTERM, got {describe(value)}")
     if isinstance(value, int):
         if not 1 <= value <= signal.SIGRTMAX:
-            raise ValueError(f"signal {value} is out of range (1-{int(signal.SIGRTMAX)})")
+            raise ValueError(f"signal {show(value)} is out of range (1-{int(signal.SIGRTMAX)})")
         return value
     if not isinstance(value, str):
         raise ValueError(f"expected a signal name like SIGTERM, got {describe(value)}")
@@ -193,7 +230,7 @@ def parse_signal(value: object) -> int:
     try:
         return int(signal.Signals[name])
     except KeyError:
-        raise ValueError(f"unknown signal {value!r}") from None
+        raise ValueError(f"unknown signal {show(value)}") from None
 
 
 def parse_rlimit_value(value: object) -> int:
@@ -202,7 +239,9 @@ def parse_rlimit_value(value: object) -> int:
         return INFINITY
     try:
         return parse_size(value)
-    except ValueError:
+    except ValueError as exc:
+        if "too large" in str(exc):
+            raise
         raise ValueError(f"expected a number, a size like 64K, or infinity, got {describe(value)}") from None
 
 

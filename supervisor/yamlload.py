@@ -14,7 +14,11 @@ Nothing here raises for a broken document: syntax errors, duplicate keys,
 unknown tags and recursive aliases all become ``Problem`` objects returned
 next to the documents, so that one pass reports everything. Aliases are
 converted once and shared (the tree is immutable), which keeps "billion
-laughs" documents linear.
+laughs" documents linear; ``to_plain`` (the one place a tree is expanded)
+stops after ``PLAIN_LIMIT`` values, so an error message never pays for an
+alias bomb either. Nesting deeper than ``MAX_DEPTH`` is refused from the event
+stream before anything recursive runs (PyYAML's composer recurses per level).
+Reader errors (control characters) are located from their offset.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from supervisor.errors import Location, Problem
 _Loader: type[yaml.SafeLoader] | type[yaml.CSafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+MAX_DEPTH = 64  # nested collections; real unit files need 4
+PLAIN_LIMIT = 1000  # values expanded by to_plain before it gives up
 _NULL_TAG = "tag:yaml.org,2002:null"
 
 
@@ -82,12 +88,35 @@ def child_path(parent: str, key: str | int) -> str:
 
 
 def to_plain(value: Value) -> object:
-    """The plain Python value (dict, list, scalar) of a located value."""
+    """The plain Python value (dict, list, scalar) of a located value.
+
+    Raises:
+        ValueError: the value expands (through aliases) to more than ``PLAIN_LIMIT`` values.
+    """
+    budget = [PLAIN_LIMIT]
+    return _plain(value, budget)
+
+
+def _plain(value: Value, budget: list[int]) -> object:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ValueError(f"is too large: more than {PLAIN_LIMIT} values where one was expected")
     if isinstance(value, Scalar):
         return value.value
     if isinstance(value, Seq):
-        return [to_plain(item) for item in value.items]
-    return {key: to_plain(entry.value) for key, entry in value.entries.items()}
+        return [_plain(item, budget) for item in value.items]
+    return {key: _plain(entry.value, budget) for key, entry in value.entries.items()}
+
+
+def kind_of(value: Value) -> str:
+    """How a located value reads in an error message, without expanding it."""
+    if isinstance(value, Seq):
+        return "a list"
+    if isinstance(value, Map):
+        return "a mapping"
+    from supervisor.values import describe  # values imports nothing of ours: no cycle
+
+    return describe(value.value)
 
 
 def is_empty_document(value: Value) -> bool:
@@ -108,6 +137,14 @@ def compose(text: str, file: str) -> tuple[list[Value], list[Problem]]:
     document is returned: the single problem points at the error.
     """
     try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: only from a caller's str, never a file
+        where = location_of_prefix(file, text[: exc.start])
+        return [], [Problem(where, "", f"invalid text: character U+{ord(text[exc.start]):04X} cannot be encoded")]
+    try:
+        too_deep = _too_deep(text, file)
+        if too_deep is not None:
+            return [], [too_deep]
         nodes = list(yaml.compose_all(text, Loader=_Loader))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -115,11 +152,50 @@ def compose(text: str, file: str) -> tuple[list[Value], list[Problem]]:
         if exc.context and exc.problem:
             what = f"{exc.problem} ({exc.context})"
         return [], [Problem(_location(file, mark), "", f"invalid YAML: {what}")]
-    except yaml.YAMLError as exc:  # reader errors: control characters, bad encoding
-        return [], [Problem(Location(file), "", f"invalid YAML: {exc}")]
+    except yaml.reader.ReaderError as exc:  # control characters
+        return [], [Problem(_offset_location(text, file, exc.position), "", f"invalid YAML: {_reader_reason(exc)}")]
+    except yaml.YAMLError as exc:
+        return [], [Problem(Location(file, 1, 1), "", f"invalid YAML: {str(exc)[:200]}")]
     converter = _Converter(file)
     documents = [converter.convert(node, "") for node in nodes]
     return documents, converter.problems
+
+
+def _too_deep(text: str, file: str) -> Problem | None:
+    """The first collection nested deeper than ``MAX_DEPTH``, found from the (iterative) event stream."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return Problem(
+                    _location(file, event.start_mark), "", f"invalid YAML: nested deeper than {MAX_DEPTH} levels"
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return None
+
+
+def _offset_location(text: str, file: str, position: int) -> Location:
+    """The line and column of a reader error's offset (bytes of UTF-8 for libyaml, characters otherwise)."""
+    if _Loader is not yaml.SafeLoader:
+        prefix = text.encode("utf-8", "surrogatepass")[:position].decode("utf-8", "ignore")
+    else:
+        prefix = text[:position]
+    return location_of_prefix(file, prefix)
+
+
+def location_of_prefix(file: str, prefix: str) -> Location:
+    """The location just after ``prefix`` (the text before the point to locate)."""
+    line = prefix.count("\n") + 1
+    column = len(prefix) - (prefix.rfind("\n") + 1) + 1
+    return Location(file, line, column)
+
+
+def _reader_reason(exc: yaml.reader.ReaderError) -> str:
+    character = exc.character
+    code = character if isinstance(character, int) else ord(character) if character else 0
+    return f"character U+{code:04X} is not allowed ({exc.reason})"
 
 
 class _Converter:
@@ -165,7 +241,13 @@ class _Converter:
             resolved = self._constructor.construct_object(node, deep=True)
         except yaml.YAMLError as exc:
             problem = getattr(exc, "problem", None) or str(exc)
-            self.problem(node.start_mark, path, f"invalid value: {problem}")
+            self.problem(node.start_mark, path, f"invalid value: {problem[:200]}")
+            resolved = None
+        except Exception as exc:  # PyYAML's constructors are not total over hostile text
+            # ValueError for "2001-02-30", "!!int 0xfff+f" or a 5,000-digit int, KeyError
+            # for "!!bool maybe", AttributeError for "!!timestamp x", ...: all located.
+            tag = str(node.tag).rsplit(":", 1)[-1]
+            self.problem(node.start_mark, path, f"invalid value: not a valid {tag} ({str(exc)[:100]})")
             resolved = None
         style = getattr(node, "style", None)
         return Scalar(resolved, location, str(node.value), quoted=style not in (None, ""))

@@ -255,12 +255,12 @@ CASES = [
     Case(
         "empty-file",
         unit(""),
-        ["sockets.d/web.yaml: file is empty: expected a unit mapping"],
+        ["sockets.d/web.yaml:1:1: file is empty: expected a unit mapping"],
     ),
     Case(
         "comments-only-file",
         unit("# nothing yet\n"),
-        ["sockets.d/web.yaml: file is empty: expected a unit mapping"],
+        ["sockets.d/web.yaml:1:1: file is empty: expected a unit mapping"],
     ),
     Case(
         "document-not-a-mapping",
@@ -346,7 +346,7 @@ CASES = [
     Case(
         "workers-zero",
         unit(OK_LISTEN + OK_EXEC + "mode: pool\nworkers: 0\n"),
-        ["sockets.d/web.yaml:4:10: workers: must be at least 1, got 0"],
+        ["sockets.d/web.yaml:4:10: workers: 0 is out of range (1-4096)"],
     ),
     Case(
         "nice-out-of-range",
@@ -459,7 +459,7 @@ def test_every_problem_is_reported_in_one_pass(tmp_path: Path) -> None:
         "sockets.d/a.yaml:8:1: workers: only applies to mode: pool (this unit is mode: accept)",
         "sockets.d/a.yaml:9:16: restart_delay: invalid duration 'soon': expected seconds or a number with a unit "
         "(250ms, 10s, 2m, 1h)",
-        "sockets.d/b.yaml: file is empty: expected a unit mapping",
+        "sockets.d/b.yaml:1:1: file is empty: expected a unit mapping",
         "sockets.d/c.yaml:1:1: exec: missing: a unit needs a command to run",
         "sockets.d/c.yaml:2:17: listen[0].unix: unix socket path must be absolute or start with '@' (abstract): "
         "'rel.sock'",
@@ -473,7 +473,7 @@ def test_invalid_utf8_is_one_problem(tmp_path: Path) -> None:
     (tmp_path / "sockets.d/bin.yaml").write_bytes(b"name: \xff\n")
     with pytest.raises(ConfigError) as raised:
         load_config(str(tmp_path))
-    assert [str(p) for p in raised.value.problems] == ["sockets.d/bin.yaml: not UTF-8 text (byte 6)"]
+    assert [str(p) for p in raised.value.problems] == ["sockets.d/bin.yaml:1:7: not UTF-8 text (byte 0xff at offset 6)"]
 
 
 def test_recursive_alias_is_a_problem(tmp_path: Path) -> None:
