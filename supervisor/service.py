@@ -57,7 +57,8 @@ class SlotDriver:
         # A pool's second process for a slot during a rolling restart, until it takes the slot over.
         self.surge = surge
         self.slot, _ = lifecycle.initial(runtime.unit)
-        self._deadline = Deadline(runtime.daemon.loop, lambda: self.feed(lifecycle.Timer()))
+        self._deadline = Deadline(runtime.daemon.loop,
+                                  lambda: self.feed(lifecycle.Timer(stored=bool(runtime.fd_store))))
 
     def feed(self, event: lifecycle.Event) -> None:
         rt = self.runtime
