@@ -156,6 +156,9 @@ class SlottedRuntime(UnitRuntime):
         for d in self.slots:
             d.feed(lifecycle.StopRequest(lifecycle.After.STOP))
         self.poll(False)
+        # As systemd (FileDescriptorStorePreserve=no): a stopped unit keeps no stored fds.
+        # The stopping process holds its own copies; the next start begins empty.
+        self.release_fd_store()
 
     def operator_restart(self) -> None:
         self.stopped_by_operator = False
