@@ -28,7 +28,10 @@ Restart rules follow systemd for socket-activated services: a clean exit puts
 the unit back to listening (the next connection starts it again); a failure
 backs off (``restart_delay`` doubling up to ``restart_delay_max``, reset after
 the process ran ``restart_reset``) and then listens again (on-demand) or
-respawns (eager, or ``restart: always``). ``restart: never`` makes a failure
+respawns (eager, ``restart: always``, or fds waiting in the fd store). A
+clean exit of a ``restart: always`` service or a pool worker that ran less
+than ``restart_reset`` backs off the same way, so a program that exits at
+once costs one spawn per back-off period, not ten a second. ``restart: never`` makes a failure
 final until an operator starts the unit. Only ``start_limit`` turns a crash
 loop into ``FAILED``; without it a crash loop costs one spawn per back-off
 period, forever, and recovers as soon as the program is fixed.
@@ -156,7 +159,14 @@ class Exited:
 
 @dataclass(frozen=True, slots=True)
 class Timer:
-    """The slot's deadline passed."""
+    """The slot's deadline passed; ``stored`` says whether the unit's fd store holds fds.
+
+    A pending connection needs no flag: a slot that goes back to ``IDLE`` is
+    polled, and a level-triggered poll reports what already waits. Stored fds
+    are not polled, so the adapter says so here (SPEC section 7).
+    """
+
+    stored: bool = False
 
 
 Event = Readiness | StartRequest | StopRequest | Spawned | SpawnFailed | NotifyReady | WatchdogPing | Exited | Timer
@@ -259,10 +269,10 @@ def step(unit: Unit, slot: Slot, event: Event, now: float) -> tuple[Slot, list[A
             if pid != slot.pid:
                 return slot, []
             return _exited(unit, slot, ex, now)
-        case Timer():
+        case Timer(stored=stored):
             if slot.deadline is None or now < slot.deadline:
                 return slot, []  # stale or early timer
-            return _timer(unit, slot, now)
+            return _timer(unit, slot, now, stored)
     return slot, []
 
 
@@ -336,7 +346,13 @@ def _exited(unit: Unit, slot: Slot, ex: Exit, now: float) -> tuple[Slot, list[Ac
         return _failed(unit, slot, now, [log])
     slot = replace(slot, pid=None, deadline=None)
     if _keeps_running(unit):
-        return replace(slot, state=SlotState.BACKOFF, deadline=now + unit.restart_delay), [log]
+        # A clean exit before restart_reset of service is a loop like a crash
+        # loop (a program that exits at once would otherwise respawn every
+        # restart_delay forever): it backs off the same way, doubling.
+        failures = slot.failures + 1 if served < unit.restart_reset else 1
+        delay = backoff_delay(unit, failures)
+        return replace(slot, state=SlotState.BACKOFF, failures=failures, deadline=now + delay), [
+            log, Log("restart_scheduled", (("delay", round(delay, 6)), ("failures", failures)))]
     return replace(slot, state=SlotState.IDLE), [log]
 
 
@@ -352,10 +368,12 @@ def _failed(unit: Unit, slot: Slot, now: float, actions: list[Action]) -> tuple[
     )
 
 
-def _timer(unit: Unit, slot: Slot, now: float) -> tuple[Slot, list[Action]]:
+def _timer(unit: Unit, slot: Slot, now: float, stored: bool) -> tuple[Slot, list[Action]]:
     if slot.state is SlotState.BACKOFF:
         slot = replace(slot, deadline=None, restarts=slot.restarts + 1)
-        if unit.start is Start.EAGER or _keeps_running(unit):
+        # SPEC section 7: stored fds are something to serve that no poll will
+        # report (a client connection the failed process kept), so start now.
+        if unit.start is Start.EAGER or _keeps_running(unit) or stored:
             return _spawn(unit, slot, now)
         return replace(slot, state=SlotState.IDLE), []
     if slot.state is SlotState.STOPPING and slot.pid is not None:

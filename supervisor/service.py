@@ -57,7 +57,8 @@ class SlotDriver:
         # A pool's second process for a slot during a rolling restart, until it takes the slot over.
         self.surge = surge
         self.slot, _ = lifecycle.initial(runtime.unit)
-        self._deadline = Deadline(runtime.daemon.loop, lambda: self.feed(lifecycle.Timer()))
+        self._deadline = Deadline(runtime.daemon.loop,
+                                  lambda: self.feed(lifecycle.Timer(stored=bool(runtime.fd_store))))
 
     def feed(self, event: lifecycle.Event) -> None:
         rt = self.runtime
@@ -155,6 +156,9 @@ class SlottedRuntime(UnitRuntime):
         for d in self.slots:
             d.feed(lifecycle.StopRequest(lifecycle.After.STOP))
         self.poll(False)
+        # As systemd (FileDescriptorStorePreserve=no): a stopped unit keeps no stored fds.
+        # The stopping process holds its own copies; the next start begins empty.
+        self.release_fd_store()
 
     def operator_restart(self) -> None:
         self.stopped_by_operator = False

@@ -9,13 +9,16 @@ lifecycle slots) and ``supervisor.accept`` (one child per connection).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from supervisor import notifyd, sockets, spawn
+from supervisor.errors import SpawnError
 from supervisor.lifecycle import Exit
+from supervisor.logsummary import LogSummary
 from supervisor.model import Mode, Pass, Stderr, Unit
 
 if TYPE_CHECKING:
@@ -109,8 +112,11 @@ class UnitRuntime:
         self.accepted = 0
         self.refused = 0
         self.fd_store: list[tuple[str, int]] = []
-        self.endpoint = notifyd.Endpoint(unit.name, self._on_notify, self._on_notify_drop)
-        daemon.loop.add_reader(self.endpoint.fileno(), self.endpoint.readable)
+        # Dropped notify messages by reason, for status (the log only summarizes them).
+        self.notify_dropped: collections.Counter[str] = collections.Counter()
+        self.summary = LogSummary(self.log, daemon.loop)
+        self.endpoint = notifyd.Endpoint(unit.name, self._on_notify, self._on_notify_drop, self._on_notify_pause)
+        self.endpoint.start(daemon.loop)
         self._prepared: spawn.Prepared | None = None
         self._polling = False
         self.stopped_by_operator = not unit.enabled
@@ -183,19 +189,37 @@ class UnitRuntime:
     # refused. Unlike systemd, a stored fd is not polled for hang-ups: it stays
     # until removed or the unit goes away.
 
-    def _on_notify_drop(self, reason: str) -> None:
-        self.log.warning("notify_dropped", reason=reason)
+    def _on_notify_drop(self, reason: str, sender: int) -> None:
+        self.notify_dropped[reason] += 1
+        self.summary.emit("notify_dropped", level="warning", reason=reason, sender=sender)
+
+    def _on_notify_pause(self, delay: float) -> None:
+        self.summary.emit("notify_paused", level="warning", reason="rate exceeded", delay=round(delay, 3))
 
     def drain_notify(self) -> None:
-        """Read every queued notify message now (before handling an exit, so a dying child's last words count)."""
-        self.endpoint.readable()
+        """Read what is queued now (before handling an exit, so a dying child's last words count)."""
+        self.endpoint.drain()
+
+    def sender_uids(self) -> frozenset[int]:
+        """The uids a sender on this unit's notify socket may have: root and the unit's user."""
+        uid = -1
+        with contextlib.suppress(SpawnError):
+            uid = self.prepared().credentials.uid
+        return frozenset({0, uid if uid >= 0 else os.geteuid()})
 
     def _on_notify(self, msg: notifyd.Message) -> None:
         fields = msg.fields
-        owner = self.owner_of(msg.pid)
-        if owner is None:
+        if fields == {"BARRIER": "1"}:
+            # sd_notify_barrier(): closing its fd is the reply, after everything sent
+            # before it was handled (one socket keeps the order). It changes no
+            # state, so it needs no owner: a sender that is not ours learns nothing.
             _close_all(msg.fds)
-            self.log.warning("notify_dropped", reason="sender is not a child of this unit", sender=msg.pid)
+            return
+        owner, reason = notifyd.identify(msg, self.pids(), self.sender_uids())
+        if owner is None:
+            # FDSTORE=1 (or any fd) from a sender we cannot name never reaches the store.
+            _close_all(msg.fds)
+            self._on_notify_drop(reason, msg.pid)
             return
         self.log.debug("notify_received", pid=owner, sender=msg.pid, keys=sorted(fields), fds=len(msg.fds))
         if "STATUS" in fields and fields["STATUS"] != self.status_text:
@@ -212,6 +236,15 @@ class UnitRuntime:
                 self.log.warning("notify_fds_closed", pid=owner, count=len(msg.fds),
                                  reason="fds sent without FDSTORE=1")
         self.notified(owner, fields)
+
+    def release_fd_store(self) -> None:
+        """Close every stored fd (an operator's stop: systemd's FileDescriptorStorePreserve=no)."""
+        if not self.fd_store:
+            return
+        count = len(self.fd_store)
+        _close_all(fd for _, fd in self.fd_store)
+        self.fd_store.clear()
+        self.log.info("fd_store_released", count=count)
 
     def _fd_store_remove(self, name: str | None) -> None:
         if name is None or not valid_fdname(name):
@@ -246,20 +279,6 @@ class UnitRuntime:
                 known.add(ident)
                 self.fd_store.append((name, fd))
                 self.log.info("fd_stored", pid=owner, fdname=name, count=len(self.fd_store))
-
-    def owner_of(self, sender: int) -> int | None:
-        """The pid of our child that ``sender`` belongs to (itself, or a process in its session)."""
-        pids = self.pids()
-        if sender in pids:
-            return sender
-        sid = notifyd.session_of(sender)
-        if sid in pids:
-            return sid
-        if sid is None and len(pids) == 1:
-            # The sender is already gone (systemd-notify exits at once); with one
-            # child there is no doubt whom it spoke for.
-            return pids[0]
-        return None
 
     def notified(self, pid: int, fields: Mapping[str, str]) -> None:
         """A child of this unit sent ``fields``."""
@@ -304,6 +323,7 @@ class UnitRuntime:
             "status": self.status_text,
             "description": self.unit.description,
             "last_exit": self._last_exit_status(),
+            "notify": {"dropped": dict(self.notify_dropped), "paused": self.endpoint.paused},
         }
 
     def _last_exit_status(self) -> dict[str, Any] | None:
@@ -318,8 +338,8 @@ class UnitRuntime:
     def close(self, *, remove: bool = True) -> None:
         """Release everything: readers, notify socket, stored fds, listening fds."""
         self.poll(False)
-        self.daemon.loop.remove_reader(self.endpoint.fileno())
         self.endpoint.close()
+        self.summary.flush()
         for _, fd in self.fd_store:
             with contextlib.suppress(OSError):
                 os.close(fd)

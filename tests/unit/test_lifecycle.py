@@ -759,3 +759,47 @@ def test_start_timeouts_never_reset_the_backoff() -> None:
         slot, _a = step(unit, slot, Timer(), now)
         pid += 1
     assert delays == [1.0, 2.0, 4.0]
+
+
+@pytest.mark.parametrize(("unit", "stored", "state"), [
+    (make_unit(), True, SlotState.STARTING),
+    (make_unit(), False, SlotState.IDLE),
+    (make_unit(start=Start.EAGER), False, SlotState.STARTING),
+], ids=["on-demand-stored", "on-demand-empty", "eager-empty"])
+def test_backoff_end_starts_a_unit_with_stored_fds(unit: Unit, stored: bool, state: SlotState) -> None:
+    """After a failure's back-off a unit with fds in its store starts at once; without, on-demand listens."""
+    slot, _ = step(unit, running(unit), Exited(PID, CRASH), 1.0)
+    assert slot.deadline is not None
+    slot, actions = step(unit, slot, Timer(stored=stored), slot.deadline)
+    assert slot.state is state
+    assert (actions == [Spawn()]) == (state is SlotState.STARTING)
+
+
+@pytest.mark.parametrize("unit", [
+    make_unit(restart=Restart.ALWAYS, restart_delay=0.1, restart_delay_max=30.0),
+    make_unit(mode=Mode.POOL, workers=2, restart_delay=0.1, restart_delay_max=30.0),
+], ids=["restart-always", "pool"])
+def test_clean_exit_at_once_backs_off_like_a_failure(unit: Unit) -> None:
+    """A process that exits cleanly at once, again and again, waits twice as long each time up to the cap."""
+    slot, now, delays = running(unit), 0.0, []
+    for _ in range(12):
+        slot, _ = step(unit, slot, Exited(PID, Exit(code=0)), now)
+        assert slot.state is SlotState.BACKOFF and slot.deadline is not None
+        delays.append(round(slot.deadline - now, 6))
+        now = slot.deadline
+        slot, actions = step(unit, slot, Timer(), now)
+        assert actions == [Spawn()]
+        slot, _ = step(unit, slot, Spawned(PID), now)
+    assert delays[:4] == [0.1, 0.2, 0.4, 0.8]
+    assert delays[-1] == 30.0
+    # Twelve spawns take minutes, not 1.2 s.
+    assert now > 60
+
+
+def test_clean_exit_after_a_long_run_respawns_after_the_first_delay() -> None:
+    """restart: always after a run of restart_reset or more starts over from restart_delay."""
+    unit = make_unit(restart=Restart.ALWAYS, restart_reset=60.0)
+    slot = replace(running(unit, now=0.0), failures=5)
+    slot, _ = step(unit, slot, Exited(PID, Exit(code=0)), 100.0)
+    assert slot.failures == 1
+    assert slot.deadline == pytest.approx(100.0 + unit.restart_delay)
