@@ -26,6 +26,13 @@ class Location:
         return f"{self.file}:{self.line}:{self.column}"
 
 
+def _one_line(text: str) -> str:
+    """``text`` with every control character (newline, tab, NUL ...) shown escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 @dataclass(frozen=True, slots=True)
 class Problem:
     """One configuration problem: where, which key, what is wrong."""
@@ -36,11 +43,14 @@ class Problem:
 
     def __str__(self) -> str:
         head = f"{self.location}: " if self.location is not None else ""
-        path = self.path if len(self.path) <= MESSAGE_MAX else self.path[: MESSAGE_MAX - 3] + "..."
+        path = _one_line(self.path)
+        if len(path) > MESSAGE_MAX:
+            path = path[: MESSAGE_MAX - 3] + "..."
         key = f"{path}: " if path else ""
         # One line, of bounded length, whatever value a message quoted (an alias
-        # bomb, a 10,000-character address): the message is for a human.
-        message = self.message.replace("\n", " ")
+        # bomb, a 10,000-character address, a key with a newline in it): the
+        # message is for a human.
+        message = _one_line(self.message)
         if len(message) > MESSAGE_MAX:
             message = message[: MESSAGE_MAX - 3] + "..."
         return f"{head}{key}{message}"

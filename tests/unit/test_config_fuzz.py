@@ -104,11 +104,11 @@ def test_generated_yaml_gives_only_located_errors(document: dict[str, object]) -
         ("stop_timeout: " + "9" * 5000 + "\n", "web.yaml:3:15: stop_timeout: invalid value: not a valid int"),
         ("stop_timeout: 2001-02-30\n",
          "web.yaml:3:15: stop_timeout: invalid value: not a valid timestamp (day is out of range for month)"),
-        ("environment: " + "[" * 500 + "]" * 500 + "\n", "web.yaml:3:78: invalid YAML: nested deeper than 64 levels"),
+        ("environment: " + "[" * 500 + "]" * 500 + "\n", "web.yaml:3:77: invalid YAML: nested deeper than 64 levels"),
         ("nice: !!int 0xfff+f\n", "web.yaml:3:7: nice: invalid value: not a valid int"),
         ("restart_delay: .inf\n", "web.yaml:3:16: restart_delay: expected a finite duration, got inf"),
         ("restart_delay: '" + "9" * 400 + "s'\n", "web.yaml:3:16: restart_delay: duration '999"),
-        ("watchdog: 1e-9\n", "web.yaml:3:11: watchdog: duration 1e-09 is too short: the minimum is 1us"),
+        ("watchdog: 1.0e-9\n", "web.yaml:3:11: watchdog: duration 1e-09 is too short: the minimum is 1us"),
         ("limits: {nofile: " + "9" * 30 + "}\n", "web.yaml:3:18: limits.nofile: size 999999999999999999999999999999"
          " is too large: the maximum is 9223372036854775807"),
         ("description: \x01\n", "web.yaml:3:14: invalid YAML: character U+0001 is not allowed"),
