@@ -21,9 +21,10 @@ import pytest
 from tests.conftest import PROGRAMS, REPO, Sockvisor, connect, free_port, wait_for
 
 PY = sys.executable
+DEBIAN_PYTHON = "/usr/bin/python3"
 SERVICE = PROGRAMS / "notify_service.py"
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-DROP_REASONS = {"sender is gone", "sender is not a child of this unit"}
+DROP_REASONS = {"sender is gone", "sender is not a child of this unit", "sender's user does not fit"}
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
                                 reason="an unprivileged attacker needs root and setpriv")
@@ -50,7 +51,9 @@ if stay:
 
 def _notify_unit(sv: Sockvisor, name: str, args: str, extra: str = "") -> str:
     """A ready: notify unit running notify_service.py ``args``; returns its NOTIFY_SOCKET once shown."""
-    argv = ", ".join([PY, str(SERVICE), *args.split()])
+    # An unprivileged service user may not reach the test's own interpreter (under /root).
+    python = DEBIAN_PYTHON if "user: nobody" in extra and os.access(DEBIAN_PYTHON, os.X_OK) else PY
+    argv = ", ".join([python, str(SERVICE), *args.split()])
     sv.unit(name, f"""listen: [{{tcp: "127.0.0.1:{free_port()}", name: x}}]
 start: eager
 ready: notify
