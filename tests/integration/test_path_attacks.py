@@ -203,7 +203,7 @@ def test_bind_versus_symlink_swap_race_has_no_hits(shared: Path, vault: Path) ->
         elapsed = time.monotonic() - started
     finally:
         attacker.kill()
-        attacker.wait()
+        attacker.communicate()
     print(f"3000 binds in {elapsed:.2f}s: {bound} bound, {refused} refused, {hits} hits")
     assert hits == 0
     assert snapshot(vault) == before, "no node in the root-only directory changed"
