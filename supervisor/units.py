@@ -324,6 +324,7 @@ class UnitRuntime:
             "description": self.unit.description,
             "last_exit": self._last_exit_status(),
             "notify": {"dropped": dict(self.notify_dropped), "paused": self.endpoint.paused},
+            "fd_store": [name for name, _ in self.fd_store],
         }
 
     def _last_exit_status(self) -> dict[str, Any] | None:

@@ -184,3 +184,63 @@ def test_notify_flood_costs_bounded_cpu_and_log(sockvisor: Sockvisor) -> None:
     assert done["notify"]["paused"] > 0
     # At most RATE messages a second are handled (two debug lines each), plus summaries.
     assert log_bytes < 150_000 * elapsed, log_bytes
+
+
+STORE_AND_FAIL = PROGRAMS / "store_and_fail.py"
+
+
+def _store_and_fail_unit(sv: Sockvisor, port: int, start: str) -> None:
+    sv.unit("keeper", f"""
+        listen: [{{tcp: "127.0.0.1:{port}", name: web}}]
+        start: {start}
+        ready: notify
+        restart: on-failure
+        restart_delay: 50ms
+        fd_store_max: 4
+        exec: [{PY}, {STORE_AND_FAIL}]
+        environment: {{PYTHONPATH: "{REPO}"}}
+    """)
+
+
+@pytest.mark.parametrize("start", ["on-demand", "eager"])
+def test_stored_connection_is_answered_by_the_restarted_service(sockvisor: Sockvisor, start: str) -> None:
+    """A service that stores a client connection and fails is started again after its back-off (SPEC 7), and answers it."""
+    port = free_port()
+    _store_and_fail_unit(sockvisor, port, start)
+    sockvisor.start()
+    with connect(port) as client:
+        client.sendall(b"first\n")
+        sockvisor.wait_event("fd_stored", unit="keeper")
+        client.sendall(b"second\n")
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = client.recv(256)
+            assert chunk, "the stored connection was closed unanswered"
+            reply += chunk
+    words = reply.decode().split()
+    assert words[0] == "answered" and words[2] == "second", reply
+    first = sockvisor.find("child_exited", unit="keeper")[0]
+    assert int(words[1]) != first["pid"], "a new process answered"
+
+
+def test_stop_releases_the_fd_store(sockvisor: Sockvisor) -> None:
+    """`sockvisor stop` closes a unit's stored fds (systemd's FileDescriptorStorePreserve=no): the client sees EOF."""
+    port = free_port()
+    sockvisor.unit("keeper", f"""
+        listen: [{{tcp: "127.0.0.1:{port}", name: web}}]
+        ready: notify
+        restart: never
+        fd_store_max: 4
+        exec: [{PY}, {STORE_AND_FAIL}]
+        environment: {{PYTHONPATH: "{REPO}"}}
+    """)
+    sockvisor.start()
+    with connect(port) as client:
+        client.sendall(b"first\n")
+        sockvisor.wait_event("fd_stored", unit="keeper")
+        sockvisor.wait_event("child_exited", unit="keeper")
+        assert sockvisor.unit_status("keeper")["fd_store"], "the connection is held in the store"
+        sockvisor.cli("stop", "keeper", check=True)
+        sockvisor.wait_event("fd_store_released", unit="keeper")
+        assert client.recv(16) == b"", "the daemon's copy was closed: EOF"
+    assert not sockvisor.unit_status("keeper")["fd_store"]
