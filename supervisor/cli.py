@@ -79,7 +79,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_USAGE
-    except (BindError, ControlError) as exc:
+    except BindError as exc:
+        # A located bind failure reads like a config problem: the file's line first.
+        if exc.location is not None:
+            print(exc, file=sys.stderr)
+        else:
+            _err(str(exc))
+        return EXIT_FAILURE
+    except ControlError as exc:
         _err(str(exc))
         return EXIT_FAILURE
     except SockvisorError as exc:

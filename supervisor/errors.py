@@ -75,11 +75,15 @@ class ConfigError(SockvisorError):
 class BindError(SockvisorError):
     """A listen entry could not be bound; names the unit and the address (exit 1)."""
 
-    def __init__(self, unit: str, address: str, reason: str) -> None:
+    def __init__(self, unit: str, address: str, reason: str, location: Location | None = None) -> None:
         self.unit = unit
         self.address = address
         self.reason = reason
-        super().__init__(f"unit {unit}: cannot bind {address}: {reason}")
+        self.location = location
+        # Located like a config problem when the listen entry came from a file, so an
+        # administrator goes straight to the line that names the address.
+        where = f"{location}: " if location is not None else ""
+        super().__init__(f"{where}unit {unit}: cannot bind {address}: {reason}")
 
 
 class SpawnError(SockvisorError):

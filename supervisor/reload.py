@@ -171,7 +171,7 @@ def _stage(daemon: Daemon, p: UnitPlan, staged: _Staged) -> None:
             # stays bound whatever the daemon closes.
             raise BindError(name, listen.display,
                             "a bind-time option changed while the unit's processes hold the socket; "
-                            f"stop the unit first (sockvisor stop {name})")
+                            f"stop the unit first (sockvisor stop {name})", listen.location)
         rt.poll(False)
         old_bound.close(remove=True)
         staged.released.append((index, old_bound.listen))

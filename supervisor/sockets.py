@@ -282,9 +282,9 @@ def bind(listen: Listen, *, unit: str) -> Bound:
             return _bind_inet(listen)
         return _bind_unix(listen)
     except _Failed as exc:
-        raise BindError(unit, listen.display, exc.reason) from exc.__cause__
+        raise BindError(unit, listen.display, exc.reason, listen.location) from exc.__cause__
     except OSError as exc:  # a step not wrapped in _step(): still a BindError, never a traceback
-        raise BindError(unit, listen.display, _strerror(exc)) from exc
+        raise BindError(unit, listen.display, _strerror(exc), listen.location) from exc
 
 
 def bind_all(listens: Sequence[Listen], *, unit: str) -> list[Bound]:
@@ -392,9 +392,9 @@ def adopt(fd: int, listen: Listen, *, unit: str = "?") -> Bound:
             raise
         return bound
     except _Failed as exc:
-        raise BindError(unit, listen.display, exc.reason) from exc.__cause__
+        raise BindError(unit, listen.display, exc.reason, listen.location) from exc.__cause__
     except OSError as exc:
-        raise BindError(unit, listen.display, _strerror(exc)) from exc
+        raise BindError(unit, listen.display, _strerror(exc), listen.location) from exc
 
 
 def retune(bound: Bound, listen: Listen, *, unit: str = "?") -> None:
@@ -441,9 +441,9 @@ def retune(bound: Bound, listen: Listen, *, unit: str = "?") -> None:
                 fsnodes.remove_symlink(link, path)
             _make_symlinks(path, listen)
     except _Failed as exc:
-        raise BindError(unit, listen.display, exc.reason) from exc.__cause__
+        raise BindError(unit, listen.display, exc.reason, listen.location) from exc.__cause__
     except OSError as exc:
-        raise BindError(unit, listen.display, _strerror(exc)) from exc
+        raise BindError(unit, listen.display, _strerror(exc), listen.location) from exc
     bound.listen = listen
 
 

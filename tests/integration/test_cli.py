@@ -67,3 +67,23 @@ def test_usage_errors_exit_2() -> None:
         assert res.returncode == 2, (args, res.stderr)
         assert "Traceback" not in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_run_names_the_file_line_of_a_listener_it_cannot_bind(tmp_path: Path) -> None:
+    """`sockvisor run` with an address already in use exits 1 with one line located at the listen entry."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        (tmp_path / "sockets.d").mkdir()
+        (tmp_path / "sockvisor.yaml").write_text(f"control:\n  socket: {tmp_path}/control.sock\n")
+        (tmp_path / "sockets.d" / "web.yaml").write_text(
+            f"name: web\nlisten:\n  - tcp: 127.0.0.1:{port}\nexec: [/bin/true]\n")
+        res = sockvisor("run", "--config", str(tmp_path))
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"sockets.d/web.yaml:3:5: unit web: cannot bind tcp:127.0.0.1:{port}: Address already in use "
+        "(another socket is bound to it; `ss -lnp` shows which process)"], res.stderr

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -76,7 +75,7 @@ def _attack(address: str, mode: str) -> subprocess.Popen[str]:
 @pytest.mark.parametrize("unit_user", ["root", "nobody"])
 @pytest.mark.parametrize("mode", ["exit", "stay"])
 def test_unprivileged_spoof_is_dropped(sockvisor: Sockvisor, mode: str, unit_user: str) -> None:
-    """As nobody, forged READY=1, STATUS= and FDSTORE=1 (sender exiting at once or staying) change nothing and are counted."""
+    """As nobody, forged READY=1, STATUS= and FDSTORE=1 (sender exiting or staying) change nothing, are counted."""
     user = "user: nobody\n" if unit_user == "nobody" else ""
     address = _notify_unit(sockvisor, "victim", "show-socket no-ready", f"start_timeout: 30s\n{user}")
     attacker = _attack(address, mode)
@@ -115,7 +114,7 @@ assert os.read(r, 1) == b""
 
 @pytest.mark.skipif(not os.access("/usr/bin/systemd-notify", os.X_OK), reason="needs systemd-notify")
 def test_systemd_notify_no_block_from_an_exited_sender_is_dropped(sockvisor: Sockvisor, short_tmp: Path) -> None:
-    """systemd-notify --no-block as an unprivileged service user exits before the read: dropped, the documented trade-off."""
+    """systemd-notify --no-block as an unprivileged user exits before the read: dropped (documented trade-off)."""
     script = short_tmp / "svc.sh"
     script.write_text("#!/bin/sh\n/usr/bin/systemd-notify --no-block --status=unverified\n"
                       "/usr/bin/systemd-notify --ready --status=verified\nexec sleep 1000\n")
@@ -144,7 +143,7 @@ def _cpu(pid: int) -> float:
 
 
 def test_notify_flood_costs_bounded_cpu_and_log(sockvisor: Sockvisor) -> None:
-    """A child flooding its notify socket for 3 s costs the daemon < 0.5 s CPU a second, status stays fast, log bounded."""
+    """A child flooding its notify socket 3 s costs the daemon < 0.5 s CPU a second; status fast; log bounded."""
     seconds = 3.0
     other = free_port()
     sockvisor.unit("other", f"""
@@ -204,7 +203,7 @@ def _store_and_fail_unit(sv: Sockvisor, port: int, start: str) -> None:
 
 @pytest.mark.parametrize("start", ["on-demand", "eager"])
 def test_stored_connection_is_answered_by_the_restarted_service(sockvisor: Sockvisor, start: str) -> None:
-    """A service that stores a client connection and fails is started again after its back-off (SPEC 7), and answers it."""
+    """A service that stores a client connection and fails is started again after back-off (SPEC 7), answers it."""
     port = free_port()
     _store_and_fail_unit(sockvisor, port, start)
     sockvisor.start()

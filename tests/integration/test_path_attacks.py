@@ -84,7 +84,7 @@ def error_lines(res: subprocess.CompletedProcess[str]) -> list[str]:
 def test_symlinked_parent_is_refused_and_the_root_only_dir_is_untouched(
     sockvisor: Sockvisor, shared: Path, vault: Path, name: str
 ) -> None:
-    """A parent symlink nobody planted into a root-only dir: the daemon exits 1 naming it, unlinks and makes nothing there."""
+    """A parent symlink nobody planted into a root-only dir: exit 1 naming it; nothing unlinked or made there."""
     nobody(f"import os; os.symlink({str(vault)!r}, {str(shared / 'p')!r})")
     before = snapshot(vault)
     res = run_daemon(sockvisor, f"""
@@ -181,7 +181,7 @@ while time.monotonic() < deadline:
 
 
 def test_bind_versus_symlink_swap_race_has_no_hits(shared: Path, vault: Path) -> None:
-    """Binding 3,000 times while nobody swaps the parent for a link never chmods root's file or touches its directory."""
+    """Binding 3,000 times while nobody swaps the parent for a link never chmods root's file or touches its dir."""
     before = snapshot(vault)
     attacker = subprocess.Popen([*AS_NOBODY, sys.executable, "-c", SWAPPER, str(shared), str(vault)],
                                 stdout=subprocess.PIPE, text=True)
@@ -226,7 +226,6 @@ def test_control_socket_under_a_nobody_link_is_refused(sockvisor: Sockvisor, sha
     """The control socket walks its parents like a unit socket: nobody's link is not followed into root's dir."""
     nobody(f"import os; os.symlink({str(vault)!r}, {str(shared / 'p')!r})")
     before = snapshot(vault)
-    sockvisor.write_main().__class__  # keep the default main file, then point the control socket under the link
     (sockvisor.config / "sockvisor.yaml").write_text(
         f"control:\n  socket: {shared}/p/old.sock\nlog:\n  format: json\n")
     res = subprocess.run([sys.executable, "-m", "supervisor", "run", "--config", str(sockvisor.config)],
@@ -266,7 +265,7 @@ REFUSAL = "permission denied: only root or the daemon's user"
 
 
 def test_cli_as_nobody_always_reports_the_refusal_reason(sockvisor: Sockvisor) -> None:
-    """A refused non-root client reads the daemon's reason every time (2,000 requests, 5 CLI runs), never Broken pipe."""
+    """A refused non-root client reads the daemon's reason every time (2,000 requests, 5 CLI runs), no EPIPE."""
     sockvisor.write_main('')
     (sockvisor.config / "sockvisor.yaml").write_text(
         f'control:\n  socket: {sockvisor.control}\n  mode: "0666"\nlog:\n  format: json\n  level: info\n')
