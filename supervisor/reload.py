@@ -209,40 +209,55 @@ def apply(daemon: Daemon) -> dict[str, Any]:
         log.error("reload_failed", errors=[str(exc)])
         raise
 
-    # 2. Commit: nothing below fails for a reason the config controls.
+    # 2. Commit: nothing below fails for a reason the config controls (values are
+    #    range-checked at parse time, binds are done). Should an effect still fail
+    #    (EMFILE creating a notify socket), that one unit is reported and the
+    #    commit goes on: a reload is never left half applied across units.
     changed: list[str] = []
     added: list[str] = []
+    failed: list[str] = []
     for st in staged:
-        p, runtime = st.plan, st.runtime
-        name = p.unit.name
-        new_bound = [b for b in st.bound if b is not None]
-        if runtime is None:
-            daemon.add_unit(p.unit, new_bound).activate()
-            added.append(name)
-            continue
-        kept = {id(b) for b in new_bound}
-        leftovers = [b for b in runtime.bound if id(b) not in kept and not b.closed]
-        if runtime.unit.mode is p.unit.mode:
-            _update(runtime, p.unit, new_bound, was_polling=st.was_polling)
-            for b in leftovers:
-                b.close(remove=True)
-        else:
-            # The old runtime retires with the sockets nobody took over; they
-            # are closed when its last child is gone.
-            runtime.poll(False)
-            runtime.bound = leftovers
-            daemon.units.pop(name)
-            _retire(daemon, runtime)
-            successor = daemon.add_unit(p.unit, new_bound)
-            successor.last_exit = runtime.last_exit  # the unit's history outlives its mode
-            successor.activate()
-        changed.append(name)
+        try:
+            _commit(daemon, st, added, changed)
+        except Exception as exc:  # one unit's failure must not stop the others' commit
+            failed.append(st.plan.unit.name)
+            log.error("reload_commit_failed", unit=st.plan.unit.name, error=f"{type(exc).__name__}: {exc}")
     for name in retire:
         _retire(daemon, daemon.units.pop(name))
     daemon.config = new
     summary = {"added": added, "changed": changed, "removed": retire}
+    if failed:
+        summary["failed"] = failed
     log.info("reloaded", **summary)
     return summary
+
+
+def _commit(daemon: Daemon, st: _Staged, added: list[str], changed: list[str]) -> None:
+    """Commit one staged unit: add it, update it in place, or replace its runtime (mode change)."""
+    p, runtime = st.plan, st.runtime
+    name = p.unit.name
+    new_bound = [b for b in st.bound if b is not None]
+    if runtime is None:
+        daemon.add_unit(p.unit, new_bound).activate()
+        added.append(name)
+        return
+    kept = {id(b) for b in new_bound}
+    leftovers = [b for b in runtime.bound if id(b) not in kept and not b.closed]
+    if runtime.unit.mode is p.unit.mode:
+        _update(runtime, p.unit, new_bound, was_polling=st.was_polling)
+        for b in leftovers:
+            b.close(remove=True)
+    else:
+        # The old runtime retires with the sockets nobody took over; they
+        # are closed when its last child is gone.
+        runtime.poll(False)
+        runtime.bound = leftovers
+        daemon.units.pop(name)
+        _retire(daemon, runtime)
+        successor = daemon.add_unit(p.unit, new_bound)
+        successor.last_exit = runtime.last_exit  # the unit's history outlives its mode
+        successor.activate()
+    changed.append(name)
 
 
 def _update(runtime: UnitRuntime, unit: Unit, bound: list[sockets.Bound], *, was_polling: bool) -> None:
