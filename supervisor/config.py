@@ -41,6 +41,7 @@ from supervisor.errors import ConfigError, Location, Problem
 from supervisor.model import (
     DEFAULT_CONFIG_DIR,
     LISTEN_OPTION_KINDS,
+    RESERVED_ENVIRONMENT,
     Config,
     InetAddress,
     Listen,
@@ -80,7 +81,6 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LIMIT_NAMES = ("nofile", "nproc", "as", "cpu", "core", "fsize", "memlock", "stack")
 # Set by sockvisor for every child; a unit may not override them.
-_RESERVED_ENV = frozenset({"LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET"})
 # Ranges the daemon can apply (checked at parse time: what check accepts, run applies).
 INT_MAX = 2**31 - 1  # setsockopt() takes a C int; so do counts handed to the kernel
 MAX_ID = 2**32 - 2  # uid_t/gid_t; (uid_t)-1 means "unchanged"
@@ -914,7 +914,7 @@ class _Reader:
                     entry.key_location, path, "invalid variable name: use A-Z a-z 0-9 _ , not starting with a digit"
                 )
                 continue
-            if key in _RESERVED_ENV:
+            if key in RESERVED_ENVIRONMENT:
                 self.problem(entry.key_location, path, "is set by sockvisor and cannot be overridden")
                 continue
             item = entry.value

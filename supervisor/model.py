@@ -19,6 +19,27 @@ from dataclasses import dataclass, field
 from supervisor.errors import Location
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Set by the daemon per spawn or per unit: the one list of names a unit's `environment` may not
+# set (config refuses them, with their location) and `pass_environment` never hands on (spawn).
+RESERVED_ENVIRONMENT: frozenset[str] = frozenset(
+    {
+        "LISTEN_PID",
+        "LISTEN_FDS",
+        "LISTEN_FDNAMES",
+        "NOTIFY_SOCKET",
+        "REMOTE_ADDR",
+        "REMOTE_PORT",
+        "REMOTE_PID",
+        "REMOTE_UID",
+        "REMOTE_GID",
+        "SOCKVISOR_UNIT",
+        "SOCKVISOR_WORKER",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+    }
+)
+
 DEFAULT_CONFIG_DIR = "/etc/sockvisor"
 DEFAULT_CONTROL_SOCKET = "/run/sockvisor/control.sock"
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 from supervisor import _spawn
 from supervisor.errors import SpawnError
-from supervisor.model import DEFAULT_PATH, Process, Stderr
+from supervisor.model import DEFAULT_PATH, RESERVED_ENVIRONMENT, Process, Stderr
 
 __all__ = [
     "RESERVED_ENVIRONMENT",
@@ -53,25 +53,6 @@ __all__ = [
     "spawn_child",
     "stderr_fd",
 ]
-
-# Set by the daemon per spawn or per unit; a unit's own environment cannot override them.
-RESERVED_ENVIRONMENT: frozenset[str] = frozenset(
-    {
-        "LISTEN_PID",
-        "LISTEN_FDS",
-        "LISTEN_FDNAMES",
-        "NOTIFY_SOCKET",
-        "REMOTE_ADDR",
-        "REMOTE_PORT",
-        "REMOTE_PID",
-        "REMOTE_UID",
-        "REMOTE_GID",
-        "SOCKVISOR_UNIT",
-        "SOCKVISOR_WORKER",
-        "WATCHDOG_USEC",
-        "WATCHDOG_PID",
-    }
-)
 
 # The `limits` keys of SPEC section 3 and the resource each one sets.
 RLIMITS: Mapping[str, int] = {
