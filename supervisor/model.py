@@ -190,35 +190,56 @@ _LOCAL = _UNIX | {ListenKind.FIFO}  # a node in the file system (abstract names 
 # Which listen kinds each per-listen option means something for (systemd's
 # rules). The config refuses an option set on any other kind; the socket layer
 # re-checks, since a ``Listen`` can also be built by code.
-LISTEN_OPTION_KINDS: dict[str, frozenset[ListenKind]] = {
-    "name": _ALL_KINDS,
-    "backlog": _STREAM,
-    "ipv6_only": _INET,
-    "freebind": _INET,
-    "transparent": _INET,
-    "reuse_port": _INET,
-    "bind_to_device": _INET,
-    "receive_buffer": _SOCKETS,
-    "send_buffer": _SOCKETS,
-    "nodelay": _TCP,
-    "keepalive": _TCP,
-    "keepalive_time": _TCP,
-    "keepalive_interval": _TCP,
-    "keepalive_probes": _TCP,
-    "defer_accept": _TCP,
-    "mark": _SOCKETS,
-    "ip_tos": _INET,
-    "ip_ttl": _INET,
-    "priority": _SOCKETS,
-    "broadcast": _UDP,
-    "pass_credentials": _UNIX,
-    "mode": _LOCAL,
-    "user": _LOCAL,
-    "group": _LOCAL,
-    "directory_mode": _LOCAL,
-    "remove_on_stop": _LOCAL,
-    "symlinks": _LOCAL,
+@dataclass(frozen=True, slots=True)
+class ListenOption:
+    """What sockets, config and reload need to know of one per-listen option.
+
+    ``kinds``: the listen kinds it applies to (elsewhere it is refused, never ignored);
+    ``bind_time``: it acts at ``bind()`` only, so a change needs a new socket;
+    ``on_socket``: it is a property of the socket (checked for applicability when
+    binding), not of the entry's name, backlog or file-system node.
+    """
+
+    kinds: frozenset[ListenKind]
+    bind_time: bool = False
+    on_socket: bool = True
+
+
+# The one table of per-listen options. config parses exactly these keys, sockets
+# refuses them on kinds they do not apply to, reload re-binds on a bind-time change
+# and retunes the rest in place: all derived from here (tests/unit pins each).
+LISTEN_OPTIONS: dict[str, ListenOption] = {
+    "name": ListenOption(_ALL_KINDS, on_socket=False),
+    "backlog": ListenOption(_STREAM, on_socket=False),
+    "ipv6_only": ListenOption(_INET, bind_time=True),
+    "freebind": ListenOption(_INET, bind_time=True),
+    "transparent": ListenOption(_INET, bind_time=True),
+    "reuse_port": ListenOption(_INET, bind_time=True),
+    "bind_to_device": ListenOption(_INET, bind_time=True),
+    "receive_buffer": ListenOption(_SOCKETS),
+    "send_buffer": ListenOption(_SOCKETS),
+    "nodelay": ListenOption(_TCP),
+    "keepalive": ListenOption(_TCP),
+    "keepalive_time": ListenOption(_TCP),
+    "keepalive_interval": ListenOption(_TCP),
+    "keepalive_probes": ListenOption(_TCP),
+    "defer_accept": ListenOption(_TCP),
+    "mark": ListenOption(_SOCKETS),
+    "ip_tos": ListenOption(_INET),
+    "ip_ttl": ListenOption(_INET),
+    "priority": ListenOption(_SOCKETS),
+    "broadcast": ListenOption(_UDP),
+    "pass_credentials": ListenOption(_UNIX),
+    "mode": ListenOption(_LOCAL, on_socket=False),
+    "user": ListenOption(_LOCAL),
+    "group": ListenOption(_LOCAL),
+    "directory_mode": ListenOption(_LOCAL, on_socket=False),
+    "remove_on_stop": ListenOption(_LOCAL, on_socket=False),
+    "symlinks": ListenOption(_LOCAL),
 }
+LISTEN_OPTION_KINDS: dict[str, frozenset[ListenKind]] = {name: o.kinds for name, o in LISTEN_OPTIONS.items()}
+BIND_TIME_OPTIONS: tuple[str, ...] = tuple(name for name, o in LISTEN_OPTIONS.items() if o.bind_time)
+RETUNABLE_OPTIONS: frozenset[str] = frozenset(name for name, o in LISTEN_OPTIONS.items() if not o.bind_time)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,18 +36,14 @@ from typing import TYPE_CHECKING, Any
 from supervisor import config as configuration
 from supervisor import sockets
 from supervisor.errors import BindError, ConfigError
-from supervisor.model import Listen, Mode, Unit
+from supervisor.model import RETUNABLE_OPTIONS, Listen, Mode, Unit
 
 if TYPE_CHECKING:
     from supervisor.daemon import Daemon
     from supervisor.units import UnitRuntime
 
 # Options that can change on a bound socket without re-binding it.
-RETUNABLE = frozenset({
-    "name", "backlog", "receive_buffer", "send_buffer", "nodelay", "keepalive", "keepalive_time",
-    "keepalive_interval", "keepalive_probes", "defer_accept", "mark", "ip_tos", "ip_ttl", "priority",
-    "broadcast", "pass_credentials", "mode", "user", "group", "remove_on_stop", "symlinks", "directory_mode",
-})
+RETUNABLE = RETUNABLE_OPTIONS  # every listen option that is not bind-time (model.LISTEN_OPTIONS)
 
 
 def retunable(old: Listen, new: Listen) -> bool:

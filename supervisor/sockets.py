@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 
 from supervisor import fsnodes
 from supervisor.errors import BindError
-from supervisor.model import LISTEN_OPTION_KINDS, InetAddress, Listen, ListenKind
+from supervisor.model import BIND_TIME_OPTIONS, LISTEN_OPTIONS, InetAddress, Listen, ListenKind
 
 __all__ = [
     "Bound",
@@ -100,8 +100,7 @@ _LISTENING_TYPES = frozenset({socket.SOCK_STREAM, socket.SOCK_SEQPACKET})
 # Options whose default is "unset" (None, False, ()): setting one on a kind it
 # does not apply to is refused. (name, backlog, mode, directory_mode and
 # remove_on_stop always carry a default, so only the config can tell.)
-_APPLIES_TO = {name: kinds for name, kinds in LISTEN_OPTION_KINDS.items()
-               if name not in ("name", "backlog", "mode", "directory_mode", "remove_on_stop")}
+_APPLIES_TO = {name: o.kinds for name, o in LISTEN_OPTIONS.items() if o.on_socket}
 
 
 class _Failed(Exception):
@@ -669,7 +668,7 @@ def _set_options(sock: socket.socket, listen: Listen) -> None:
         _setopt(sock, sol, SO_PASSCRED, 1, "SO_PASSCRED")
 
 
-_BIND_TIME_OPTIONS = ("ipv6_only", "freebind", "reuse_port", "bind_to_device")
+_BIND_TIME_OPTIONS = BIND_TIME_OPTIONS
 
 
 def _sysctl(name: str, index: int = 0) -> int:

@@ -36,3 +36,33 @@ def test_check_refuses_remote_addr_with_its_location(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert res.stderr.strip() == ("sockets.d/web.yaml:4:15: environment.REMOTE_ADDR: "
                                   "is set by sockvisor and cannot be overridden")
+
+
+def test_every_listen_option_has_one_row_that_config_sockets_and_reload_derive_from() -> None:
+    """config parses, sockets checks and reload classifies exactly the options of model.LISTEN_OPTIONS."""
+    import dataclasses
+
+    from supervisor import config, reload, sockets
+    from supervisor.model import LISTEN_OPTIONS, Listen
+
+    assert set(config._LISTEN_PARSERS) == set(LISTEN_OPTIONS)
+    assert set(config._LISTEN_OPTIONS) == set(LISTEN_OPTIONS)
+    fields = {f.name for f in dataclasses.fields(Listen)} - {"kind", "address", "location", "display"}
+    assert set(LISTEN_OPTIONS) <= fields | {"name"}
+    assert set(sockets._BIND_TIME_OPTIONS) | reload.RETUNABLE == set(LISTEN_OPTIONS)
+    assert not set(sockets._BIND_TIME_OPTIONS) & reload.RETUNABLE
+    assert set(sockets._APPLIES_TO) == {n for n, o in LISTEN_OPTIONS.items() if o.on_socket}
+
+
+@pytest.mark.parametrize("option", ["transparent", "freebind", "ipv6_only", "reuse_port"])
+def test_bind_time_options_all_need_a_new_socket_on_reload(option: str) -> None:
+    """Changing transparent is a bind-time change like freebind (it used to be neither list's)."""
+    import dataclasses
+
+    from supervisor import reload
+    from supervisor.model import Listen, ListenKind
+
+    old = Listen(kind=ListenKind.TCP, address="127.0.0.1:8080", name="web")
+    new = dataclasses.replace(old, **{option: True})
+    assert not reload.retunable(old, new)
+    assert reload.retunable(old, dataclasses.replace(old, nodelay=True))
