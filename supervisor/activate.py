@@ -56,13 +56,13 @@ from typing import Final, NoReturn
 
 from supervisor import addresses, fsnodes
 from supervisor.activation import SD_LISTEN_FDS_START, listen_fds
+from supervisor.model import valid_fdname
 
 PROG: Final = "sockvisor activate"
 # Environment variables systemd-socket-activate copies from its own environment.
 _COPIED_VARIABLES: Final = ("TERM", "PATH", "USER", "HOME")
 # systemd's fdname_is_valid(): printable, no ':', at most FDNAME_MAX characters. Invalid names
 # are only warned about (as systemd-socket-activate does); the child may reject them.
-_FDNAME_MAX: Final = 255
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PR_SET_PDEATHSIG: Final = 1
 # accept() failures that only mean "that connection went away": try the next one.
@@ -241,7 +241,7 @@ def _split_fdnames(values: list[str]) -> tuple[str, ...]:
     for value in values:
         pieces = [piece for piece in value.split(":") if piece]
         for piece in pieces:
-            if len(piece) > _FDNAME_MAX or not piece.isprintable():
+            if not valid_fdname(piece):
                 _log(f'File descriptor name "{piece.encode("unicode_escape").decode()}" is not valid.')
         names.extend(pieces or [""])
     return tuple(names)

@@ -40,6 +40,7 @@ from supervisor import addresses, values
 from supervisor.errors import ConfigError, Location, Problem
 from supervisor.model import (
     DEFAULT_CONFIG_DIR,
+    FDNAME_MAX,
     LISTEN_OPTION_KINDS,
     RESERVED_ENVIRONMENT,
     Config,
@@ -58,6 +59,7 @@ from supervisor.model import (
     StartLimit,
     Stderr,
     Unit,
+    valid_fdname,
 )
 from supervisor.yamlload import (
     Map,
@@ -427,13 +429,13 @@ def _did_you_mean(word: object, choices: Collection[str]) -> str:
 def _fd_name(value: Value) -> str:
     """A name for LISTEN_FDNAMES, by systemd's rules: printable ASCII, no ':', at most 255."""
     text = _scalar_text(value, "a name")
+    if valid_fdname(text):
+        return text
     if not text:
         raise ValueError("must not be empty")
-    if len(text) > 255:
-        raise ValueError(f"is {len(text)} characters long; the limit is 255")
-    if any(not " " <= c <= "~" for c in text) or ":" in text:
-        raise ValueError(f"invalid fd name {text!r}: printable ASCII without ':'")
-    return text
+    if len(text) > FDNAME_MAX:
+        raise ValueError(f"is {len(text)} characters long; the limit is {FDNAME_MAX}")
+    raise ValueError(f"invalid fd name {text!r}: printable ASCII without ':'")
 
 
 def _interface(value: Value) -> str:

@@ -22,6 +22,14 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Set by the daemon per spawn or per unit: the one list of names a unit's `environment` may not
 # set (config refuses them, with their location) and `pass_environment` never hands on (spawn).
+FDNAME_MAX = 255  # systemd's FDNAME_MAX
+
+
+def valid_fdname(name: str) -> bool:
+    """Whether ``name`` may name an fd in ``LISTEN_FDNAMES``: systemd's rule (printable ASCII, no ':', 1-255)."""
+    return 0 < len(name) <= FDNAME_MAX and all(" " <= c <= "~" and c != ":" for c in name)
+
+
 RESERVED_ENVIRONMENT: frozenset[str] = frozenset(
     {
         "LISTEN_PID",

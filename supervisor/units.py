@@ -19,7 +19,7 @@ from supervisor import notifyd, sockets, spawn
 from supervisor.errors import SpawnError
 from supervisor.lifecycle import Exit
 from supervisor.logsummary import LogSummary
-from supervisor.model import Mode, Pass, Stderr, Unit
+from supervisor.model import Mode, Pass, Stderr, Unit, valid_fdname
 
 if TYPE_CHECKING:
     from supervisor.daemon import Daemon
@@ -63,12 +63,6 @@ class Deadline:
         self._callback()
 
 # systemd's fdname_is_valid(): printable ASCII, no ':' (the LISTEN_FDNAMES separator), 1-255 chars.
-_FDNAME_MAX = 255
-
-
-def valid_fdname(name: str) -> bool:
-    """Whether ``name`` may be an fd's name in ``LISTEN_FDNAMES`` (systemd's rules)."""
-    return 0 < len(name) <= _FDNAME_MAX and all(" " <= c <= "~" and c != ":" for c in name)
 
 
 def _identity(fd: int) -> tuple[int, int]:

@@ -66,3 +66,22 @@ def test_bind_time_options_all_need_a_new_socket_on_reload(option: str) -> None:
     new = dataclasses.replace(old, **{option: True})
     assert not reload.retunable(old, new)
     assert reload.retunable(old, dataclasses.replace(old, nodelay=True))
+
+
+@pytest.mark.parametrize("name", ["ok", "a" * 255, "with space", "", "a" * 256, "a:b", "é"])
+def test_one_fd_name_rule_for_config_the_fd_store_and_activate(name: str) -> None:
+    """config accepts, the fd store stores and activate warns about exactly the names model.valid_fdname refuses."""
+    from supervisor import activate
+    from supervisor.model import valid_fdname
+
+    lines = errors_of(f"name: web\nlisten: [{{tcp: 127.0.0.1:8080, name: {name!r}}}]\nexec: [/bin/true]\n")
+    assert (lines == []) == valid_fdname(name), lines
+    if ":" not in name and name:
+        warned: list[str] = []
+        original = activate._log
+        activate._log = warned.append  # type: ignore[assignment]
+        try:
+            activate._split_fdnames([name])
+        finally:
+            activate._log = original  # type: ignore[assignment]
+        assert bool(warned) == (not valid_fdname(name))
