@@ -143,21 +143,7 @@ def parse_address(text: str) -> ListenAddress:
 
 def pretty_address(family: int, address: object) -> str:
     """Format a ``getsockname()`` result as systemd's ``sockaddr_pretty()`` does."""
-    if family == socket.AF_INET and isinstance(address, tuple):
-        return f"{address[0]}:{address[1]}"
-    if family == socket.AF_INET6 and isinstance(address, tuple):
-        scope = f"%{address[3]}" if address[3] else ""
-        return f"[{address[0]}{scope}]:{address[1]}"
-    if family == socket.AF_UNIX:
-        if isinstance(address, bytes):
-            if address.startswith(b"\0"):
-                return "@" + address[1:].decode("utf-8", "backslashreplace")
-            address = os.fsdecode(address)
-        if isinstance(address, str):
-            if address.startswith("\0"):
-                return "@" + address[1:]
-            return address or "<unnamed>"
-    return str(address)
+    return addresses.format_sockaddr(family, address, scope_names=False, unnamed="<unnamed>")
 
 
 def _fd_pretty(fd: int) -> str:

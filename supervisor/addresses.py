@@ -17,7 +17,9 @@ and it is injectable so tests (and ``check`` on another host) control it.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
 import re
 import socket
 from collections.abc import Callable
@@ -155,3 +157,45 @@ def parse_network(value: object) -> Network:
     except ValueError:
         raise ValueError(f"{value!r} is not an address, a CIDR or uid:N") from None
     return Network(text, network=network.compressed)
+
+
+def format_sockaddr(family: int, name: object, *, scope_names: bool = True, unnamed: str = "(unnamed)") -> str:
+    """Format a ``getsockname()``/``getpeername()`` result the way a user writes addresses.
+
+    The one formatter of the package: the daemon's logs and status, ``sockvisor activate``
+    and ``sockvisor fds`` differ only in the two keyword choices.
+
+    Args:
+        family: the socket's address family.
+        name: what Python's ``getsockname()`` returned for it.
+        scope_names: an IPv6 scope as its interface name (``%eth0``) when it has one; off,
+            the number, as systemd's ``sockaddr_pretty()`` prints it.
+        unnamed: what an unbound unix socket is shown as.
+
+    Returns:
+        ``1.2.3.4:80``, ``[::1]:80``, ``[fe80::1%eth0]:80``, a unix path, ``@name`` for an
+        abstract unix name, or ``unnamed``.
+    """
+    if family == socket.AF_INET and isinstance(name, tuple):
+        return f"{name[0]}:{name[1]}"
+    if family == socket.AF_INET6 and isinstance(name, tuple):
+        host, port = str(name[0]), name[1]
+        scope = name[3] if len(name) > 3 else 0
+        if scope and "%" not in host:
+            label: object = scope
+            if scope_names:
+                with contextlib.suppress(OSError):  # an index with no interface stays a number
+                    label = socket.if_indextoname(scope)
+            host = f"{host}%{label}"
+        return f"[{host}]:{port}"
+    if isinstance(name, bytes):
+        # Python returns abstract names as bytes with the leading NUL.
+        if name.startswith(b"\0"):
+            return "@" + name[1:].decode(errors="backslashreplace")
+        name = os.fsdecode(name)
+    if isinstance(name, str):
+        if name.startswith("\0"):
+            return "@" + name[1:]
+        return name or unnamed
+    return str(name)
+

@@ -26,6 +26,7 @@ import sys
 from typing import Final, NoReturn
 
 from supervisor.activation import InheritedSocket, listen_sockets
+from supervisor.addresses import format_sockaddr
 
 PROG: Final = "sockvisor fds"
 _FAMILIES: Final[dict[int, str]] = {
@@ -53,15 +54,7 @@ def _field(text: str) -> str:
 
 def format_address(item: InheritedSocket) -> str:
     """The local address as systemd prints it: ``127.0.0.1:80``, ``[::]:80``, a path, ``@name``."""
-    address = item.address
-    if isinstance(address, str):
-        return address
-    if item.family == socket.AF_INET:
-        return f"{address[0]}:{address[1]}"
-    if item.family == socket.AF_INET6:
-        scope = f"%{address[3]}" if address[3] else ""
-        return f"[{address[0]}{scope}]:{address[1]}"
-    return ":".join(str(part) for part in address)
+    return format_sockaddr(item.family, item.address, scope_names=False)
 
 
 def describe(item: InheritedSocket) -> str:

@@ -54,7 +54,8 @@ import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from supervisor import fsnodes
+from supervisor import addresses, fsnodes
+from supervisor.addresses import format_sockaddr
 from supervisor.errors import BindError
 from supervisor.model import BIND_TIME_OPTIONS, LISTEN_OPTIONS, InetAddress, Listen, ListenKind
 
@@ -85,7 +86,7 @@ SO_DOMAIN: int = getattr(socket, "SO_DOMAIN", 39)
 SO_PROTOCOL: int = getattr(socket, "SO_PROTOCOL", 38)
 TCP_DEFER_ACCEPT: int = getattr(socket, "TCP_DEFER_ACCEPT", 9)  # <linux/tcp.h>
 
-_UNIX_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path)
+_UNIX_PATH_MAX = addresses.SUN_PATH_MAX
 
 _SOCK_TYPE: dict[ListenKind, int] = {
     ListenKind.TCP: socket.SOCK_STREAM,
@@ -221,38 +222,6 @@ class Bound:
         except OSError:
             return str(self.listen.address)
         return format_sockaddr(self.sock.family, name)
-
-
-def format_sockaddr(family: int, name: object) -> str:
-    """Format a ``getsockname()``/``getpeername()`` result the way a user writes addresses.
-
-    Args:
-        family: the socket's address family.
-        name: what Python's ``getsockname()`` returned for it.
-
-    Returns:
-        ``1.2.3.4:80``, ``[::1]:80``, ``[fe80::1%eth0]:80``, a unix path, ``@name``
-        for an abstract unix name, or ``(unnamed)`` for an unbound unix socket.
-    """
-    if family == socket.AF_INET and isinstance(name, tuple):
-        return f"{name[0]}:{name[1]}"
-    if family == socket.AF_INET6 and isinstance(name, tuple):
-        host, port = str(name[0]), name[1]
-        scope = name[3] if len(name) > 3 else 0
-        if scope and "%" not in host:
-            try:
-                host = f"{host}%{socket.if_indextoname(scope)}"
-            except OSError:
-                host = f"{host}%{scope}"
-        return f"[{host}]:{port}"
-    if isinstance(name, bytes):
-        # Python returns abstract names as bytes with the leading NUL.
-        if name.startswith(b"\0"):
-            return "@" + name[1:].decode(errors="backslashreplace")
-        name = os.fsdecode(name)
-    if isinstance(name, str):
-        return name or "(unnamed)"
-    return repr(name)
 
 
 # --- public API ----------------------------------------------------------------------------

@@ -85,3 +85,19 @@ def test_one_fd_name_rule_for_config_the_fd_store_and_activate(name: str) -> Non
         finally:
             activate._log = original  # type: ignore[assignment]
         assert bool(warned) == (not valid_fdname(name))
+
+
+@pytest.mark.parametrize(("family", "name", "daemon", "tools"), [
+    (2, ("127.0.0.1", 80), "127.0.0.1:80", "127.0.0.1:80"),
+    (10, ("::1", 80, 0, 0), "[::1]:80", "[::1]:80"),
+    (10, ("fe80::1", 80, 0, 1), "[fe80::1%lo]:80", "[fe80::1%1]:80"),
+    (1, b"\0abs", "@abs", "@abs"),
+    (1, "/run/x.sock", "/run/x.sock", "/run/x.sock"),
+])
+def test_one_sockaddr_formatter_for_daemon_activate_and_fds(family: int, name: object, daemon: str, tools: str) -> None:
+    """The daemon, `sockvisor activate` and `sockvisor fds` format through addresses.format_sockaddr."""
+    from supervisor import activate, addresses, sockets
+
+    assert sockets.format_sockaddr is addresses.format_sockaddr
+    assert addresses.format_sockaddr(family, name) == daemon
+    assert activate.pretty_address(family, name) == tools
