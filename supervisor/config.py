@@ -116,6 +116,10 @@ _KIND_GROUP_NAMES = {
 
 # Per-listen options: the kinds each applies to. Their value parsers are in
 # _Reader._listen_option; a test checks both tables name the same keys.
+# Defaults come from the model, never restated here (tests/unit pins a minimal unit to them).
+_UNIT_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(Unit) if f.default is not dataclasses.MISSING
+}
 _LISTEN_OPTIONS = LISTEN_OPTION_KINDS
 # Options about a node in the file system: meaningless for "@abstract" names.
 _FILESYSTEM_OPTIONS = ("mode", "user", "group", "directory_mode", "symlinks")
@@ -514,6 +518,11 @@ class _Reader:
             return
         self.problems.append(Problem(location, path, message))
 
+    def unit_key(self, doc: Map, key: str, convert: Callable[[Value], T]) -> T:
+        """The converted value of the unit key ``key``, or the model's default for it."""
+        default: T = _UNIT_DEFAULTS[key]
+        return self.get(doc, key, "", convert, default)
+
     def get(self, mapping: Map, key: str, path: str, convert: Callable[[Value], T], default: T) -> T:
         """The converted value of ``key``, or ``default`` if absent or invalid (then a problem)."""
         entry = mapping.entries.get(key)
@@ -634,7 +643,7 @@ class _Reader:
 
         name, location = self._unit_name(doc, stem)
         mode_entry = doc.entries.get("mode")
-        mode = self.get(doc, "mode", "", _enum(Mode), Mode.SERVICE)
+        mode = self.unit_key(doc, "mode", _enum(Mode))
         mode_known = mode_entry is None or (
             isinstance(mode_entry.value, Scalar) and mode_entry.value.value in {m.value for m in Mode}
         )
@@ -642,14 +651,14 @@ class _Reader:
         listen = self._listens(doc, name, mode if mode_known else None)
         process = self._process(doc, mode if mode_known else None)
 
-        default_pass = Pass.STDIO if mode is Mode.ACCEPT else Pass.FDS
+        default_pass = Pass.STDIO if mode is Mode.ACCEPT else _UNIT_DEFAULTS["pass_"]
         pass_ = self.get(doc, "pass", "", _enum(Pass), default_pass)
         if mode_known:
             self._check_mode_keys(doc, mode)
             self._check_pass(doc, mode, pass_, len(listen))
 
-        restart_delay = self.get(doc, "restart_delay", "", _duration(positive=True), 0.1)
-        restart_delay_max = self.get(doc, "restart_delay_max", "", _duration(positive=True), 30.0)
+        restart_delay = self.unit_key(doc, "restart_delay", _duration(positive=True))
+        restart_delay_max = self.unit_key(doc, "restart_delay_max", _duration(positive=True))
         if "restart_delay_max" in doc.entries and restart_delay_max < restart_delay:
             self.problem(
                 doc.entries["restart_delay_max"].value.location,
@@ -662,28 +671,28 @@ class _Reader:
             listen=listen,
             process=process,
             mode=mode,
-            description=self.get(doc, "description", "", _string, ""),
-            enabled=self.get(doc, "enabled", "", _bool, True),
+            description=self.unit_key(doc, "description", _string),
+            enabled=self.unit_key(doc, "enabled", _bool),
             pass_=pass_,
-            start=self.get(doc, "start", "", _enum(Start), Start.ON_DEMAND),
-            restart=self.get(doc, "restart", "", _enum(Restart), Restart.ON_FAILURE),
+            start=self.unit_key(doc, "start", _enum(Start)),
+            restart=self.unit_key(doc, "restart", _enum(Restart)),
             restart_delay=restart_delay,
             restart_delay_max=restart_delay_max,
-            restart_reset=self.get(doc, "restart_reset", "", _duration(), 60.0),
+            restart_reset=self.unit_key(doc, "restart_reset", _duration()),
             start_limit=self._start_limit(doc),
-            ready=self.get(doc, "ready", "", _enum(Ready), Ready.EXEC),
-            start_timeout=self.get(doc, "start_timeout", "", _duration(positive=True), 90.0),
-            watchdog=self.get(doc, "watchdog", "", _duration(positive=True), None),
-            fd_store_max=self.get(doc, "fd_store_max", "", _int(0, 2**16), 64),
-            max_connections=self.get(doc, "max_connections", "", _int(1, INT_MAX), 256),
-            max_connections_per_source=self.get(doc, "max_connections_per_source", "", _int(1, INT_MAX), None),
+            ready=self.unit_key(doc, "ready", _enum(Ready)),
+            start_timeout=self.unit_key(doc, "start_timeout", _duration(positive=True)),
+            watchdog=self.unit_key(doc, "watchdog", _duration(positive=True)),
+            fd_store_max=self.unit_key(doc, "fd_store_max", _int(0, 2**16)),
+            max_connections=self.unit_key(doc, "max_connections", _int(1, INT_MAX)),
+            max_connections_per_source=self.unit_key(doc, "max_connections_per_source", _int(1, INT_MAX)),
             rate=self._rate(doc),
             allow=self.each(self.sequence(doc, "allow", "", "addresses"), "allow", _plain(addresses.parse_network)),
             deny=self.each(self.sequence(doc, "deny", "", "addresses"), "deny", _plain(addresses.parse_network)),
-            log_connections=self.get(doc, "log_connections", "", _bool, True),
-            workers=self.get(doc, "workers", "", _int(1, MAX_WORKERS), 1),
-            settle=self.get(doc, "settle", "", _duration(), 1.0),
-            max_surge=self.get(doc, "max_surge", "", _int(1, MAX_WORKERS), 1),
+            log_connections=self.unit_key(doc, "log_connections", _bool),
+            workers=self.unit_key(doc, "workers", _int(1, MAX_WORKERS)),
+            settle=self.unit_key(doc, "settle", _duration()),
+            max_surge=self.unit_key(doc, "max_surge", _int(1, MAX_WORKERS)),
             location=location,
         )
 

@@ -101,3 +101,16 @@ def test_one_sockaddr_formatter_for_daemon_activate_and_fds(family: int, name: o
     assert sockets.format_sockaddr is addresses.format_sockaddr
     assert addresses.format_sockaddr(family, name) == daemon
     assert activate.pretty_address(family, name) == tools
+
+
+def test_a_minimal_unit_gets_the_models_defaults() -> None:
+    """config restates no default: every key a minimal unit leaves out has the model's field default."""
+    import dataclasses
+
+    from supervisor.config import load_units_from_text
+    from supervisor.model import Unit
+
+    (unit,) = load_units_from_text(UNIT, "web.yaml")
+    for f in dataclasses.fields(Unit):
+        if f.default is not dataclasses.MISSING and f.name != "location":
+            assert getattr(unit, f.name) == f.default, f.name
