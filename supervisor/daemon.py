@@ -39,14 +39,15 @@ from supervisor import _spawn, activation, sockets
 from supervisor.accept import AcceptRuntime, Offload
 from supervisor.errors import BindError, ConfigError
 from supervisor.model import Config, Mode, Unit
+from supervisor.pool import PoolRuntime
 from supervisor.reaper import Reaper
-from supervisor.service import PoolRuntime, SlottedRuntime
+from supervisor.service import ServiceRuntime
 from supervisor.units import ChildCallback, UnitRuntime, exit_of
 
 EARLY_EXITS_MAX = 4096  # unregistered exits remembered (helper-thread spawns, adopted orphans)
 
 RUNTIMES: dict[Mode, type[UnitRuntime]] = {
-    Mode.SERVICE: SlottedRuntime,
+    Mode.SERVICE: ServiceRuntime,
     Mode.POOL: PoolRuntime,
     Mode.ACCEPT: AcceptRuntime,
 }

@@ -26,7 +26,7 @@ old workers of every slot not yet promoted keep running, and the roll ends
 list of actions, like ``supervisor.lifecycle``: it reads no clock and touches
 no process. ``Roll.deadline`` is the one timer the adapter keeps armed (the end
 of the earliest settle period); it sends ``Timer()`` when it fires. The
-adapter (``supervisor.service.PoolRuntime``) owns the processes: it starts and
+adapter (``supervisor.pool.PoolRuntime``) owns the processes: it starts and
 cancels surges, swaps the slot's driver on ``Promote``, and reports what the
 surge and the old process did as events. Slots whose worker is not running
 when the roll begins (back-off, stopped) are not rolled; the adapter starts

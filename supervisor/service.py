@@ -1,47 +1,28 @@
-"""``mode: service`` and ``mode: pool``: processes that live in lifecycle slots.
+"""``mode: service``: one process in one lifecycle slot; and the slot driver pools reuse.
 
-A service unit has one slot, a pool ``workers`` slots. Each ``SlotDriver`` feeds
-its slot's events to the pure core (``supervisor.lifecycle``) and carries out
-the actions: spawn, signal, log, and the one timer at the slot's deadline.
+A ``SlotDriver`` feeds one slot's events to the pure core (``supervisor.lifecycle``)
+and carries out the actions: spawn, signal, log, and the one timer at the
+slot's deadline. It knows its runtime only as a ``UnitRuntime`` plus two
+callables the owner passes in: which listening fds slot ``index`` gets, and
+what to do after every ``feed`` (the owner re-evaluates polling; a pool also
+turns slot states into roll events). ``ServiceRuntime`` owns one driver;
+``supervisor.pool.PoolRuntime`` owns many. Neither inherits from the other:
+the rules both follow (spawn environment, notify handling, when to poll, the
+unit's state, an operator's stop) are the functions of this module.
+
 The sockets are polled only while every slot waits for readiness.
-
-Pools (``PoolRuntime``) add two things on top of the slots:
-
-- Rolling restarts. ``sockvisor restart`` runs the pure planner in
-  ``supervisor.rolling``: for a slot it starts a *surge* driver (a second
-  ``SlotDriver`` with the same index, so the same ``SOCKVISOR_WORKER`` and
-  fds) next to the slot's current one; when the planner says ``Promote`` the
-  surge becomes the slot's driver and the old one is stopped from a
-  *retiring* list, which is watched until its process is gone. What the
-  surge and the old process do is observed after every ``feed`` (one hook,
-  ``driver_changed``) and posted to the planner through a queue, so the
-  planner is never re-entered from its own actions.
-- Per-slot ``SO_REUSEPORT`` sockets. For a tcp/udp listener with
-  ``reuse_port: true`` the unit's bound socket serves slot 0 and the runtime
-  binds one more socket on the same address for every further slot. A slot's
-  socket lives as long as the slot (not its process), so connections queued
-  on it while its worker is replaced wait for the new worker instead of being
-  refused. The kernel hashes each connection to one socket of the group, so
-  load spreads evenly over the slots; the price is that a slot whose worker
-  is dead, backing off or slow keeps its share of new connections waiting,
-  where with one shared socket the other workers would take them. Closing a
-  slot's socket (scale-down by reload) resets what is still queued on it
-  unless ``net.ipv4.tcp_migrate_req=1`` lets the kernel move it to another
-  socket of the group.
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import time
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
-from supervisor import lifecycle, rolling, sockets, spawn
-from supervisor.errors import BindError, SpawnError
-from supervisor.lifecycle import ALIVE, Exit, SlotState
-from supervisor.model import ListenKind, Mode, Pass, Start, Unit
+from supervisor import lifecycle, sockets, spawn
+from supervisor.errors import SpawnError
+from supervisor.lifecycle import Exit, SlotState
+from supervisor.model import Mode, Pass, Start, Unit
 from supervisor.units import Deadline, UnitRuntime, kill_group
 
 if TYPE_CHECKING:
@@ -51,9 +32,12 @@ if TYPE_CHECKING:
 class SlotDriver:
     """Feeds one lifecycle slot its events and carries out its actions."""
 
-    def __init__(self, runtime: SlottedRuntime, index: int, *, surge: bool = False) -> None:
+    def __init__(self, runtime: UnitRuntime, index: int, *, fds: Callable[[int], list[int]],
+                 changed: Callable[[SlotDriver], None], surge: bool = False) -> None:
         self.runtime = runtime
         self.index = index
+        self._fds = fds
+        self._changed = changed
         # A pool's second process for a slot during a rolling restart, until it takes the slot over.
         self.surge = surge
         self.slot, _ = lifecycle.initial(runtime.unit)
@@ -71,17 +55,29 @@ class SlotDriver:
                 case lifecycle.Kill(pid=pid, signal=sig):
                     kill_group(pid, sig)
                 case lifecycle.Log(event=name, fields=fields):
-                    extra: dict[str, object] = {"slot": self.index} if rt.unit.mode is Mode.POOL else {}
+                    extra = self._slot_fields()
                     if self.surge:
                         extra["surge"] = True
                     rt.log.info(name, **dict(fields), **extra)
         self._deadline.set(self.slot.deadline)
-        rt.driver_changed(self)
+        self._changed(self)
+
+    def notified(self, fields: Mapping[str, str]) -> None:
+        """This slot's process sent ``fields``."""
+        if fields.get("READY") == "1":
+            self.feed(lifecycle.NotifyReady())
+        if fields.get("WATCHDOG") == "1":
+            self.feed(lifecycle.WatchdogPing())
+        if fields.get("STOPPING") == "1":
+            self.runtime.log.info("child_stopping_notified", pid=self.slot.pid, **self._slot_fields())
+
+    def _slot_fields(self) -> dict[str, object]:
+        return {"slot": self.index} if self.runtime.unit.mode is Mode.POOL else {}
 
     def _spawn(self) -> None:
         rt = self.runtime
         try:
-            pid = rt.spawn_slot(self.index)
+            pid = spawn_slot(rt, self.index, self._fds(self.index))
         except SpawnError as exc:
             self.feed(lifecycle.SpawnFailed(str(exc)))
             return
@@ -99,14 +95,101 @@ class SlotDriver:
         self._deadline.cancel()
 
 
-class SlottedRuntime(UnitRuntime):
-    """``mode: service`` (one slot) and ``mode: pool`` (``workers`` slots)."""
+# ------------------------------------------------------------ rules shared by service and pool
+
+def notify(drivers: Iterable[SlotDriver], pid: int, fields: Mapping[str, str]) -> None:
+    """Hand ``fields`` from ``pid`` to the driver whose process it is."""
+    for d in list(drivers):
+        if d.slot.pid == pid:
+            d.notified(fields)
+
+
+def wants_poll(drivers: Iterable[SlotDriver]) -> bool:
+    """Poll only while every slot waits for readiness: a running service (or any live worker) owns the sockets."""
+    return all(lifecycle.polls(d.slot) for d in drivers)
+
+
+def group_state(drivers: Iterable[SlotDriver]) -> str:
+    """The unit's state: the most alive of its slots' states."""
+    states = {d.slot.state for d in drivers}
+    for s in (SlotState.RUNNING, SlotState.STARTING, SlotState.STOPPING, SlotState.BACKOFF,
+              SlotState.FAILED, SlotState.IDLE, SlotState.STOPPED):
+        if s in states:
+            return str(s.value)
+    return str(SlotState.STOPPED.value)
+
+
+def activate(rt: UnitRuntime, drivers: Iterable[SlotDriver], changed: Callable[[], None]) -> None:
+    """Begin: eager units start every slot, on-demand ones poll (``changed`` re-evaluates polling)."""
+    if not rt.unit.enabled:
+        return
+    if rt.unit.start is Start.EAGER:
+        for d in drivers:
+            d.feed(lifecycle.StartRequest())
+    else:
+        changed()
+
+
+def stop_for_operator(rt: UnitRuntime, drivers: Iterable[SlotDriver]) -> None:
+    """``sockvisor stop``: every slot stops and stays stopped; the sockets are not polled."""
+    rt.stopped_by_operator = True
+    for d in drivers:
+        d.feed(lifecycle.StopRequest(lifecycle.After.STOP))
+    rt.poll(False)
+    # As systemd (FileDescriptorStorePreserve=no): a stopped unit keeps no stored fds.
+    # The stopping process holds its own copies; the next start begins empty.
+    rt.release_fd_store()
+
+
+def spawn_slot(rt: UnitRuntime, index: int, listen_fds: list[int]) -> int:
+    """Spawn the process of slot ``index`` with ``listen_fds`` and the stored fds; returns its pid."""
+    unit = rt.unit
+    prepared = rt.prepared()
+    out, err = rt.output_fds()
+    pid_vars = _pid_vars(unit)
+    if unit.pass_ is Pass.STDIO:
+        fd = rt.bound[0].fd
+        # inetd "wait" programs expect a blocking socket; polling (libuv)
+        # made it non-blocking, and the flag is shared with the child's copy.
+        sockets.set_blocking(fd, True)
+        return spawn.spawn_child(prepared, [fd, fd, err], _extra_env(unit, index, []), listen_pid=False,
+                                 pid_vars=pid_vars)
+    fds = listen_fds + [fd for _, fd in rt.fd_store]
+    names = [b.listen.name for b in rt.bound] + [n for n, _ in rt.fd_store]
+    return spawn.spawn_child(prepared, [-1, out, err, *fds], _extra_env(unit, index, names), listen_pid=True,
+                             pid_vars=pid_vars)
+
+
+def _pid_vars(unit: Unit) -> tuple[bytes, ...]:
+    # WATCHDOG_PID is the child's own pid, which only the spawner knows at exec time.
+    return (b"WATCHDOG_PID",) if unit.watchdog else ()
+
+
+def _extra_env(unit: Unit, index: int, names: list[str]) -> list[bytes]:
+    env: list[bytes] = []
+    if names:
+        env.append(f"LISTEN_FDS={len(names)}".encode())
+        env.append(("LISTEN_FDNAMES=" + ":".join(names)).encode())
+    if unit.mode is Mode.POOL:
+        env.append(f"SOCKVISOR_WORKER={index}".encode())
+    if unit.watchdog:
+        env.append(f"WATCHDOG_USEC={int(unit.watchdog * 1_000_000)}".encode())
+    return env
+
+
+# ------------------------------------------------------------ the service runtime
+
+class ServiceRuntime(UnitRuntime):
+    """``mode: service``: one slot, one process, the unit's sockets as they are."""
 
     def __init__(self, daemon: Daemon, unit: Unit, bound: list[sockets.Bound]) -> None:
         super().__init__(daemon, unit, bound)
-        count = unit.workers if unit.mode is Mode.POOL else 1
-        self.slots = [SlotDriver(self, i) for i in range(count)]
+        self.slots = [SlotDriver(self, 0, fds=self.listen_fds, changed=self._driver_changed)]
         self._shutting_down = False
+
+    def listen_fds(self, index: int) -> list[int]:
+        """The listening fds the slot gets, in listen order."""
+        return [b.fd for b in self.bound]
 
     def pids(self) -> list[int]:
         return [d.slot.pid for d in self.slots if d.slot.pid is not None]
@@ -115,21 +198,13 @@ class SlottedRuntime(UnitRuntime):
         return sum(d.slot.restarts for d in self.slots)
 
     def state(self) -> str:
-        states = {d.slot.state for d in self.slots}
-        for s in (SlotState.RUNNING, SlotState.STARTING, SlotState.STOPPING, SlotState.BACKOFF,
-                  SlotState.FAILED, SlotState.IDLE, SlotState.STOPPED):
-            if s in states:
-                return str(s.value)
-        return str(SlotState.STOPPED.value)
+        return group_state(self.slots)
 
-    def driver_changed(self, driver: SlotDriver) -> None:
-        """``driver`` was fed an event (its slot may have changed)."""
-        self.slots_changed()
+    def _driver_changed(self, driver: SlotDriver) -> None:
+        self._slots_changed()
 
-    def slots_changed(self) -> None:
-        # Poll only while every slot waits for readiness: a running service
-        # (or any live worker) owns the sockets.
-        self.poll(not self._shutting_down and all(lifecycle.polls(d.slot) for d in self.slots))
+    def _slots_changed(self) -> None:
+        self.poll(not self._shutting_down and wants_poll(self.slots))
 
     def readable(self, bound: sockets.Bound) -> None:
         self.poll(False)
@@ -137,28 +212,16 @@ class SlottedRuntime(UnitRuntime):
             d.feed(lifecycle.Readiness())
 
     def activate(self) -> None:
-        if not self.unit.enabled:
-            return
-        if self.unit.start is Start.EAGER:
-            for d in self.slots:
-                d.feed(lifecycle.StartRequest())
-        else:
-            self.slots_changed()
+        activate(self, self.slots, self._slots_changed)
 
     def operator_start(self) -> None:
         self.stopped_by_operator = False
         for d in self.slots:
             d.feed(lifecycle.StartRequest(operator=True))
-        self.slots_changed()
+        self._slots_changed()
 
     def operator_stop(self) -> None:
-        self.stopped_by_operator = True
-        for d in self.slots:
-            d.feed(lifecycle.StopRequest(lifecycle.After.STOP))
-        self.poll(False)
-        # As systemd (FileDescriptorStorePreserve=no): a stopped unit keeps no stored fds.
-        # The stopping process holds its own copies; the next start begins empty.
-        self.release_fd_store()
+        stop_for_operator(self, self.slots)
 
     def operator_restart(self) -> None:
         self.stopped_by_operator = False
@@ -177,320 +240,4 @@ class SlottedRuntime(UnitRuntime):
         super().close(remove=remove)
 
     def notified(self, pid: int, fields: Mapping[str, str]) -> None:
-        for d in self.slots:
-            if d.slot.pid == pid:
-                if fields.get("READY") == "1":
-                    d.feed(lifecycle.NotifyReady())
-                if fields.get("WATCHDOG") == "1":
-                    d.feed(lifecycle.WatchdogPing())
-                if fields.get("STOPPING") == "1":
-                    self.log.info("child_stopping_notified", pid=pid)
-
-    def spawn_slot(self, index: int) -> int:
-        """Spawn the process of slot ``index`` with the unit's fds; returns its pid."""
-        unit = self.unit
-        prepared = self.prepared()
-        out, err = self.output_fds()
-        if unit.pass_ is Pass.STDIO:
-            fd = self.bound[0].fd
-            # inetd "wait" programs expect a blocking socket; polling (libuv)
-            # made it non-blocking, and the flag is shared with the child's copy.
-            sockets.set_blocking(fd, True)
-            return spawn.spawn_child(prepared, [fd, fd, err], self._extra_env(index, []), listen_pid=False,
-                                     pid_vars=self._pid_vars())
-        fds = self.listen_fds(index) + [fd for _, fd in self.fd_store]
-        names = [b.listen.name for b in self.bound] + [n for n, _ in self.fd_store]
-        extra = self._extra_env(index, names)
-        return spawn.spawn_child(prepared, [-1, out, err, *fds], extra, listen_pid=True, pid_vars=self._pid_vars())
-
-    def _pid_vars(self) -> tuple[bytes, ...]:
-        # WATCHDOG_PID is the child's own pid, which only the spawner knows at exec time.
-        return (b"WATCHDOG_PID",) if self.unit.watchdog else ()
-
-    def listen_fds(self, index: int) -> list[int]:
-        """The listening fds slot ``index`` gets, in listen order."""
-        return [b.fd for b in self.bound]
-
-    def _extra_env(self, index: int, names: list[str]) -> list[bytes]:
-        env: list[bytes] = []
-        if names:
-            env.append(f"LISTEN_FDS={len(names)}".encode())
-            env.append(("LISTEN_FDNAMES=" + ":".join(names)).encode())
-        if self.unit.mode is Mode.POOL:
-            env.append(f"SOCKVISOR_WORKER={index}".encode())
-        if self.unit.watchdog:
-            env.append(f"WATCHDOG_USEC={int(self.unit.watchdog * 1_000_000)}".encode())
-        return env
-
-
-
-
-# The per-slot socket of slot 0 is the unit's own bound socket.
-_PER_SLOT_KINDS = frozenset({ListenKind.TCP, ListenKind.UDP})
-
-
-def _per_slot(b: sockets.Bound) -> bool:
-    """Whether listener ``b`` gets one SO_REUSEPORT socket per worker slot."""
-    return b.listen.reuse_port and b.listen.kind in _PER_SLOT_KINDS and b.sock is not None
-
-
-class PoolRuntime(SlottedRuntime):
-    """``mode: pool``: ``workers`` slots, rolling restarts, optional per-slot SO_REUSEPORT sockets."""
-
-    def __init__(self, daemon: Daemon, unit: Unit, bound: list[sockets.Bound]) -> None:
-        # (base bound, sockets of slots 1..) for every per-slot listener
-        self._slot_socks: list[tuple[sockets.Bound, list[sockets.Bound]]] = []
-        self.surges: dict[int, SlotDriver] = {}
-        # Drivers whose process is on its way out: (slot whose roll step waits for it, or None, driver).
-        self.retiring: list[tuple[int | None, SlotDriver]] = []
-        self.roll: rolling.Roll | None = None
-        self._queue: collections.deque[rolling.Event | None] = collections.deque()  # None: begin a roll
-        self._pumping = False
-        self._roll_deadline = Deadline(daemon.loop, lambda: self._post(rolling.Timer()))
-        super().__init__(daemon, unit, bound)
-        self._sync_slot_sockets(unit.workers)
-
-    # ------------------------------------------------------------ sockets
-
-    def listen_fds(self, index: int) -> list[int]:
-        fds = []
-        for b in self.bound:
-            own = next((extras for base, extras in self._slot_socks if base is b), None)
-            if own is not None and 0 < index <= len(own):
-                fds.append(own[index - 1].fd)
-            else:
-                fds.append(b.fd)
-        return fds
-
-    def _extra_socks(self) -> Iterator[sockets.Bound]:
-        for _, extras in self._slot_socks:
-            yield from extras
-
-    def _sync_slot_sockets(self, count: int) -> None:
-        """Make every per-slot listener have sockets for slots 1..count-1; close the rest."""
-        old = {id(base): extras for base, extras in self._slot_socks}
-        table: list[tuple[sockets.Bound, list[sockets.Bound]]] = []
-        polling = self.polling
-        self.poll(False)
-        for b in self.bound:
-            if not _per_slot(b):
-                continue
-            extras = old.pop(id(b), [])
-            for e in extras:
-                if e.listen != b.listen:
-                    sockets.retune(e, b.listen, unit=self.unit.name)
-            while len(extras) < count - 1:
-                try:
-                    extras.append(sockets.bind(b.listen, unit=self.unit.name))
-                except BindError as exc:
-                    # The slot falls back to the shared socket; it still serves.
-                    self.log.warning("slot_bind_failed", listen=b.listen.display, slot=len(extras) + 1,
-                                     error=str(exc))
-                    break
-            while len(extras) > max(count - 1, 0):
-                extras.pop().close()
-            for e in extras:
-                sockets.set_blocking(e.fd, False)
-            table.append((b, extras))
-        for extras in old.values():
-            for e in extras:
-                e.close()
-        self._slot_socks = table
-        self.poll(polling)
-
-    def poll(self, on: bool) -> None:
-        if on == self.polling:
-            return
-        super().poll(on)
-        loop = self.daemon.loop
-        for e in self._extra_socks():
-            if on:
-                loop.add_reader(e.fd, self.readable, e)
-            else:
-                loop.remove_reader(e.fd)
-
-    # ------------------------------------------------------------ drivers
-
-    def drivers(self) -> Iterator[SlotDriver]:
-        """Every driver with a process or a timer: the slots', the surges', the retiring ones."""
-        yield from self.slots
-        yield from self.surges.values()
-        for _, d in self.retiring:
-            yield d
-
-    def pids(self) -> list[int]:
-        return [d.slot.pid for d in self.drivers() if d.slot.pid is not None]
-
-    def notified(self, pid: int, fields: Mapping[str, str]) -> None:
-        for d in list(self.drivers()):
-            if d.slot.pid == pid:
-                if fields.get("READY") == "1":
-                    d.feed(lifecycle.NotifyReady())
-                if fields.get("WATCHDOG") == "1":
-                    d.feed(lifecycle.WatchdogPing())
-                if fields.get("STOPPING") == "1":
-                    self.log.info("child_stopping_notified", pid=pid, slot=d.index)
-
-    def driver_changed(self, driver: SlotDriver) -> None:
-        state = driver.slot.state
-        if driver.surge and self.surges.get(driver.index) is driver:
-            if state is SlotState.RUNNING:
-                self._post(rolling.SurgeRunning(driver.index))
-            elif state is not SlotState.STARTING:
-                self._post(rolling.SurgeFailed(driver.index, _failure(driver.slot)))
-        for entry in self.retiring:
-            slot, d = entry
-            if d is driver and state not in ALIVE:
-                self.retiring.remove(entry)
-                d.cancel()
-                if slot is not None:
-                    self._post(rolling.OldGone(slot))
-                break
-        self.slots_changed()
-
-    # ------------------------------------------------------------ the roll
-
-    def operator_restart(self) -> None:
-        self.stopped_by_operator = False
-        if self.roll is not None and self.roll.active:
-            self._post(rolling.RestartRequest())
-        else:
-            self._post(None)
-
-    def _post(self, event: rolling.Event | None) -> None:
-        """Queue an event for the planner (None: begin a roll) and run the queue unless it already runs."""
-        self._queue.append(event)
-        if self._pumping:
-            return
-        self._pumping = True
-        try:
-            while self._queue:
-                ev = self._queue.popleft()
-                now = self.daemon.loop.time()
-                if ev is None:
-                    self.roll, actions = rolling.begin(self.unit, self._begin_slots(), now)
-                elif self.roll is not None:
-                    self.roll, actions = rolling.step(self.unit, self.roll, ev, now)
-                else:
-                    continue
-                self._carry_out(actions)
-                if self.roll.state is rolling.RollState.FINISHED and self.roll.again:
-                    self.roll = rolling.Roll(state=rolling.RollState.FINISHED)
-                    self._queue.append(None)
-        finally:
-            self._pumping = False
-        self._roll_deadline.set(self.roll.deadline if self.roll is not None and self.roll.active else None)
-
-    def _begin_slots(self) -> tuple[int, ...]:
-        """The slots a new roll replaces; the others (not running) start now: nothing there to keep."""
-        live = []
-        for d in self.slots:
-            if d.slot.pid is not None and d.slot.state in (SlotState.STARTING, SlotState.RUNNING):
-                live.append(d.index)
-            else:
-                d.feed(lifecycle.StartRequest(operator=True))
-        return tuple(live)
-
-    def _carry_out(self, actions: list[rolling.Action]) -> None:
-        for action in actions:
-            match action:
-                case rolling.StartSurge(slot=slot):
-                    surge = SlotDriver(self, slot, surge=True)
-                    self.surges[slot] = surge
-                    surge.feed(lifecycle.StartRequest())
-                case rolling.Promote(slot=slot):
-                    self._promote(slot)
-                case rolling.CancelSurge(slot=slot):
-                    cancelled = self.surges.pop(slot, None)
-                    if cancelled is not None:
-                        self.retiring.append((None, cancelled))
-                        cancelled.feed(lifecycle.StopRequest(lifecycle.After.NOTHING))
-                case rolling.Log(event=name, fields=fields):
-                    if name == "roll_aborted":
-                        self.log.warning(name, **dict(fields))
-                    else:
-                        self.log.info(name, **dict(fields))
-
-    def _promote(self, slot: int) -> None:
-        """The surge takes ``slot`` over; the old driver stops its process from the retiring list."""
-        new = self.surges.pop(slot)
-        old = self.slots[slot]
-        new.surge = False
-        new.slot = dataclasses.replace(new.slot, restarts=old.slot.restarts)
-        self.slots[slot] = new
-        self.log.info("roll_step", slot=slot, old_pid=old.slot.pid, new_pid=new.slot.pid)
-        self.retiring.append((slot, old))
-        old.feed(lifecycle.StopRequest(lifecycle.After.NOTHING))
-
-    # ------------------------------------------------------------ operator, reload, shutdown
-
-    def operator_stop(self) -> None:
-        self._post(rolling.Cancel("stopped"))
-        super().operator_stop()
-
-    def shutdown(self) -> None:
-        self._post(rolling.Cancel("shutdown"))
-        super().shutdown()
-        for _, d in list(self.retiring):
-            d.feed(lifecycle.StopRequest(lifecycle.After.NOTHING))
-
-    def reconfigured(self) -> None:
-        UnitRuntime.reconfigured(self)
-        want = self.unit.workers
-        if want < len(self.slots):
-            self._post(rolling.Resize(want))
-        while len(self.slots) > want:
-            driver = self.slots.pop()
-            self.retiring.append((None, driver))
-            driver.feed(lifecycle.StopRequest(lifecycle.After.NOTHING))
-        self._sync_slot_sockets(want)
-        while len(self.slots) < want:
-            driver = SlotDriver(self, len(self.slots))
-            self.slots.append(driver)
-            if any(d.slot.pid is not None for d in self.slots) or self.unit.start is Start.EAGER:
-                driver.feed(lifecycle.StartRequest())
-
-    def close(self, *, remove: bool = True) -> None:
-        self._roll_deadline.cancel()
-        for d in self.drivers():
-            d.cancel()
-        self.poll(False)
-        for e in self._extra_socks():
-            e.close()
-        self._slot_socks = []
-        super().close(remove=remove)
-
-    # ------------------------------------------------------------ status
-
-    def status(self) -> dict[str, Any]:
-        st = super().status()
-        now = self.daemon.loop.time()
-        workers = [_worker(d, now, "worker") for d in self.slots]
-        workers += [_worker(d, now, "surge") for d in self.surges.values()]
-        workers += [_worker(d, now, "retiring") for _, d in self.retiring]
-        st["workers"] = workers
-        roll = self.roll
-        if roll is not None:
-            info: dict[str, Any] = {"state": roll.state.value, "replaced": len(roll.replaced), "total": roll.total,
-                                    "age": round(now - roll.started_at, 3)}
-            if roll.state is rolling.RollState.ABORTED:
-                info["reason"] = roll.reason
-                info["slot"] = roll.failed_slot
-            st["roll"] = info
-        return st
-
-
-def _worker(d: SlotDriver, now: float, role: str) -> dict[str, Any]:
-    slot = d.slot
-    age = round(now - slot.started_at, 3) if slot.pid is not None and slot.started_at is not None else None
-    return {"slot": d.index, "pid": slot.pid, "state": slot.state.value, "age": age, "restarts": slot.restarts,
-            "role": role}
-
-
-def _failure(slot: lifecycle.Slot) -> str:
-    """Why a surge left STARTING/RUNNING without taking its slot over."""
-    if slot.state is SlotState.STOPPING:
-        return "start timeout"  # the lifecycle stops a STARTING slot only at start_timeout
-    if slot.last_exit is not None:
-        return f"exited ({slot.last_exit})"
-    return "spawn failed"
+        notify(self.slots, pid, fields)

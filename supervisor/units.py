@@ -2,8 +2,9 @@
 
 A runtime owns one unit's bound sockets, its notify endpoint, its spawn
 preparation and its counters, and turns operator commands and readiness into
-work. The mode-specific runtimes are ``supervisor.service`` (service and pool:
-lifecycle slots) and ``supervisor.accept`` (one child per connection).
+work. The mode-specific runtimes are ``supervisor.service`` (one lifecycle
+slot), ``supervisor.pool`` (``workers`` slots) and ``supervisor.accept`` (one
+child per connection).
 """
 
 from __future__ import annotations
