@@ -237,10 +237,7 @@ class AcceptRuntime(UnitRuntime):
         refusal = policy.admit(peer, now)
         if refusal is not None:
             os.close(fd)
-            self.refused += 1
-            # Refusals are always logged: they are the operator's signal that a limit bites.
-            self.log.info("connection_refused", remote=remote or _describe(peer, addr),
-                          reason=refusal.value)
+            self._refuse(refusal.value, remote or _describe(peer, addr))
             return None
         try:
             prepared = self._prepared or self.prepared()
@@ -285,9 +282,16 @@ class AcceptRuntime(UnitRuntime):
     def _spawn_failed(self, peer: Peer | None, remote: str, exc: SpawnError) -> None:
         """An admitted connection got no child (its fd is already closed): undo the admission, log it."""
         self.policy.release(peer)
-        self.refused += 1
         self.spawn_failures += 1
-        self.log.error("spawn_failed", remote=remote, error=str(exc), stage=exc.stage)
+        # A missing binary fails every connection: one line a second with a count, not one each.
+        self.summary.emit("spawn_failed", level="error", reason=exc.stage, remote=remote, error=str(exc))
+        self._refuse("spawn_failed", remote)
+
+    def _refuse(self, reason: str, remote: str) -> None:
+        """Count a refused connection by reason; log it, at most once a second per reason (a flood is summarized)."""
+        self.refused += 1
+        self.refused_by_reason[reason] += 1
+        self.summary.emit("connection_refused", reason=reason, remote=remote)
 
     def _exited(self, pid: int, ex: Exit) -> None:
         self.last_exit = (pid, ex, time.time())

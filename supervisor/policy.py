@@ -36,8 +36,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Refusal(enum.Enum):
-    DENIED = "denied"  # matched deny, or no allow entry
-    PER_SOURCE = "per_source_limit"
+    # The reason words of SPEC section 8: the same in the log, status and metrics.
+    DENIED = "deny"  # matched deny, or no allow entry
+    PER_SOURCE = "per_source"
 
 
 @dataclass(frozen=True, slots=True)

@@ -106,6 +106,7 @@ class UnitRuntime:
         self.status_text = ""
         self.accepted = 0
         self.refused = 0
+        self.refused_by_reason: collections.Counter[str] = collections.Counter()
         self.fd_store: list[tuple[str, int]] = []
         # Dropped notify messages by reason, for status (the log only summarizes them).
         self.notify_dropped: collections.Counter[str] = collections.Counter()
@@ -313,7 +314,8 @@ class UnitRuntime:
             "state": self.state(),
             "listen": [b.listen.display for b in self.bound],
             "pids": self.pids(),
-            "connections": {"active": self.active(), "accepted": self.accepted, "refused": self.refused},
+            "connections": {"active": self.active(), "accepted": self.accepted, "refused": self.refused,
+                            "refused_by_reason": dict(self.refused_by_reason)},
             "restarts": self.restarts(),
             "status": self.status_text,
             "description": self.unit.description,
