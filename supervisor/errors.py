@@ -36,11 +36,13 @@ class Problem:
 
     def __str__(self) -> str:
         head = f"{self.location}: " if self.location is not None else ""
-        path = self.path if len(self.path) <= MESSAGE_MAX else self.path[: MESSAGE_MAX - 3] + "..."
+        path = self.path.replace("\n", "\\n").replace("\r", "\\r")  # a key may hold a line break
+        if len(path) > MESSAGE_MAX:
+            path = path[: MESSAGE_MAX - 3] + "..."
         key = f"{path}: " if path else ""
         # One line, of bounded length, whatever value a message quoted (an alias
         # bomb, a 10,000-character address): the message is for a human.
-        message = self.message.replace("\n", " ")
+        message = self.message.replace("\n", " ").replace("\r", " ")
         if len(message) > MESSAGE_MAX:
             message = message[: MESSAGE_MAX - 3] + "..."
         return f"{head}{key}{message}"
