@@ -22,9 +22,9 @@ sizes and rlimits at most ``MAX_SIZE``. Messages never render more than
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 import re
 import signal
+from fractions import Fraction
 
 INFINITY = -1  # rlimit value meaning RLIM_INFINITY in the model
 MAX_DURATION = 365 * 86400.0  # seconds

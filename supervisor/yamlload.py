@@ -24,6 +24,7 @@ Reader errors (control characters) are located from their offset.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import yaml
 
@@ -124,7 +125,7 @@ def is_empty_document(value: Value) -> bool:
     return isinstance(value, Scalar) and value.value is None and value.text == "" and not value.quoted
 
 
-def _location(file: str, mark: yaml.Mark | None) -> Location:
+def _location(file: str, mark: Any) -> Location:
     if mark is None:
         return Location(file)
     return Location(file, mark.line + 1, mark.column + 1)
