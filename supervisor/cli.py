@@ -79,7 +79,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_USAGE
-    except (BindError, ControlError) as exc:
+    except BindError as exc:
+        # Located at the listen entry when known: "file:line:column: unit NAME: cannot bind ADDRESS: why".
+        print(str(exc) if exc.location is not None else f"sockvisor: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except ControlError as exc:
         _err(str(exc))
         return EXIT_FAILURE
     except SockvisorError as exc:

@@ -65,13 +65,21 @@ class ConfigError(SockvisorError):
 
 
 class BindError(SockvisorError):
-    """A listen entry could not be bound; names the unit and the address (exit 1)."""
+    """A listen entry could not be bound; names the unit, the address and, when known, where it was written (exit 1)."""
 
-    def __init__(self, unit: str, address: str, reason: str) -> None:
+    def __init__(self, unit: str, address: str, reason: str, location: Location | None = None) -> None:
         self.unit = unit
         self.address = address
         self.reason = reason
-        super().__init__(f"unit {unit}: cannot bind {address}: {reason}")
+        self.location = location
+        head = f"{location}: " if location is not None else ""
+        super().__init__(f"{head}unit {unit}: cannot bind {address}: {reason}")
+
+    def at(self, location: Location) -> BindError:
+        """The same error, located at the listen entry (kept if already located)."""
+        if self.location is not None:
+            return self
+        return BindError(self.unit, self.address, self.reason, location)
 
 
 class SpawnError(SockvisorError):

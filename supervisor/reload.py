@@ -203,11 +203,16 @@ def apply(daemon: Daemon) -> dict[str, Any]:
             staged.append(st)
             if p.unit.enabled:
                 _stage(daemon, p, st)
-    except BindError as exc:
+    except Exception as exc:
         for st in reversed(staged):
             st.undo(log)
+        if not isinstance(exc, BindError):  # whatever failed while staging is a bind failure of that unit
+            unit = staged[-1].plan.unit if staged else None
+            where = unit.listen[0] if unit is not None and unit.listen else None
+            exc = BindError(unit.name if unit else "?", where.display if where else "?",
+                            f"{type(exc).__name__}: {exc}")
         log.error("reload_failed", errors=[str(exc)])
-        raise
+        raise exc from None
 
     # 2. Commit: nothing below fails for a reason the config controls.
     changed: list[str] = []
@@ -217,7 +222,7 @@ def apply(daemon: Daemon) -> dict[str, Any]:
         name = p.unit.name
         new_bound = [b for b in st.bound if b is not None]
         if runtime is None:
-            daemon.add_unit(p.unit, new_bound).activate()
+            _activate(daemon, daemon.add_unit(p.unit, new_bound))
             added.append(name)
             continue
         kept = {id(b) for b in new_bound}
@@ -235,7 +240,7 @@ def apply(daemon: Daemon) -> dict[str, Any]:
             _retire(daemon, runtime)
             successor = daemon.add_unit(p.unit, new_bound)
             successor.last_exit = runtime.last_exit  # the unit's history outlives its mode
-            successor.activate()
+            _activate(daemon, successor)
         changed.append(name)
     for name in retire:
         _retire(daemon, daemon.units.pop(name))
@@ -256,9 +261,17 @@ def _update(runtime: UnitRuntime, unit: Unit, bound: list[sockets.Bound], *, was
     runtime.reconfigured()
     if unit.enabled and not runtime.stopped_by_operator:
         if was_polling or not runtime.pids():
-            runtime.activate()
+            _activate(runtime.daemon, runtime)
     elif not unit.enabled:
         runtime.operator_stop()
+
+
+def _activate(daemon: Daemon, runtime: UnitRuntime) -> None:
+    """Start a committed unit; a failure is that unit's (logged), never a half-applied reload."""
+    try:
+        runtime.activate()
+    except Exception as exc:
+        daemon.log.exception("unit_activate_failed", unit=runtime.unit.name, error=str(exc))
 
 
 def _retire(daemon: Daemon, runtime: UnitRuntime) -> None:
