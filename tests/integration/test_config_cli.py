@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -9,6 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from supervisor import sockets
+from supervisor.config import load_units_from_text
+from tests.conftest import free_port
 
 LOCATED = re.compile(r"[^\n:]+:\d+:\d+: [^\n]+")
 BASE = "listen: [{tcp: '127.0.0.1:8080'}]\nexec: [/bin/true]\n"
@@ -69,3 +74,24 @@ def test_run_bind_failure_names_the_listen_entry(tmp_path: Path) -> None:
     last = res.stderr.splitlines()[-1]
     assert last.startswith(f"sockets.d/web.yaml:1:10: unit web: cannot bind tcp:127.0.0.1:{port}: "), last
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="SO_MARK and high SO_PRIORITY need root")
+def test_largest_accepted_socket_options_bind_on_the_real_kernel() -> None:
+    """The largest mark, buffers, priority and keepalive that check accepts are applied by the real kernel."""
+    port = free_port()
+    (unit,) = load_units_from_text(
+        f"listen:\n  - tcp: '127.0.0.1:{port}'\n    mark: 2147483647\n    receive_buffer: 2147483647\n"
+        "    send_buffer: 2147483647\n    priority: 2147483647\n    keepalive_time: 32767\n"
+        "    keepalive_interval: 32767\n    backlog: 2147483647\nexec: [/bin/true]\n",
+        "web.yaml",
+    )
+    bound = sockets.bind(unit.listen[0], unit="web")
+    try:
+        assert bound.sock is not None
+        assert bound.sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 2**31 - 1
+    finally:
+        bound.close(remove=True)
+    with socket.socket() as probe, pytest.raises((OverflowError, TypeError)):
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 2**31)  # why config stops at 2^31-1
