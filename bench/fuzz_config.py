@@ -26,8 +26,8 @@ import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from supervisor.config import load_units_from_text  # noqa: E402
-from supervisor.errors import ConfigError  # noqa: E402
+from supervisor.config import load_units_from_text
+from supervisor.errors import ConfigError
 
 LOCATED = re.compile(r"[^\n:]+:\d+:\d+: [^\n]+")
 
@@ -37,7 +37,8 @@ SEEDS = [
     "rate: {per_second: 10, burst: 20}\nmax_connections: 10\nallow: [127.0.0.0/8]\n",
     "mode: pool\nworkers: 4\nlisten:\n  - unix: /run/x.sock\n    mode: \"0660\"\nexec: [/bin/true]\n"
     "limits: {nofile: 1024, core: {soft: 0, hard: infinity}}\nstop_timeout: 1m30s\nrestart_delay: 250ms\n",
-    "listen: [{udp: '[::1]:53'}]\nexec: [/bin/true]\nenvironment: {A: 1, B: x}\nstart_limit: {burst: 5, interval: 10s}\n"
+    "listen: [{udp: '[::1]:53'}]\nexec: [/bin/true]\nenvironment: {A: 1, B: x}\n"
+    "start_limit: {burst: 5, interval: 10s}\n"
     "watchdog: 10s\nready: notify\nuser: nobody\numask: \"022\"\nnice: 5\nstop_signal: SIGINT\n",
 ]
 

@@ -413,11 +413,11 @@ def _enum(kind: type[E]) -> Callable[[Value], E]:
     choices = [member.value for member in kind]
 
     def convert(value: Value) -> E:
-        plain = to_plain(value)
+        plain = value.value if isinstance(value, Scalar) else None
         if isinstance(plain, str) and plain in choices:
             return kind(plain)
         listed = ", ".join(choices[:-1]) + f" or {choices[-1]}"
-        message = f"expected {listed}, got {values.describe(plain)}"
+        message = f"expected {listed}, got {kind_of(value)}"
         raise ValueError(message + _did_you_mean(plain, choices))
 
     return convert
@@ -1020,12 +1020,11 @@ def _positive_number(value: object) -> float:
 
 
 def _log_level(value: Value) -> str:
-    plain = to_plain(value)
+    plain = value.value if isinstance(value, Scalar) else None
     if isinstance(plain, str) and plain in _LOG_LEVELS:
         return plain
-    raise ValueError(
-        f"expected debug, info, warning or error, got {values.describe(plain)}" + _did_you_mean(plain, _LOG_LEVELS)
-    )
+    hint = _did_you_mean(plain, _LOG_LEVELS)
+    raise ValueError(f"expected debug, info, warning or error, got {kind_of(value)}" + hint)
 
 
 def _env_name(value: Value) -> str:

@@ -91,8 +91,13 @@ class Daemon:
     # ------------------------------------------------------------ binding
 
     def bind_unit(self, unit: Unit) -> list[sockets.Bound]:
-        """Bind (or adopt from inherited fds) every listen entry of ``unit``; all or nothing."""
+        """Bind (or adopt from inherited fds) every listen entry of ``unit``; all or nothing.
+
+        Raises:
+            BindError: located at the listen entry, whatever failed (an OSError or anything else).
+        """
         bound: list[sockets.Bound] = []
+        listen = unit.listen[0] if unit.listen else None
         try:
             for listen in unit.listen:
                 adopted = None
@@ -107,10 +112,14 @@ class Daemon:
                     adopted = sockets.bind(listen, unit=unit.name)
                     self.log.info("socket_bound", unit=unit.name, listen=listen.display, fd=adopted.fd)
                 bound.append(adopted)
-        except BindError:
+        except Exception as exc:
             for b in bound:
                 b.close(remove=not b.adopted)
-            raise
+            if listen is None:
+                raise
+            if not isinstance(exc, BindError):  # never a traceback for a listener that cannot be set up
+                exc = BindError(unit.name, listen.display, f"{type(exc).__name__}: {exc}")
+            raise (exc if listen.location is None else exc.at(listen.location)) from None
         return bound
 
     def add_unit(self, unit: Unit, bound: list[sockets.Bound]) -> UnitRuntime:
@@ -261,8 +270,12 @@ class Daemon:
 
     async def _reload_logged(self) -> None:
         # Errors were logged by reload itself; a bad reload keeps the old config.
-        with contextlib.suppress(ConfigError, BindError):
+        try:
             await self.reload()
+        except (ConfigError, BindError):
+            pass
+        except Exception as exc:  # SIGHUP has no one to answer: log it, never a bare traceback
+            self.log.exception("reload_failed", errors=[f"internal error: {exc}"])
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the config and apply it as a diff; an invalid config changes nothing."""

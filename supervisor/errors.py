@@ -73,7 +73,7 @@ class ConfigError(SockvisorError):
 
 
 class BindError(SockvisorError):
-    """A listen entry could not be bound; names the unit and the address (exit 1)."""
+    """A listen entry could not be bound; names the unit, the address and, when known, where it was written (exit 1)."""
 
     def __init__(self, unit: str, address: str, reason: str, location: Location | None = None) -> None:
         self.unit = unit
@@ -84,6 +84,12 @@ class BindError(SockvisorError):
         # administrator goes straight to the line that names the address.
         where = f"{location}: " if location is not None else ""
         super().__init__(f"{where}unit {unit}: cannot bind {address}: {reason}")
+
+    def at(self, location: Location) -> BindError:
+        """The same error, located at the listen entry (kept if already located)."""
+        if self.location is not None:
+            return self
+        return BindError(self.unit, self.address, self.reason, location)
 
 
 class SpawnError(SockvisorError):

@@ -199,11 +199,16 @@ def apply(daemon: Daemon) -> dict[str, Any]:
             staged.append(st)
             if p.unit.enabled:
                 _stage(daemon, p, st)
-    except BindError as exc:
+    except Exception as exc:
         for st in reversed(staged):
             st.undo(log)
+        if not isinstance(exc, BindError):  # whatever failed while staging is a bind failure of that unit
+            unit = staged[-1].plan.unit if staged else None
+            where = unit.listen[0] if unit is not None and unit.listen else None
+            exc = BindError(unit.name if unit else "?", where.display if where else "?",
+                            f"{type(exc).__name__}: {exc}")
         log.error("reload_failed", errors=[str(exc)])
-        raise
+        raise exc from None
 
     # 2. Commit: nothing below fails for a reason the config controls (values are
     #    range-checked at parse time, binds are done). Should an effect still fail
@@ -267,9 +272,17 @@ def _update(runtime: UnitRuntime, unit: Unit, bound: list[sockets.Bound], *, was
     runtime.reconfigured()
     if unit.enabled and not runtime.stopped_by_operator:
         if was_polling or not runtime.pids():
-            runtime.activate()
+            _activate(runtime.daemon, runtime)
     elif not unit.enabled:
         runtime.operator_stop()
+
+
+def _activate(daemon: Daemon, runtime: UnitRuntime) -> None:
+    """Start a committed unit; a failure is that unit's (logged), never a half-applied reload."""
+    try:
+        runtime.activate()
+    except Exception as exc:
+        daemon.log.exception("unit_activate_failed", unit=runtime.unit.name, error=str(exc))
 
 
 def _retire(daemon: Daemon, runtime: UnitRuntime) -> None:

@@ -357,3 +357,41 @@ def test_no_connection_to_an_unchanged_unit_fails_across_reloads(sockvisor: Sock
     assert load.failed == 0, load.failures[:5]
     assert load.ok >= 55
     assert daemon_listener(pid_of(sockvisor), port) == before
+
+
+def _bomb(levels: int = 8) -> str:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+def test_hostile_reload_is_refused_quickly_with_located_errors(sockvisor: Sockvisor) -> None:
+    """An alias bomb and a crashing value through reload exit 2 in seconds with located lines; nothing changes."""
+    port = free_port()
+    hello(sockvisor, port)
+    sockvisor.start()
+    before = daemon_listener(pid_of(sockvisor), port)
+    sockvisor.unit("bomb", _bomb() + f"listen: [{{tcp: '127.0.0.1:{free_port()}'}}]\nexec: [/bin/true]\nmode: *a8\n")
+    sockvisor.unit("crash", "listen: [{tcp: '127.0.0.1:1'}]\nexec: [/bin/true]\nstop_timeout: 2001-02-30\n")
+    res = sockvisor.cli("reload", timeout=20)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.splitlines()
+    assert "sockets.d/bomb.yaml:9:5: mode: expected service, accept or pool, got a list" in lines, lines
+    assert any(ln.startswith("sockets.d/crash.yaml:3:15: stop_timeout: invalid value") for ln in lines), lines
+    assert "Traceback" not in res.stderr and "internal error" not in res.stderr
+    assert daemon_listener(pid_of(sockvisor), port) == before
+    assert [u["name"] for u in sockvisor.status()["units"]] == ["hello"]
+
+
+def test_sighup_with_a_bad_config_logs_located_errors_and_keeps_serving(sockvisor: Sockvisor) -> None:
+    """SIGHUP on a config that used to raise logs reload_failed with located errors, no traceback, and serves on."""
+    port = free_port()
+    hello(sockvisor, port)
+    sockvisor.start()
+    sockvisor.unit("crash", "listen: [{tcp: '127.0.0.1:1'}]\nexec: [/bin/true]\nmode: [accept]\n")
+    assert sockvisor.proc is not None
+    sockvisor.proc.send_signal(signal.SIGHUP)
+    failed = sockvisor.wait_event("reload_failed")
+    assert failed["errors"] == ["sockets.d/crash.yaml:3:7: mode: expected service, accept or pool, got a list"]
+    assert roundtrip(port) == b"hello\n"
+    assert not any("Traceback" in line for line in sockvisor.raw)

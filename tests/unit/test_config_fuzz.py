@@ -79,14 +79,14 @@ yaml_values = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated())
 def test_mutated_unit_files_give_only_located_errors(text: str) -> None:
     """A mutated valid unit file yields ConfigError with located one-line errors, or loads; nothing else."""
     assert_located(errors_of(text))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.dictionaries(st.sampled_from(["name", "mode", "listen", "exec", "stop_timeout", "limits", "rate",
                                         "workers", "environment", "user", "start_limit", "x"]),
                        yaml_values, max_size=8))
