@@ -249,7 +249,7 @@ class Daemon:
     async def _start_control(self) -> None:
         from supervisor import control  # the control plane is optional for embedding/tests
 
-        self.control = control.ControlServer(self)
+        self.control = control.ControlServer(self, idle_timeout=control.IDLE_TIMEOUT)
         await self.control.start()
 
     # ------------------------------------------------------------ reload

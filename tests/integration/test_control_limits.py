@@ -1,0 +1,113 @@
+"""Bounds on what local clients and the fd limit can cost the daemon: control connections, idle peers, RLIMIT_NOFILE."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from supervisor import control
+from tests.conftest import Sockvisor, wait_for
+
+PY = sys.executable
+
+
+def _socket_fds(pid: int) -> int:
+    """How many of ``pid``'s fds are sockets (the control connections show up here)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                count += 1
+        except OSError:
+            pass
+    return count
+
+
+def _is_closed(s: socket.socket, timeout: float = 5.0) -> bool:
+    """True if the daemon closed ``s`` (recv gives b"" or a reset) within ``timeout``."""
+    s.settimeout(timeout)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_held_connections_are_capped_and_status_answers_after(sockvisor: Sockvisor) -> None:
+    """200 held control connections cost at most about the cap in fds, one over the cap is closed at once.
+
+    And ``sockvisor status`` answers once they are gone.
+    """
+    sv = sockvisor.start()
+    assert sv.proc is not None
+    pid = sv.proc.pid
+    base = _socket_fds(pid)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(200):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(sv.control))
+            held.append(s)
+        sv.wait_event("control_refused", reason="too_many_connections")
+        # The served ones stay open; every one beyond the cap is closed by the daemon.
+        wait_for(lambda: _socket_fds(pid) - base <= control.MAX_CONNECTIONS, what="refused connections closed")
+        assert _socket_fds(pid) - base <= control.MAX_CONNECTIONS + 20
+        extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        extra.connect(str(sv.control))
+        held.append(extra)
+        assert _is_closed(extra)
+        assert _socket_fds(pid) - base <= control.MAX_CONNECTIONS + 20
+    finally:
+        for s in held:
+            s.close()
+    assert sv.status()["units"] == []
+    refused = sv.find("control_refused", reason="too_many_connections")
+    assert len(refused) <= 2  # summarized, not one line per connection
+
+
+class _Log:
+    """A stand-in bound logger: records events, ``bind`` returns itself."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def bind(self, **_: Any) -> _Log:
+        return self
+
+    def __getattr__(self, level: str) -> Any:
+        def record(event: str, **fields: Any) -> None:
+            self.events.append((event, fields))
+        return record
+
+
+def test_idle_connection_is_closed_after_timeout(short_tmp: Path) -> None:
+    """A control connection that sends no complete request within idle_timeout is closed; a live one is answered."""
+    path = short_tmp / "ctl.sock"
+    log = _Log()
+    main = SimpleNamespace(control_socket=str(path), control_mode=0o600)
+    daemon: Any = SimpleNamespace(config=SimpleNamespace(main=main), log=log, units={}, summary=lambda: "")
+
+    async def scenario() -> None:
+        server = control.ControlServer(daemon, idle_timeout=0.2)
+        await server.start()
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(b'{"cmd": "sta')  # never completed
+            await writer.drain()
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(b'{"cmd": "status"}\n')
+            reply = json.loads(await asyncio.wait_for(reader.readline(), 5))
+            assert reply["ok"] is True
+            writer.close()
+        finally:
+            await server.close()
+
+    asyncio.run(scenario())
+    assert any(event == "control_idle_closed" for event, _ in log.events)
