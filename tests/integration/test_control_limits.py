@@ -6,13 +6,14 @@ import asyncio
 import json
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from supervisor import control
-from tests.conftest import Sockvisor, wait_for
+from tests.conftest import Sockvisor, free_port, wait_for
 
 PY = sys.executable
 
@@ -111,3 +112,52 @@ def test_idle_connection_is_closed_after_timeout(short_tmp: Path) -> None:
 
     asyncio.run(scenario())
     assert any(event == "control_idle_closed" for event, _ in log.events)
+
+
+def _accept_unit(sv: Sockvisor, name: str, port: int, extra: str = "") -> None:
+    sv.unit(name, f"""
+        listen: [{{tcp: "127.0.0.1:{port}"}}]
+        mode: accept
+        exec: [/bin/echo, hi]
+        {extra}
+    """)
+
+
+def _run_argv(sv: Sockvisor, nofile: str) -> list[str]:
+    return ["prlimit", f"--nofile={nofile}", PY, "-m", "supervisor", "run", "--config", str(sv.config)]
+
+
+def test_soft_nofile_raised_to_hard(sockvisor: Sockvisor) -> None:
+    """The daemon raises its soft RLIMIT_NOFILE to the hard limit at start and logs both."""
+    _accept_unit(sockvisor, "web", free_port())
+    sv = sockvisor.start(argv=_run_argv(sockvisor, "256:1024"))
+    event = sv.wait_event("nofile_limit")
+    assert (event["soft"], event["hard"]) == (1024, 1024)
+    assert sv.proc is not None
+    with open(f"/proc/{sv.proc.pid}/limits") as f:
+        line = next(x for x in f if x.startswith("Max open files"))
+    assert line.split()[3:5] == ["1024", "1024"]
+
+
+def test_fd_budget_over_limit_fails_start_with_one_line(sockvisor: Sockvisor) -> None:
+    """Units whose fd_store_max sum exceeds the fd limit fail start-up with exit 1 and one line naming the limit."""
+    _accept_unit(sockvisor, "a", free_port(), "fd_store_max: 100")
+    _accept_unit(sockvisor, "b", free_port(), "fd_store_max: 100")
+    res = subprocess.run(_run_argv(sockvisor, "128:128"), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("sockvisor:")]
+    assert len(errors) == 1, res.stderr
+    assert "RLIMIT_NOFILE=128" in errors[0] and "266 fds" in errors[0]
+
+
+def test_fd_budget_over_limit_refuses_reload(sockvisor: Sockvisor) -> None:
+    """A reload whose units would exceed the fd limit is refused and the old configuration is kept."""
+    _accept_unit(sockvisor, "a", free_port())
+    sv = sockvisor.start(argv=_run_argv(sockvisor, "1024:1024"))
+    _accept_unit(sv, "b", free_port(), "fd_store_max: 2000")
+    res = sv.cli("reload")
+    assert res.returncode != 0
+    assert "RLIMIT_NOFILE=1024" in res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+    assert [u["name"] for u in sv.status()["units"]] == ["a"]
