@@ -17,6 +17,13 @@ error reply; an oversized one also closes that connection. Nothing a client
 sends can raise into the daemon: each connection is its own task, owned by
 the server, and every failure is turned into a reply.
 
+Local clients are bounded too: at most ``MAX_CONNECTIONS`` are served at once
+(one more is closed as soon as it is accepted, and the refusals are logged as
+one summarized ``control_refused`` line per second, so a flood costs neither
+fds nor disk), and a connection that has not sent a complete request line
+within ``idle_timeout`` seconds is closed, so a held-open connection cannot
+keep its slot forever.
+
 ``request`` is the client side, used by the CLI: plain blocking sockets, no
 event loop, so ``sockvisor status`` starts fast.
 """
@@ -32,12 +39,15 @@ from typing import TYPE_CHECKING, Any
 
 from supervisor import fsnodes
 from supervisor.errors import BindError, ConfigError, ControlError
+from supervisor.logsummary import LogSummary
 
 if TYPE_CHECKING:
     from supervisor.daemon import Daemon
 
 MAX_REQUEST = 64 * 1024
 COMMANDS = ("status", "start", "stop", "restart", "reload")
+MAX_CONNECTIONS = 32  # control connections served at once; one more is closed at once
+IDLE_TIMEOUT = 10.0  # seconds a connection may take to send one complete request line
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -49,14 +59,16 @@ def peer_uid(sock: socket.socket) -> int:
 class ControlServer:
     """Serves the control socket for ``daemon``: one task per connection, owned here and cancelled on close."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, *, idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.daemon = daemon
+        self.idle_timeout = idle_timeout
         self.path = daemon.config.main.control_socket
         self.mode = daemon.config.main.control_mode
         self.log = daemon.log.bind(component="control")
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._node: tuple[int, int] | None = None
+        self._refusals: LogSummary | None = None
 
     async def start(self) -> None:
         """Bind the control socket; a live daemon already answering on it is an error, a stale node is replaced.
@@ -67,6 +79,7 @@ class ControlServer:
         anyone else's node is left alone and is an error), mode set on the
         very node bound, never more open than ``control.mode`` even for a moment.
         """
+        self._refusals = LogSummary(self.log, asyncio.get_running_loop())
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             self._node = fsnodes.bind_socket(sock, self.path, mode=self.mode, directory_mode=0o755)
@@ -84,6 +97,8 @@ class ControlServer:
             raise BindError("control", self.path, exc.strerror or str(exc)) from exc
 
     async def close(self) -> None:
+        if self._refusals is not None:
+            self._refusals.flush()
         if self._server is not None:
             self._server.close()
             for task in list(self._tasks):
@@ -94,6 +109,12 @@ class ControlServer:
                 fsnodes.remove_node(self.path, self._node)
 
     def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._tasks) >= MAX_CONNECTIONS:
+            # Over the cap: close before reading anything, so a flood holds no fd of ours.
+            writer.close()
+            if self._refusals is not None:
+                self._refusals.emit("control_refused", level="warning", reason="too_many_connections")
+            return
         task = asyncio.ensure_future(self._serve(reader, writer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -108,7 +129,10 @@ class ControlServer:
                 return
             while True:
                 try:
-                    line = await reader.readline()
+                    line = await asyncio.wait_for(reader.readline(), self.idle_timeout)
+                except TimeoutError:
+                    self.log.info("control_idle_closed", timeout=self.idle_timeout)
+                    return
                 except (asyncio.LimitOverrunError, ValueError):
                     await self._reply(writer, {"ok": False, "error": f"request too large (max {MAX_REQUEST} bytes)"})
                     return

@@ -17,6 +17,12 @@ everything from readiness:
 - a notify datagram -> ``READY=1``/``STATUS=``/``WATCHDOG=1``/``FDSTORE=1``;
 - ``SIGHUP`` or a control request -> reload; ``SIGTERM``/``SIGINT`` -> stop.
 
+Before anything is bound, the soft ``RLIMIT_NOFILE`` is raised to the hard
+limit, and the configuration's fd budget (every enabled unit's listen entries
+and ``fd_store_max``, plus ``FD_RESERVE`` for the daemon's own fds) is checked
+against it: a configuration that could run the daemon out of fds is refused at
+start (``FdBudgetError``, exit 1) and on reload (the old configuration kept).
+
 Signal handlers only post work to the loop (``add_signal_handler``), never run
 control flow themselves. All decisions about a slot's life are in
 ``supervisor.lifecycle`` and about connections in ``supervisor.policy``; this
@@ -29,6 +35,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import resource
 import signal
 import socket
 import time
@@ -37,13 +44,14 @@ from typing import Any
 
 from supervisor import _spawn, activation, sockets
 from supervisor.accept import AcceptRuntime, Offload
-from supervisor.errors import BindError, ConfigError
+from supervisor.errors import BindError, ConfigError, Problem, SockvisorError
 from supervisor.model import Config, Mode, Unit
 from supervisor.pool import PoolRuntime
 from supervisor.reaper import Reaper
 from supervisor.service import ServiceRuntime
 from supervisor.units import ChildCallback, UnitRuntime, exit_of
 
+FD_RESERVE = 64  # the daemon's own fds: control, notify, signalfd, log, connections in flight
 EARLY_EXITS_MAX = 4096  # unregistered exits remembered (helper-thread spawns, adopted orphans)
 
 RUNTIMES: dict[Mode, type[UnitRuntime]] = {
@@ -62,6 +70,32 @@ def inherited_fds(environ: Mapping[str, str]) -> list[int]:
     except ValueError:
         return []
     return list(range(3, 3 + max(count, 0)))
+
+
+class FdBudgetError(SockvisorError):
+    """The configuration needs more fds than ``RLIMIT_NOFILE`` allows (exit 1)."""
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit (best effort); returns the (soft, hard) now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def fd_budget_problem(config: Config) -> str | None:
+    """Why ``config`` does not fit the soft ``RLIMIT_NOFILE``, or None when it does."""
+    enabled = [u for u in config.units if u.enabled]
+    listeners = sum(len(u.listen) for u in enabled)
+    stores = sum(u.fd_store_max for u in enabled)
+    need = listeners + stores + FD_RESERVE
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return None
+    return (f"configuration needs {need} fds ({listeners} listeners + fd_store_max total {stores} + reserve "
+            f"{FD_RESERVE}), over the open-file limit RLIMIT_NOFILE={soft}; raise the limit or lower fd_store_max")
 
 
 class Daemon:
@@ -179,6 +213,11 @@ class Daemon:
     async def run(self, *, ready: Callable[[], None] | None = None) -> None:
         """Bind everything, serve until ``request_stop`` (SIGTERM/SIGINT), then stop every child."""
         loop = self.loop
+        soft, hard = raise_nofile_limit()
+        self.log.info("nofile_limit", soft=soft, hard=hard)
+        problem = fd_budget_problem(self.config)
+        if problem is not None:
+            raise FdBudgetError(problem)
         self._children_gone = asyncio.Event()
         self.reaper = Reaper(loop, self.reaped)
         self.offload = Offload(loop)
@@ -258,7 +297,7 @@ class Daemon:
     async def _start_control(self) -> None:
         from supervisor import control  # the control plane is optional for embedding/tests
 
-        self.control = control.ControlServer(self)
+        self.control = control.ControlServer(self, idle_timeout=control.IDLE_TIMEOUT)
         await self.control.start()
 
     # ------------------------------------------------------------ reload
@@ -284,9 +323,23 @@ class Daemon:
         async with self._reload_lock:
             _sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
             try:
+                self._check_reload_budget()
                 return reloading.apply(self)
             finally:
                 _sd_notify("READY=1", f"STATUS={self.summary()}")
+
+    def _check_reload_budget(self) -> None:
+        """Refuse (ConfigError, nothing changed) a new configuration that does not fit the fd limit."""
+        from supervisor import config as configuration
+
+        try:
+            new = configuration.load_config(self.config_path, environ=self.environ)
+        except ConfigError:
+            return  # reloading.apply reads it again and reports every problem
+        problem = fd_budget_problem(new)
+        if problem is not None:
+            self.log.error("reload_failed", errors=[problem])
+            raise ConfigError([Problem(None, "", problem)])
 
 
 def _describe_fd(fd: int) -> str:
