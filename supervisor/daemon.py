@@ -44,7 +44,7 @@ from typing import Any
 
 from supervisor import _spawn, activation, sockets
 from supervisor.accept import AcceptRuntime, Offload
-from supervisor.errors import BindError, ConfigError, Problem, SockvisorError
+from supervisor.errors import BindError, ConfigError, FdBudgetError, Problem
 from supervisor.model import Config, Mode, Unit
 from supervisor.pool import PoolRuntime
 from supervisor.reaper import Reaper
@@ -70,10 +70,6 @@ def inherited_fds(environ: Mapping[str, str]) -> list[int]:
     except ValueError:
         return []
     return list(range(3, 3 + max(count, 0)))
-
-
-class FdBudgetError(SockvisorError):
-    """The configuration needs more fds than ``RLIMIT_NOFILE`` allows (exit 1)."""
 
 
 def raise_nofile_limit() -> tuple[int, int]:

@@ -92,6 +92,10 @@ class BindError(SockvisorError):
         return BindError(self.unit, self.address, self.reason, location)
 
 
+class FdBudgetError(SockvisorError):
+    """The configuration needs more fds than ``RLIMIT_NOFILE`` allows (exit 1)."""
+
+
 class SpawnError(SockvisorError):
     """A child could not be started (exec failed, bad user, ...)."""
 

@@ -71,10 +71,10 @@ def test_status_json_carries_every_spec_field(sockvisor: Sockvisor) -> None:
     assert set(units) == {"hello", "svc"}
     for u in units.values():
         assert {"name", "mode", "state", "listen", "pids", "connections", "restarts", "last_exit"} <= set(u)
-        assert set(u["connections"]) == {"active", "accepted", "refused"}
+        assert set(u["connections"]) == {"active", "accepted", "refused", "refused_by_reason"}  # SPEC 8
     hello, svc = units["hello"], units["svc"]
     assert (hello["mode"], hello["state"], hello["listen"]) == ("accept", "listening", [f"tcp:127.0.0.1:{hport}"])
-    assert hello["connections"] == {"active": 0, "accepted": 1, "refused": 0}
+    assert hello["connections"] == {"active": 0, "accepted": 1, "refused": 0, "refused_by_reason": {}}
     assert hello["last_exit"]["status"] == "exit 0"
     assert (svc["mode"], svc["state"], svc["restarts"], svc["last_exit"]) == ("service", "running", 0, None)
     assert len(svc["pids"]) == 1 and svc["connections"]["active"] == 1
