@@ -20,7 +20,7 @@ def _log_bytes(sv: Sockvisor) -> int:
 
 
 def test_deny_flood_is_counted_exactly_with_bounded_log(sockvisor: Sockvisor) -> None:
-    """20,000 denied connects (or 8 s): each is counted, the log stays a few lines a second, CPU < half a core."""
+    """20,000 denied connects (or 8 s): each is counted, the log stays a few lines a second, under 100 us of daemon CPU each."""
     port = free_port()
     sockvisor.unit("acl", f"""
         listen: [{{tcp: "127.0.0.1:{port}"}}]
@@ -50,7 +50,8 @@ def test_deny_flood_is_counted_exactly_with_bounded_log(sockvisor: Sockvisor) ->
     assert st["connections"]["refused_by_reason"] == {"deny": attempts}
     assert st["connections"]["accepted"] == 0
     assert log < 400 * (elapsed + 2), log  # one line and one summary a second, not one per refusal
-    assert cpu / elapsed < 0.5, cpu
+    # CPU per refusal, not per second: a fast client saturates any server, a slow one never does.
+    assert cpu / attempts < 100e-6, f"{cpu / attempts * 1e6:.0f} us per refused connection"
     summaries = sockvisor.find("connection_refused_summary", unit="acl")
     assert len(sockvisor.find("connection_refused", unit="acl")) + sum(e["suppressed"] for e in summaries) \
         <= attempts
