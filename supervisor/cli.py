@@ -210,11 +210,20 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     cfg = configuration.load_config(args.config, environ=env)
     fmt = LogFormat(args.log_format) if args.log_format else cfg.main.log_format
-    log.configure(fmt, args.log_level or cfg.main.log_level)
+    writer = log.LogWriter(sys.stderr.fileno())  # children share fd 2; the daemon never blocks on it
+    log.configure(fmt, args.log_level or cfg.main.log_level, writer=writer)
     config_path = args.config or env.get("SOCKVISOR_CONFIG") or None
     daemon = Daemon(cfg, environ=env, config_path=config_path)
+
+    async def serve() -> None:
+        writer.attach(asyncio.get_running_loop())
+        try:
+            await daemon.run()
+        finally:
+            writer.close()
+
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(daemon.run())
+        runner.run(serve())
     return EXIT_OK
 
 

@@ -7,12 +7,28 @@ Every line the daemon writes is one event (``unit_started``, ``child_exited``,
 
 ``configure`` is the one place that touches structlog's global state; the rest
 of the code calls ``get_logger()`` and binds its context (``unit=...``) once.
+
+The daemon's own lines go through a :class:`LogWriter`: children inherit fd 2,
+so the daemon writes through a *private* open file description of the same
+pipe, tty or socket (non-blocking, whatever a child does to its flags), and a
+reader that stops reading fills a bounded queue instead of blocking the event
+loop. Lines that do not fit are dropped and counted; the count is logged as
+``log_lines_dropped`` once the reader catches up.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import errno
 import logging
+import os
+import select
+import socket
+import stat
 import sys
+import threading
+import time
 from typing import Any, TextIO
 
 import structlog
@@ -21,9 +37,147 @@ from supervisor.model import LogFormat
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
+#: Bytes of log kept while the reader is slow; past it, whole lines are dropped and counted.
+QUEUE_LIMIT = 1 << 20
+#: How long shutdown waits for a slow reader to take what is queued.
+FINAL_FLUSH_SECONDS = 1.0
 
-def configure(fmt: LogFormat | None = None, level: str = "info", stream: TextIO | None = None) -> None:
-    """Configure structlog for the process: JSON or console lines on ``stream`` (stderr)."""
+
+class LogWriter:
+    """Non-blocking, bounded, order-keeping writer of log lines to ``fd`` (stderr).
+
+    A regular file is written through a dup (shared offset; a file never blocks);
+    a socket (journald's stream) through ``send(MSG_DONTWAIT)``; anything else
+    (pipe, tty, /dev/null) through a fresh open of ``/proc/self/fd/N`` with
+    ``O_NONBLOCK``, a description no child shares. Thread-safe: offload threads log too.
+    """
+
+    def __init__(self, fd: int = 2, *, limit: int = QUEUE_LIMIT) -> None:
+        self._limit = limit
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+        self.dropped = 0
+        self._lock = threading.Lock()
+        self._loop: Any = None
+        self._armed = False
+        self._sock: socket.socket | None = None
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISSOCK(mode):
+            self._sock = socket.socket(fileno=os.dup(fd))
+            self.fd = self._sock.fileno()
+        elif stat.S_ISREG(mode):
+            self.fd = os.dup(fd)
+        else:
+            try:
+                self.fd = os.open(f"/proc/self/fd/{fd}",
+                                  os.O_WRONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+            except OSError:  # no /proc: share the description, still never block on it
+                self.fd = os.dup(fd)
+                os.set_blocking(self.fd, False)
+        os.set_inheritable(self.fd, False)
+
+    # ------------------------------------------------------------ writing
+    def _write(self, data: bytes | memoryview) -> int:
+        if self._sock is not None:
+            return self._sock.send(data, socket.MSG_DONTWAIT)
+        return os.write(self.fd, data)
+
+    def _push(self, data: bytes) -> bool:
+        """Write what the fd takes now, queue the rest; False if nothing more can go out now."""
+        try:
+            n = self._write(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as exc:  # the reader is gone (EPIPE) or the fd is broken: nothing to wait for
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                self.dropped += 1
+                return True
+            n = 0
+        if n < len(data):
+            self._queue.appendleft(data[n:])
+            self._queued += len(data) - n
+            return False
+        return True
+
+    def emit(self, line: str) -> None:
+        data = (line + "\n").encode("utf-8", "backslashreplace")
+        with self._lock:
+            if not self._queue:
+                if self._push(data):
+                    return
+            elif self._queued + len(data) > self._limit:
+                self.dropped += 1
+                return
+            else:
+                self._queue.append(data)
+                self._queued += len(data)
+            self._arm()
+
+    def _arm(self) -> None:
+        if self._armed or self._loop is None:
+            return
+        self._armed = True
+        self._loop.call_soon_threadsafe(self._loop.add_writer, self.fd, self._drain)
+
+    def _drain(self) -> None:
+        """Loop callback while the fd is writable: move queued bytes out, report drops once empty."""
+        report = 0
+        with self._lock:
+            while self._queue:
+                data = self._queue.popleft()
+                self._queued -= len(data)
+                if not self._push(data):
+                    return
+            self._loop.remove_writer(self.fd)
+            self._armed = False
+            report, self.dropped = self.dropped, 0
+        if report:
+            get_logger().warning("log_lines_dropped", count=report)
+
+    # ------------------------------------------------------------ lifecycle
+    def attach(self, loop: Any) -> None:
+        """Drain through ``loop`` from now on (the daemon's loop; before it, lines queue)."""
+        with self._lock:
+            self._loop = loop
+            if self._queue:
+                self._arm()
+
+    def close(self, timeout: float = FINAL_FLUSH_SECONDS) -> None:
+        """Detach from the loop and give a slow reader ``timeout`` seconds to take the rest."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            if self._loop is not None and self._armed:
+                with contextlib.suppress(RuntimeError, ValueError):  # the loop is already closed
+                    self._loop.remove_writer(self.fd)
+            self._loop, self._armed = None, False
+            if self.dropped:
+                note = f'{{"event": "log_lines_dropped", "count": {self.dropped}, "level": "warning"}}\n'
+                self._queue.append(note.encode())
+                self.dropped = 0
+            while self._queue:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([], [self.fd], [], left)[1]:
+                    break
+                data = self._queue.popleft()
+                self._queued -= len(data)
+                self._push(data)
+
+
+class _SinkLogger:
+    """The structlog logger: hands each rendered line to the writer in one piece."""
+
+    def __init__(self, writer: LogWriter) -> None:
+        self._writer = writer
+
+    def msg(self, message: str) -> None:
+        self._writer.emit(message)
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
+
+
+def configure(fmt: LogFormat | None = None, level: str = "info", stream: TextIO | None = None,
+              writer: LogWriter | None = None) -> None:
+    """Configure structlog for the process: JSON or console lines on ``stream`` (stderr) or ``writer``."""
     out = stream if stream is not None else sys.stderr
     if fmt is None:
         fmt = LogFormat.CONSOLE if out.isatty() else LogFormat.JSON
@@ -32,6 +186,12 @@ def configure(fmt: LogFormat | None = None, level: str = "info", stream: TextIO 
         renderer = structlog.processors.JSONRenderer()
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=False)
+    factory: Any
+    if writer is not None:
+        sink = _SinkLogger(writer)
+        factory = lambda *_args: sink  # noqa: E731
+    else:
+        factory = structlog.PrintLoggerFactory(out)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -40,7 +200,7 @@ def configure(fmt: LogFormat | None = None, level: str = "info", stream: TextIO 
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=factory,
         cache_logger_on_first_use=True,
     )
 

@@ -20,7 +20,7 @@ def _log_bytes(sv: Sockvisor) -> int:
 
 
 def test_deny_flood_is_counted_exactly_with_bounded_log(sockvisor: Sockvisor) -> None:
-    """20,000 denied connects (or 8 s): each is counted, the log stays a few lines a second, under 100 us of daemon CPU each."""
+    """20,000 denied connects (or 8 s): each is counted, a few log lines a second, < 100 us CPU each."""
     port = free_port()
     sockvisor.unit("acl", f"""
         listen: [{{tcp: "127.0.0.1:{port}"}}]
