@@ -24,20 +24,15 @@ import errno
 import os
 import signal
 import socket
-import threading
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from supervisor import sockets, spawn
 from supervisor.errors import SpawnError
 from supervisor.lifecycle import Exit, SlotState
 from supervisor.model import ListenKind, Pass, Stderr, Unit
 from supervisor.policy import Peer, Policy, normalize_host
-from supervisor.units import UnitRuntime, kill_group
-
-if TYPE_CHECKING:
-    from supervisor.daemon import Daemon
+from supervisor.units import Host, UnitRuntime, kill_group
 
 # Errors from accept(2) that say the daemon (not the connection) is short of a
 # resource: back off instead of spinning on a readable socket.
@@ -52,8 +47,8 @@ _FDS_ENV = (b"LISTEN_FDS=1", b"LISTEN_FDNAMES=connection")
 class AcceptRuntime(UnitRuntime):
     """``mode: accept``: one child per connection, under xinetd-style policy."""
 
-    def __init__(self, daemon: Daemon, unit: Unit, bound: list[sockets.Bound]) -> None:
-        super().__init__(daemon, unit, bound)
+    def __init__(self, host: Host, unit: Unit, bound: list[sockets.Bound]) -> None:
+        super().__init__(host, unit, bound)
         self.policy = Policy.for_unit(unit)
         self.conns: dict[int, tuple[Peer | None, float, str]] = {}
         self._resume: asyncio.TimerHandle | None = None
@@ -124,7 +119,7 @@ class AcceptRuntime(UnitRuntime):
         for pid in list(self.conns):
             kill_group(pid, proc.stop_signal)
         if self.conns and self._kill_timer is None:
-            self._kill_timer = self.daemon.loop.call_later(proc.stop_timeout, self._kill_remaining)
+            self._kill_timer = self.host.loop.call_later(proc.stop_timeout, self._kill_remaining)
 
     def _kill_remaining(self) -> None:
         self._kill_timer = None
@@ -142,7 +137,7 @@ class AcceptRuntime(UnitRuntime):
         """Poll again if the policy allows accepting now; else arrange to look again."""
         if not self._running:
             return
-        loop = self.daemon.loop
+        loop = self.host.loop
         when = self.policy.accepting(loop.time())
         if when == 0.0:
             self.poll(True)
@@ -159,7 +154,7 @@ class AcceptRuntime(UnitRuntime):
         sock = bound.sock
         if sock is None:
             return
-        loop = self.daemon.loop
+        loop = self.host.loop
         policy = self.policy
         # One admitted connection is held back until we know whether another
         # follows in this batch: a lone connection (the common case at low
@@ -189,7 +184,7 @@ class AcceptRuntime(UnitRuntime):
                 job = self._admit(fd, addr, bound, now)
                 if job is None:
                     continue
-                if held is not None and not self.daemon.offload.submit(held, self._offloaded):
+                if held is not None and not self.host.offload.submit(held, self._offloaded):
                     self._spawn_inline(held)
                 held = job
         finally:
@@ -201,7 +196,7 @@ class AcceptRuntime(UnitRuntime):
         self.log.warning("accept_paused", error=exc.strerror, retry=self._resource_backoff)
         self.poll(False)
         if self._resume is None:
-            self._resume = self.daemon.loop.call_later(self._resource_backoff, self._resumed)
+            self._resume = self.host.loop.call_later(self._resource_backoff, self._resumed)
         self._resource_backoff = min(self._resource_backoff * 2, 2.0)
 
     def _admit(self, fd: int, addr: Any, bound: sockets.Bound, now: float) -> Job | None:
@@ -275,7 +270,7 @@ class AcceptRuntime(UnitRuntime):
     def _spawned(self, job: Job, pid: int) -> None:
         self.accepted += 1
         self.conns[pid] = (job.peer, job.now, job.remote)
-        self.daemon.watch_child(pid, self._exited)
+        self.host.watch_child(pid, self._exited)
         if self._log_conns:
             self.log.info("connection_accepted", remote=job.remote, pid=pid)
 
@@ -299,7 +294,7 @@ class AcceptRuntime(UnitRuntime):
         self.policy.release(peer)
         if self._log_conns:
             self.log.info("child_exited", pid=pid, remote=remote, status=str(ex),
-                          duration=round(self.daemon.loop.time() - started, 6))
+                          duration=round(self.host.loop.time() - started, 6))
         if self._stopping and not self.conns and self._kill_timer is not None:
             self._kill_timer.cancel()
             self._kill_timer = None
@@ -324,80 +319,6 @@ class Job(NamedTuple):
     def spawn(self) -> int:
         """Start the child (from the loop thread or the helper thread); raises SpawnError."""
         return spawn.spawn_child(self.prepared, self.fds, self.env, listen_pid=self.listen_pid)
-
-
-class Offload:
-    """A helper thread that spawns one child at a time while the loop thread spawns another.
-
-    vfork suspends only the calling thread until the child has exec'ed, which
-    on a small VM takes several hundred microseconds; with a second spawning
-    thread two children can be exec'ing at once on two cores (the C inetds get
-    the same overlap from fork). ``submit`` never blocks: it refuses when the
-    thread is busy and the caller spawns inline. Results come back on the loop
-    with ``call_soon_threadsafe``; a child that exits before its result is
-    registered is kept by ``Daemon.reaped`` until then.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._cond = threading.Condition()
-        self._job: tuple[Job, Callable[[Job, int, SpawnError | None], None]] | None = None
-        self.busy = False
-        self._closed = False
-        self._thread: threading.Thread | None = None
-        # Set on the loop when no spawn is in flight, so a stopping daemon can
-        # wait for the last result (and stop that child) before it exits.
-        self.idle = asyncio.Event()
-        self.idle.set()
-
-    def submit(self, job: Job, done: Callable[[Job, int, SpawnError | None], None]) -> bool:
-        """Hand ``job`` to the thread if it is idle; False if it is busy (spawn inline then)."""
-        if self.busy or self._closed:
-            return False
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="sockvisor-spawn", daemon=True)
-            self._thread.start()
-        self.idle.clear()
-        with self._cond:
-            self.busy = True
-            self._job = (job, done)
-            self._cond.notify()
-        return True
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while self._job is None and not self._closed:
-                    self._cond.wait()
-                if self._job is None:
-                    return
-                job, done = self._job
-                self._job = None
-            pid, error = 0, None
-            try:
-                pid = job.spawn()
-            except SpawnError as exc:
-                error = exc
-            os.close(job.fd)
-            self.busy = False
-            try:
-                self._loop.call_soon_threadsafe(self._finish, done, job, pid, error)
-            except RuntimeError:  # the loop is closed: the daemon is exiting
-                return
-
-    def _finish(self, done: Callable[[Job, int, SpawnError | None], None], job: Job, pid: int,
-                error: SpawnError | None) -> None:
-        """On the loop: hand the result over, then say so if nothing else is in flight."""
-        try:
-            done(job, pid, error)
-        finally:
-            if not self.busy:
-                self.idle.set()
 
 
 def _stderr_slot(stderr: Stderr) -> int:

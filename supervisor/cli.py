@@ -200,6 +200,7 @@ def _pool_details(unit: dict[str, Any]) -> str:
 
 def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     import asyncio
+    import signal
 
     import uvloop
 
@@ -213,12 +214,22 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     writer = log.LogWriter(sys.stderr.fileno())  # children share fd 2; the daemon never blocks on it
     log.configure(fmt, args.log_level or cfg.main.log_level, writer=writer)
     config_path = args.config or env.get("SOCKVISOR_CONFIG") or None
-    daemon = Daemon(cfg, environ=env, config_path=config_path)
 
     async def serve() -> None:
-        writer.attach(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        writer.attach(loop)
         try:
-            await daemon.run()
+            daemon = Daemon(cfg, environ=env, config_path=config_path)
+            stop = asyncio.Event()
+            # Signals only post: SIGTERM/SIGINT complete the daemon's shutdown, SIGHUP asks for a reload.
+            loop.add_signal_handler(signal.SIGTERM, stop.set)
+            loop.add_signal_handler(signal.SIGINT, stop.set)
+            loop.add_signal_handler(signal.SIGHUP, daemon.request_reload)
+            try:
+                await daemon.run(shutdown=stop.wait())
+            finally:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    loop.remove_signal_handler(sig)
         finally:
             writer.close()
 

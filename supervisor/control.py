@@ -24,6 +24,11 @@ fds nor disk), and a connection that has not sent a complete request line
 within ``idle_timeout`` seconds is closed, so a held-open connection cannot
 keep its slot forever.
 
+This module is the transport and the request grammar only: ``parse_request``
+turns a line into a typed ``Request`` (or the error ``Reply``), and the server
+hands each request to the ``handle`` coroutine it was given; what a command
+does is the daemon's (``Daemon.handle``).
+
 ``request`` is the client side, used by the CLI: plain blocking sockets, no
 event loop, so ``sockvisor status`` starts fast.
 """
@@ -31,21 +36,20 @@ event loop, so ``sockvisor status`` starts fast.
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import os
 import socket
 import struct
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypedDict
 
 from supervisor import fsnodes
-from supervisor.errors import BindError, ConfigError, ControlError
+from supervisor.errors import BindError, ControlError
 from supervisor.logsummary import LogSummary
 
-if TYPE_CHECKING:
-    from supervisor.daemon import Daemon
-
 MAX_REQUEST = 64 * 1024
-COMMANDS = ("status", "start", "stop", "restart", "reload")
 MAX_CONNECTIONS = 32  # control connections served at once; one more is closed at once
 IDLE_TIMEOUT = 10.0  # seconds a connection may take to send one complete request line
 
@@ -56,15 +60,78 @@ def peer_uid(sock: socket.socket) -> int:
     return int(struct.unpack("3i", raw)[1])
 
 
-class ControlServer:
-    """Serves the control socket for ``daemon``: one task per connection, owned here and cancelled on close."""
+class Command(enum.Enum):
+    STATUS = "status"
+    START = "start"
+    STOP = "stop"
+    RESTART = "restart"
+    RELOAD = "reload"
 
-    def __init__(self, daemon: Daemon, *, idle_timeout: float = IDLE_TIMEOUT) -> None:
-        self.daemon = daemon
+
+COMMANDS = tuple(c.value for c in Command)
+#: Commands that act on one unit and so need its name.
+UNIT_COMMANDS = frozenset({Command.START, Command.STOP, Command.RESTART})
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    command: Command
+    unit: str | None = None
+
+
+class Reply(TypedDict, total=False):
+    """One reply line. ``ok`` always; the rest by command (see the module docstring and SPEC)."""
+
+    ok: bool
+    error: str
+    reason: str
+    errors: list[str]
+    units: list[Any]  # each a runtime's status (supervisor.units.UnitStatus)
+    unit: Any
+    daemon: dict[str, Any]
+    added: list[str]
+    changed: list[str]
+    removed: list[str]
+    failed: list[str]
+
+
+def failure(error: str) -> Reply:
+    return Reply(ok=False, error=error)
+
+
+def parse_request(line: bytes) -> Request | Reply:
+    """One request line -> a ``Request``, or the error ``Reply`` for it. Pure; never raises."""
+    try:
+        req = json.loads(line)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: [[[[...
+        return failure("malformed request: not a JSON object")
+    if not isinstance(req, dict):
+        return failure("malformed request: not a JSON object")
+    cmd, unit = req.get("cmd"), req.get("unit")
+    try:
+        command = Command(cmd)
+    except (ValueError, TypeError):
+        return failure(f"unknown command {cmd!r} (one of {', '.join(COMMANDS)})")
+    if unit is not None and not isinstance(unit, str):
+        return failure("unit must be a string")
+    if unit is None and command in UNIT_COMMANDS:
+        return failure(f"{command.value} needs a unit name")
+    return Request(command, unit)
+
+
+Handler = Callable[[Request], Awaitable[Reply]]
+
+
+class ControlServer:
+    """Serves the control socket at ``path``: one task per connection, owned here and cancelled on close."""
+
+    def __init__(self, path: str, mode: int, log: Any, handle: Handler, *,
+                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+        self._handle = handle
         self.idle_timeout = idle_timeout
-        self.path = daemon.config.main.control_socket
-        self.mode = daemon.config.main.control_mode
-        self.log = daemon.log.bind(component="control")
+        self.path = path
+        self.mode = mode
+        self.log = log.bind(component="control")
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._node: tuple[int, int] | None = None
@@ -125,7 +192,7 @@ class ControlServer:
             uid = peer_uid(sock)
             if uid not in (0, os.getuid()):
                 self.log.warning("control_refused", uid=uid)
-                await self._reply(writer, {"ok": False, "error": "permission denied: only root or the daemon's user"})
+                await self._reply(writer, failure("permission denied: only root or the daemon's user"))
                 return
             while True:
                 try:
@@ -134,7 +201,7 @@ class ControlServer:
                     self.log.info("control_idle_closed", timeout=self.idle_timeout)
                     return
                 except (asyncio.LimitOverrunError, ValueError):
-                    await self._reply(writer, {"ok": False, "error": f"request too large (max {MAX_REQUEST} bytes)"})
+                    await self._reply(writer, failure(f"request too large (max {MAX_REQUEST} bytes)"))
                     return
                 if not line:
                     return
@@ -149,63 +216,20 @@ class ControlServer:
         finally:
             writer.close()
 
-    async def _reply(self, writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
+    async def _reply(self, writer: asyncio.StreamWriter, reply: Reply) -> None:
         writer.write(json.dumps(reply).encode() + b"\n")
         await writer.drain()
 
-    async def handle(self, line: bytes) -> dict[str, Any]:
-        """One request line -> one reply object; never raises for anything a client sent."""
+    async def handle(self, line: bytes) -> Reply:
+        """One request line -> one reply; never raises for anything a client sent."""
+        req = parse_request(line)
+        if not isinstance(req, Request):
+            return req
         try:
-            req = json.loads(line)
-        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: [[[[...
-            return {"ok": False, "error": "malformed request: not a JSON object"}
-        try:
-            return await self._dispatch(req)
+            return await self._handle(req)
         except Exception as exc:  # a bug behind one command must not take the daemon (or the client) down
-            self.log.exception("control_error", request=str(req)[:200])
-            return {"ok": False, "error": f"internal error: {exc}"}
-
-    async def _dispatch(self, req: Any) -> dict[str, Any]:
-        if not isinstance(req, dict):
-            return {"ok": False, "error": "malformed request: not a JSON object"}
-        cmd = req.get("cmd")
-        unit = req.get("unit")
-        if cmd not in COMMANDS:
-            return {"ok": False, "error": f"unknown command {cmd!r} (one of {', '.join(COMMANDS)})"}
-        if unit is not None and not isinstance(unit, str):
-            return {"ok": False, "error": "unit must be a string"}
-        daemon = self.daemon
-        if cmd == "reload":
-            try:
-                summary = await daemon.reload()
-            except ConfigError as exc:
-                return {"ok": False, "error": "configuration invalid; nothing changed", "reason": "invalid_config",
-                        "errors": [str(p) for p in exc.problems]}
-            except BindError as exc:
-                return {"ok": False, "error": f"reload failed; nothing changed: {exc}", "reason": "bind_failed",
-                        "errors": [str(exc)]}
-            return {"ok": True, **summary}
-        if cmd == "status":
-            if unit is None:
-                return {"ok": True, "units": [rt.status() for rt in daemon.units.values()],
-                        "daemon": {"pid": os.getpid(), "summary": daemon.summary()}}
-            rt = daemon.units.get(unit)
-            if rt is None:
-                return {"ok": False, "error": f"unknown unit {unit!r}"}
-            return {"ok": True, "units": [rt.status()]}
-        if unit is None:
-            return {"ok": False, "error": f"{cmd} needs a unit name"}
-        rt = daemon.units.get(unit)
-        if rt is None:
-            return {"ok": False, "error": f"unknown unit {unit!r}"}
-        if cmd == "start":
-            rt.operator_start()
-        elif cmd == "stop":
-            rt.operator_stop()
-        else:
-            rt.operator_restart()
-        self.log.info(f"unit_{cmd}_requested", unit=unit)
-        return {"ok": True, "unit": rt.status()}
+            self.log.exception("control_error", command=req.command.value, unit=req.unit)
+            return failure(f"internal error: {exc}")
 
 
 def request(path: str, req: dict[str, Any], *, timeout: float = 30.0) -> dict[str, Any]:

@@ -23,8 +23,12 @@ and ``fd_store_max``, plus ``FD_RESERVE`` for the daemon's own fds) is checked
 against it: a configuration that could run the daemon out of fds is refused at
 start (``FdBudgetError``, exit 1) and on reload (the old configuration kept).
 
-Signal handlers only post work to the loop (``add_signal_handler``), never run
-control flow themselves. All decisions about a slot's life are in
+The daemon's lifetime is given to it: ``run(shutdown=..., started=...)``
+serves until the ``shutdown`` awaitable completes (the CLI completes it from
+SIGTERM/SIGINT and posts SIGHUP to ``request_reload``; a test passes an
+event), and one task group owns the daemon's own tasks. Signal handlers only
+post work to the loop, never run control flow themselves. The reaper and the
+spawn helper thread are made with the daemon, on the loop it runs on. All decisions about a slot's life are in
 ``supervisor.lifecycle`` and about connections in ``supervisor.policy``; this
 module carries their actions out.
 """
@@ -36,30 +40,24 @@ import contextlib
 import gc
 import os
 import resource
-import signal
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from supervisor import _spawn, activation, sockets
-from supervisor.accept import AcceptRuntime, Offload
+from supervisor import _spawn, activation, control, sockets
+from supervisor import config as configuration
+from supervisor import reload as reloading
+from supervisor.control import Command, Reply, Request, failure
 from supervisor.errors import BindError, ConfigError, FdBudgetError, Problem
-from supervisor.model import Config, Mode, Unit
-from supervisor.pool import PoolRuntime
+from supervisor.model import Config, Unit
 from supervisor.reaper import Reaper
-from supervisor.service import ServiceRuntime
-from supervisor.units import ChildCallback, UnitRuntime, exit_of
+from supervisor.registry import Registry
+from supervisor.spawn import Offload
+from supervisor.units import ChildCallback, Host, exit_of
 
 FD_RESERVE = 64  # the daemon's own fds: control, notify, signalfd, log, connections in flight
 EARLY_EXITS_MAX = 4096  # unregistered exits remembered (helper-thread spawns, adopted orphans)
-
-RUNTIMES: dict[Mode, type[UnitRuntime]] = {
-    Mode.SERVICE: ServiceRuntime,
-    Mode.POOL: PoolRuntime,
-    Mode.ACCEPT: AcceptRuntime,
-}
-
 
 def inherited_fds(environ: Mapping[str, str]) -> list[int]:
     """fds passed to the daemon itself with LISTEN_FDS for its own pid (systemd socket units)."""
@@ -95,28 +93,32 @@ def fd_budget_problem(config: Config) -> str | None:
 
 
 class Daemon:
-    """Owns every unit runtime, the child table and the control socket; ``run`` serves until stopped."""
+    """Owns the unit registry, the child table and the control socket; ``run`` serves until shut down.
+
+    Made on the loop it will run on (inside a coroutine): the reaper's signalfd
+    and the spawn helper belong to that loop from the start.
+    """
 
     def __init__(self, config: Config, *, environ: Mapping[str, str], config_path: str | None = None) -> None:
         self.config = config
         self.config_path = config_path
         self.environ = dict(environ)
         self.log = _root_logger()
-        self.units: dict[str, UnitRuntime] = {}
+        self.loop = asyncio.get_running_loop()
         self.children: dict[int, ChildCallback] = {}
-        self._stop = asyncio.Event()
+        self._stopping = False
+        self._children_gone = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self._reload_wanted = asyncio.Event()
         self._inherited: dict[int, bool] = {}
         self._inherited_names: dict[int, str] = {}
         self.started_at = time.time()
-        self.control: Any = None
-        self.retiring: list[UnitRuntime] = []
+        self.control: control.ControlServer | None = None
         self._early_exits: dict[int, int] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        return asyncio.get_running_loop()
+        self.offload: Offload[Any] = Offload(self.loop)
+        self.reaper = Reaper(self.loop, self.reaped)
+        self.host = Host(self.loop, self.log, self.environ, self.watch_child, self.offload)
+        self.units = Registry(self.host, self.log)
 
     # ------------------------------------------------------------ binding
 
@@ -152,13 +154,6 @@ class Daemon:
             raise (exc if listen.location is None else exc.at(listen.location)) from None
         return bound
 
-    def add_unit(self, unit: Unit, bound: list[sockets.Bound]) -> UnitRuntime:
-        runtime = RUNTIMES[unit.mode](self, unit, bound)
-        self.units[unit.name] = runtime
-        self.log.info("unit_started", unit=unit.name, mode=unit.mode.value,
-                      listen=[b.listen.display for b in bound], enabled=unit.enabled)
-        return runtime
-
     # ------------------------------------------------------------ children
 
     def watch_child(self, pid: int, callback: ChildCallback) -> None:
@@ -184,44 +179,30 @@ class Daemon:
                 callback(pid, exit_of(status))
             except Exception:  # a bug in one unit must not take the daemon down
                 self.log.exception("child_exit_handler_failed", pid=pid)
-        if not self.children and self._stop.is_set():
+        if not self.children and self._stopping:
             self._children_gone.set()
-        self.sweep_retired()
-
-    def sweep_retired(self) -> None:
-        """Close the sockets of removed units whose last child is gone."""
-        if self.retiring:
-            done = [rt for rt in self.retiring if not rt.pids()]
-            for rt in done:
-                self.retiring.remove(rt)
-                rt.close(remove=True)
-                self.log.info("unit_removed", unit=rt.unit.name)
+        self.units.sweep()
 
     # ------------------------------------------------------------ running
 
     def summary(self) -> str:
-        running = sum(1 for u in self.units.values() if u.pids())
+        running = sum(1 for u in self.units if u.pids())
         return f"{len(self.units)} units, {running} running, {len(self.children)} children"
 
-    def request_stop(self) -> None:
-        self._stop.set()
+    def request_reload(self) -> None:
+        """Ask for a reload (SIGHUP); requests arriving during one coalesce into the next."""
+        self._reload_wanted.set()
 
-    async def run(self, *, ready: Callable[[], None] | None = None) -> None:
-        """Bind everything, serve until ``request_stop`` (SIGTERM/SIGINT), then stop every child."""
-        loop = self.loop
+    async def run(self, *, shutdown: Awaitable[object], started: Callable[[], None] | None = None) -> None:
+        """Bind everything, serve until ``shutdown`` completes, then stop every child and close."""
+        waiter = asyncio.ensure_future(shutdown)  # owned here: cancelled if we never get to wait on it
         soft, hard = raise_nofile_limit()
         self.log.info("nofile_limit", soft=soft, hard=hard)
-        problem = fd_budget_problem(self.config)
-        if problem is not None:
-            raise FdBudgetError(problem)
-        self._children_gone = asyncio.Event()
-        self.reaper = Reaper(loop, self.reaped)
-        self.offload = Offload(loop)
-        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
-        loop.add_signal_handler(signal.SIGINT, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self._sighup)
-        self._adopt_inherited()
         try:
+            problem = fd_budget_problem(self.config)
+            if problem is not None:
+                raise FdBudgetError(problem)
+            self._adopt_inherited()
             bound_units: list[tuple[Unit, list[sockets.Bound]]] = []
             try:
                 for unit in self.config.units:
@@ -233,26 +214,39 @@ class Daemon:
                 raise
             self._close_unmatched_inherited()
             for unit, bound in bound_units:
-                self.add_unit(unit, bound)
+                self.units.add(unit, bound)
             await self._start_control()
-            for runtime in self.units.values():
+            for runtime in self.units:
                 runtime.activate()
             gc.collect()
             _spawn.trim()
             self.log.info("daemon_ready", units=len(self.units), pid=os.getpid())
             _sd_notify("READY=1", f"STATUS={self.summary()}")
-            if ready is not None:
-                ready()
-            await self._stop.wait()
+            if started is not None:
+                started()
+            async with asyncio.TaskGroup() as tasks:
+                reloads = tasks.create_task(self._serve_reloads())
+                await waiter
+                reloads.cancel()
             _sd_notify("STOPPING=1")
             self.log.info("daemon_stopping")
             await self._shutdown()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+            waiter.cancel()
             self.reaper.close()
             self.offload.close()
         self.log.info("daemon_stopped")
+
+    async def _serve_reloads(self) -> None:
+        while True:
+            await self._reload_wanted.wait()
+            self._reload_wanted.clear()
+            try:
+                await self.reload()
+            except (ConfigError, BindError):
+                pass  # logged by reload itself; a bad reload keeps the old config
+            except Exception as exc:  # SIGHUP has no one to answer: log it, never a bare traceback
+                self.log.exception("reload_failed", errors=[f"internal error: {exc}"])
 
     def _adopt_inherited(self) -> None:
         """Take the fds a service manager passed us (``LISTEN_FDS`` for our pid) and forget the variables."""
@@ -278,64 +272,81 @@ class Daemon:
         self._inherited_names = {}
 
     async def _shutdown(self) -> None:
-        for runtime in [*self.units.values(), *self.retiring]:
+        self._stopping = True
+        for runtime in self.units.everything():
             runtime.shutdown()
         # A spawn still in flight on the helper thread comes back stopped
         # (its unit is no longer running) and joins the children waited for.
         await self.offload.idle.wait()
         if self.children:
             await self._children_gone.wait()
-        for runtime in [*self.units.values(), *self.retiring]:
+        for runtime in self.units.everything():
             runtime.close(remove=True)
         if self.control is not None:
             await self.control.close()
 
     async def _start_control(self) -> None:
-        from supervisor import control  # the control plane is optional for embedding/tests
-
-        self.control = control.ControlServer(self, idle_timeout=control.IDLE_TIMEOUT)
+        main = self.config.main
+        self.control = control.ControlServer(main.control_socket, main.control_mode, self.log, self.handle,
+                                             idle_timeout=control.IDLE_TIMEOUT)
         await self.control.start()
+
+    # ------------------------------------------------------------ control
+
+    async def handle(self, req: Request) -> Reply:
+        """What a control request does: the daemon's dispatch (the server only parses and answers)."""
+        if req.command is Command.RELOAD:
+            try:
+                summary = await self.reload()
+            except ConfigError as exc:
+                return Reply(ok=False, error="configuration invalid; nothing changed", reason="invalid_config",
+                             errors=[str(p) for p in exc.problems])
+            except BindError as exc:
+                return Reply(ok=False, error=f"reload failed; nothing changed: {exc}", reason="bind_failed",
+                             errors=[str(exc)])
+            reply = Reply(ok=True, added=summary["added"], changed=summary["changed"], removed=summary["removed"])
+            if "failed" in summary:
+                reply["failed"] = summary["failed"]
+            return reply
+        if req.command is Command.STATUS and req.unit is None:
+            return Reply(ok=True, units=[rt.status() for rt in self.units],
+                         daemon={"pid": os.getpid(), "summary": self.summary()})
+        assert req.unit is not None  # parse_request: every other command names its unit
+        rt = self.units.get(req.unit)
+        if rt is None:
+            return failure(f"unknown unit {req.unit!r}")
+        if req.command is Command.STATUS:
+            return Reply(ok=True, units=[rt.status()])
+        if req.command is Command.START:
+            rt.operator_start()
+        elif req.command is Command.STOP:
+            rt.operator_stop()
+        else:
+            rt.operator_restart()
+        self.log.info(f"unit_{req.command.value}_requested", unit=req.unit)
+        return Reply(ok=True, unit=rt.status())
 
     # ------------------------------------------------------------ reload
 
-    def _sighup(self) -> None:
-        task = asyncio.ensure_future(self._reload_logged())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _reload_logged(self) -> None:
-        # Errors were logged by reload itself; a bad reload keeps the old config.
-        try:
-            await self.reload()
-        except (ConfigError, BindError):
-            pass
-        except Exception as exc:  # SIGHUP has no one to answer: log it, never a bare traceback
-            self.log.exception("reload_failed", errors=[f"internal error: {exc}"])
-
-    async def reload(self) -> dict[str, Any]:
+    async def reload(self) -> reloading.ReloadSummary:
         """Re-read the config and apply it as a diff; an invalid config changes nothing."""
-        from supervisor import reload as reloading
-
         async with self._reload_lock:
             _sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
             try:
-                self._check_reload_budget()
-                return reloading.apply(self)
+                try:
+                    new = configuration.load_config(self.config_path, environ=self.environ)
+                except ConfigError as exc:
+                    self.log.error("reload_failed", errors=[str(p) for p in exc.problems])
+                    raise
+                problem = fd_budget_problem(new)
+                if problem is not None:
+                    self.log.error("reload_failed", errors=[problem])
+                    raise ConfigError([Problem(None, "", problem)])
+                summary = reloading.apply(self.units, new, self.log)
+                self.config = new
+                return summary
             finally:
                 _sd_notify("READY=1", f"STATUS={self.summary()}")
-
-    def _check_reload_budget(self) -> None:
-        """Refuse (ConfigError, nothing changed) a new configuration that does not fit the fd limit."""
-        from supervisor import config as configuration
-
-        try:
-            new = configuration.load_config(self.config_path, environ=self.environ)
-        except ConfigError:
-            return  # reloading.apply reads it again and reports every problem
-        problem = fd_budget_problem(new)
-        if problem is not None:
-            self.log.error("reload_failed", errors=[problem])
-            raise ConfigError([Problem(None, "", problem)])
 
 
 def _describe_fd(fd: int) -> str:

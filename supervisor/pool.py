@@ -33,18 +33,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from supervisor import lifecycle, rolling, sockets
 from supervisor.errors import BindError
 from supervisor.lifecycle import ALIVE, SlotState
 from supervisor.model import ListenKind, Start, Unit
 from supervisor.service import SlotDriver, activate, group_state, notify, stop_for_operator, wants_poll
-from supervisor.units import Deadline, UnitRuntime
-
-if TYPE_CHECKING:
-    from supervisor.daemon import Daemon
-
+from supervisor.units import Deadline, Host, UnitRuntime
 
 # The per-slot socket of slot 0 is the unit's own bound socket.
 _PER_SLOT_KINDS = frozenset({ListenKind.TCP, ListenKind.UDP})
@@ -58,8 +54,8 @@ def _per_slot(b: sockets.Bound) -> bool:
 class PoolRuntime(UnitRuntime):
     """``mode: pool``: ``workers`` slots, rolling restarts, optional per-slot SO_REUSEPORT sockets."""
 
-    def __init__(self, daemon: Daemon, unit: Unit, bound: list[sockets.Bound]) -> None:
-        super().__init__(daemon, unit, bound)
+    def __init__(self, host: Host, unit: Unit, bound: list[sockets.Bound]) -> None:
+        super().__init__(host, unit, bound)
         # (base bound, sockets of slots 1..) for every per-slot listener
         self._slot_socks: list[tuple[sockets.Bound, list[sockets.Bound]]] = []
         self.slots = [self._driver(i) for i in range(unit.workers)]
@@ -70,7 +66,7 @@ class PoolRuntime(UnitRuntime):
         self._queue: collections.deque[rolling.Event | None] = collections.deque()  # None: begin a roll
         self._pumping = False
         self._shutting_down = False
-        self._roll_deadline = Deadline(daemon.loop, lambda: self._post(rolling.Timer()))
+        self._roll_deadline = Deadline(host.loop, lambda: self._post(rolling.Timer()))
         self._sync_slot_sockets(unit.workers)
 
     def _driver(self, index: int, *, surge: bool = False) -> SlotDriver:
@@ -128,7 +124,7 @@ class PoolRuntime(UnitRuntime):
         if on == self.polling:
             return
         super().poll(on)
-        loop = self.daemon.loop
+        loop = self.host.loop
         for e in self._extra_socks():
             if on:
                 loop.add_reader(e.fd, self.readable, e)
@@ -209,7 +205,7 @@ class PoolRuntime(UnitRuntime):
         try:
             while self._queue:
                 ev = self._queue.popleft()
-                now = self.daemon.loop.time()
+                now = self.host.loop.time()
                 if ev is None:
                     self.roll, actions = rolling.begin(self.unit, self._begin_slots(), now)
                 elif self.roll is not None:
@@ -310,7 +306,7 @@ class PoolRuntime(UnitRuntime):
 
     def status(self) -> dict[str, Any]:
         st = super().status()
-        now = self.daemon.loop.time()
+        now = self.host.loop.time()
         workers = [_worker(d, now, "worker") for d in self.slots]
         workers += [_worker(d, now, "surge") for d in self.surges.values()]
         workers += [_worker(d, now, "retiring") for _, d in self.retiring]

@@ -2,8 +2,10 @@
 
 Theory of operation
 -------------------
-1. Load and validate the whole configuration. Any problem: log every error,
-   change nothing, raise ``ConfigError`` (the control reply carries the errors).
+1. The daemon loads and validates the whole configuration first. Any problem:
+   every error logged, nothing changed, ``ConfigError`` raised (the control
+   reply carries the errors). ``apply`` gets a valid ``Config`` and the
+   daemon's ``Registry``; it never sees the daemon.
 2. Plan (pure, ``plan``): for every new unit, which of its listen entries are
    *kept* (an old entry of the same unit, or of a unit with the same name, is
    equal: its fd is reused, never closed, never re-bound), *retuned* (same kind
@@ -31,16 +33,13 @@ reload.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypedDict
 
-from supervisor import config as configuration
 from supervisor import sockets
-from supervisor.errors import BindError, ConfigError
-from supervisor.model import RETUNABLE_OPTIONS, Listen, Mode, Unit
-
-if TYPE_CHECKING:
-    from supervisor.daemon import Daemon
-    from supervisor.units import UnitRuntime
+from supervisor.errors import BindError
+from supervisor.model import RETUNABLE_OPTIONS, Config, Listen, Mode, Unit
+from supervisor.registry import Registry
+from supervisor.units import UnitRuntime
 
 # Options that can change on a bound socket without re-binding it.
 RETUNABLE = RETUNABLE_OPTIONS  # every listen option that is not bind-time (model.LISTEN_OPTIONS)
@@ -126,19 +125,19 @@ class _Staged:
         rt = self.runtime
         if rt is None:
             return
+        rebound: dict[int, sockets.Bound] = {}
         for index, old in self.released:
             try:
-                rt.bound[index] = sockets.bind(old, unit=rt.unit.name)
+                rebound[index] = sockets.bind(old, unit=rt.unit.name)
             except BindError as exc:
                 log.error("reload_rollback_failed", unit=rt.unit.name, error=str(exc))
         if self.released:
-            rt.bound = [b for b in rt.bound if not b.closed]
-            rt.set_blocking()
+            rt.rebind(rebound)
         if self.was_polling:
             rt.poll(True)
 
 
-def _stage(daemon: Daemon, p: UnitPlan, staged: _Staged) -> None:
+def _stage(p: UnitPlan, staged: _Staged) -> None:
     """Bind, retune and re-bind what ``p`` needs; everything done is recorded in ``staged`` for undo."""
     name = p.unit.name
     rt = staged.runtime
@@ -176,15 +175,18 @@ def _stage(daemon: Daemon, p: UnitPlan, staged: _Staged) -> None:
         staged.bound[j] = b
 
 
-def apply(daemon: Daemon) -> dict[str, Any]:
-    """Reload ``daemon``'s configuration; returns a summary. Raises ConfigError/BindError, changing nothing."""
-    log = daemon.log
-    try:
-        new = configuration.load_config(daemon.config_path, environ=daemon.environ)
-    except ConfigError as exc:
-        log.error("reload_failed", errors=[str(p) for p in exc.problems])
-        raise
-    old_units = {name: rt.unit for name, rt in daemon.units.items()}
+class ReloadSummary(TypedDict, total=False):
+    """What a reload did, by unit name (the control reply and the ``reloaded`` log line)."""
+
+    added: list[str]
+    changed: list[str]
+    removed: list[str]
+    failed: list[str]
+
+
+def apply(registry: Registry, new: Config, log: Any) -> ReloadSummary:
+    """Apply the valid configuration ``new`` to ``registry`` as a diff. Raises BindError, changing nothing."""
+    old_units = {name: rt.unit for name in registry.names() if (rt := registry.get(name)) is not None}
     plans, retire = plan(old_units, new.units)
 
     # 1. Everything that can fail, reversibly: bind new entries, retune changed
@@ -192,13 +194,13 @@ def apply(daemon: Daemon) -> dict[str, Any]:
     staged: list[_Staged] = []
     try:
         for p in plans:
-            runtime = daemon.units.get(p.unit.name)
+            runtime = registry.get(p.unit.name)
             if runtime is not None and p.old == p.unit:
                 continue  # unchanged: not even looked at
             st = _Staged(p, runtime, runtime.polling if runtime is not None else False, [None] * len(p.unit.listen))
             staged.append(st)
             if p.unit.enabled:
-                _stage(daemon, p, st)
+                _stage(p, st)
     except Exception as exc:
         for st in reversed(staged):
             st.undo(log)
@@ -219,74 +221,46 @@ def apply(daemon: Daemon) -> dict[str, Any]:
     failed: list[str] = []
     for st in staged:
         try:
-            _commit(daemon, st, added, changed)
+            _commit(registry, st, added, changed, log)
         except Exception as exc:  # one unit's failure must not stop the others' commit
             failed.append(st.plan.unit.name)
             log.error("reload_commit_failed", unit=st.plan.unit.name, error=f"{type(exc).__name__}: {exc}")
     for name in retire:
-        _retire(daemon, daemon.units.pop(name))
-    daemon.config = new
-    summary = {"added": added, "changed": changed, "removed": retire}
+        registry.remove(name)
+    summary = ReloadSummary(added=added, changed=changed, removed=retire)
     if failed:
         summary["failed"] = failed
     log.info("reloaded", **summary)
     return summary
 
 
-def _commit(daemon: Daemon, st: _Staged, added: list[str], changed: list[str]) -> None:
+def _commit(registry: Registry, st: _Staged, added: list[str], changed: list[str], log: Any) -> None:
     """Commit one staged unit: add it, update it in place, or replace its runtime (mode change)."""
     p, runtime = st.plan, st.runtime
     name = p.unit.name
     new_bound = [b for b in st.bound if b is not None]
     if runtime is None:
-        daemon.add_unit(p.unit, new_bound).activate()
+        registry.add(p.unit, new_bound).activate()
         added.append(name)
         return
     kept = {id(b) for b in new_bound}
     leftovers = [b for b in runtime.bound if id(b) not in kept and not b.closed]
     if runtime.unit.mode is p.unit.mode:
-        _update(runtime, p.unit, new_bound, was_polling=st.was_polling)
+        if runtime.reconfigure(p.unit, new_bound, was_polling=st.was_polling):
+            _activate(runtime, log)
         for b in leftovers:
             b.close(remove=True)
     else:
         # The old runtime retires with the sockets nobody took over; they
         # are closed when its last child is gone.
-        runtime.poll(False)
-        runtime.bound = leftovers
-        daemon.units.pop(name)
-        _retire(daemon, runtime)
-        successor = daemon.add_unit(p.unit, new_bound)
-        successor.last_exit = runtime.last_exit  # the unit's history outlives its mode
-        successor.activate()
+        runtime.keep_only(leftovers)
+        registry.replace(p.unit, new_bound).activate()
     changed.append(name)
 
 
-def _update(runtime: UnitRuntime, unit: Unit, bound: list[sockets.Bound], *, was_polling: bool) -> None:
-    """Give a running unit its new settings; live children keep theirs, the next spawn uses the new ones."""
-    if unit.enabled and not runtime.unit.enabled:
-        runtime.stopped_by_operator = False  # enabling a disabled unit starts it, as a fresh one would
-    runtime.poll(False)
-    runtime.bound = bound
-    runtime.unit = unit
-    runtime.set_blocking()
-    runtime.reconfigured()
-    if unit.enabled and not runtime.stopped_by_operator:
-        if was_polling or not runtime.pids():
-            _activate(runtime.daemon, runtime)
-    elif not unit.enabled:
-        runtime.operator_stop()
-
-
-def _activate(daemon: Daemon, runtime: UnitRuntime) -> None:
+def _activate(runtime: UnitRuntime, log: Any) -> None:
     """Start a committed unit; a failure is that unit's (logged), never a half-applied reload."""
     try:
         runtime.activate()
     except Exception as exc:
-        daemon.log.exception("unit_activate_failed", unit=runtime.unit.name, error=str(exc))
-
-
-def _retire(daemon: Daemon, runtime: UnitRuntime) -> None:
-    """Stop a removed unit; its sockets are closed when its last child is gone."""
-    runtime.retire()
-    daemon.retiring.append(runtime)
-    daemon.sweep_retired()
+        log.exception("unit_activate_failed", unit=runtime.unit.name, error=str(exc))

@@ -17,16 +17,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING
 
 from supervisor import lifecycle, sockets, spawn
 from supervisor.errors import SpawnError
 from supervisor.lifecycle import Exit, SlotState
 from supervisor.model import Mode, Pass, Start, Unit
-from supervisor.units import Deadline, UnitRuntime, kill_group
-
-if TYPE_CHECKING:
-    from supervisor.daemon import Daemon
+from supervisor.units import Deadline, Host, UnitRuntime, kill_group
 
 
 class SlotDriver:
@@ -41,12 +37,12 @@ class SlotDriver:
         # A pool's second process for a slot during a rolling restart, until it takes the slot over.
         self.surge = surge
         self.slot, _ = lifecycle.initial(runtime.unit)
-        self._deadline = Deadline(runtime.daemon.loop,
+        self._deadline = Deadline(runtime.host.loop,
                                   lambda: self.feed(lifecycle.Timer(stored=bool(runtime.fd_store))))
 
     def feed(self, event: lifecycle.Event) -> None:
         rt = self.runtime
-        loop = rt.daemon.loop
+        loop = rt.host.loop
         self.slot, actions = lifecycle.step(rt.unit, self.slot, event, loop.time())
         for action in actions:
             match action:
@@ -81,7 +77,7 @@ class SlotDriver:
         except SpawnError as exc:
             self.feed(lifecycle.SpawnFailed(str(exc)))
             return
-        rt.daemon.watch_child(pid, self._exited)
+        rt.host.watch_child(pid, self._exited)
         self.feed(lifecycle.Spawned(pid))
 
     def _exited(self, pid: int, ex: Exit) -> None:
@@ -182,8 +178,8 @@ def _extra_env(unit: Unit, index: int, names: list[str]) -> list[bytes]:
 class ServiceRuntime(UnitRuntime):
     """``mode: service``: one slot, one process, the unit's sockets as they are."""
 
-    def __init__(self, daemon: Daemon, unit: Unit, bound: list[sockets.Bound]) -> None:
-        super().__init__(daemon, unit, bound)
+    def __init__(self, host: Host, unit: Unit, bound: list[sockets.Bound]) -> None:
+        super().__init__(host, unit, bound)
         self.slots = [SlotDriver(self, 0, fds=self.listen_fds, changed=self._driver_changed)]
         self._shutting_down = False
 

@@ -29,13 +29,16 @@ extension reaps before raising ``SpawnError``, so the daemon never sees its pid.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import grp
 import os
 import pwd
 import resource
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
 from supervisor import _spawn
 from supervisor.errors import SpawnError
@@ -333,3 +336,89 @@ def _describe(prepared: Prepared, stage: str, err: int) -> str:
     if stage == "chdir" and prepared.cwd is not None:
         return f"{os.fsdecode(prepared.cwd)}: {text}"
     return text
+
+
+class SpawnJob(Protocol):
+    """What the helper thread needs of a job: the connection fd (closed after the spawn) and the spawn."""
+
+    @property
+    def fd(self) -> int: ...
+
+    def spawn(self) -> int: ...
+
+
+J = TypeVar("J", bound=SpawnJob)
+
+
+class Offload(Generic[J]):
+    """A helper thread that spawns one child at a time while the loop thread spawns another.
+
+    vfork suspends only the calling thread until the child has exec'ed, which
+    on a small VM takes several hundred microseconds; with a second spawning
+    thread two children can be exec'ing at once on two cores (the C inetds get
+    the same overlap from fork). ``submit`` never blocks: it refuses when the
+    thread is busy and the caller spawns inline. Results come back on the loop
+    with ``call_soon_threadsafe``; a child that exits before its result is
+    registered is kept by the reaper's owner until then (``Daemon.reaped``).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._cond = threading.Condition()
+        self._job: tuple[J, Callable[[J, int, SpawnError | None], None]] | None = None
+        self.busy = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        # Set on the loop when no spawn is in flight, so a stopping daemon can
+        # wait for the last result (and stop that child) before it exits.
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def submit(self, job: J, done: Callable[[J, int, SpawnError | None], None]) -> bool:
+        """Hand ``job`` to the thread if it is idle; False if it is busy (spawn inline then)."""
+        if self.busy or self._closed:
+            return False
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="sockvisor-spawn", daemon=True)
+            self._thread.start()
+        self.idle.clear()
+        with self._cond:
+            self.busy = True
+            self._job = (job, done)
+            self._cond.notify()
+        return True
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._job is None and not self._closed:
+                    self._cond.wait()
+                if self._job is None:
+                    return
+                job, done = self._job
+                self._job = None
+            pid, error = 0, None
+            try:
+                pid = job.spawn()
+            except SpawnError as exc:
+                error = exc
+            os.close(job.fd)
+            self.busy = False
+            try:
+                self._loop.call_soon_threadsafe(self._finish, done, job, pid, error)
+            except RuntimeError:  # the loop is closed: the daemon is exiting
+                return
+
+    def _finish(self, done: Callable[[J, int, SpawnError | None], None], job: J, pid: int,
+                error: SpawnError | None) -> None:
+        """On the loop: hand the result over, then say so if nothing else is in flight."""
+        try:
+            done(job, pid, error)
+        finally:
+            if not self.busy:
+                self.idle.set()

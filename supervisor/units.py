@@ -14,7 +14,8 @@ import collections
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from supervisor import notifyd, sockets, spawn
 from supervisor.errors import SpawnError
@@ -22,10 +23,22 @@ from supervisor.lifecycle import Exit
 from supervisor.logsummary import LogSummary
 from supervisor.model import Mode, Pass, Stderr, Unit, valid_fdname
 
-if TYPE_CHECKING:
-    from supervisor.daemon import Daemon
-
 ChildCallback = Callable[[int, Exit], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    """What a unit runtime may use of the process that runs it, and nothing else.
+
+    The daemon builds one for all its runtimes; a test builds one on its own
+    loop (``Host(loop, log, {}, children.__setitem__, spawn.Offload(loop))``).
+    """
+
+    loop: asyncio.AbstractEventLoop  # readers, timers, time()
+    log: Any  # a structlog BoundLogger; each runtime binds unit=... once
+    environ: Mapping[str, str]  # the daemon's environment, for pass_environment
+    watch_child: Callable[[int, ChildCallback], None]  # call back on the loop when the pid exits
+    offload: spawn.Offload[Any]  # the helper spawn thread (accept mode)
 
 
 class Deadline:
@@ -98,11 +111,11 @@ def kill_group(pid: int, sig: int) -> None:
 class UnitRuntime:
     """What every mode shares: the unit's sockets, its notify endpoint, its spawn preparation, its counters."""
 
-    def __init__(self, daemon: Daemon, unit: Unit, bound: list[sockets.Bound]) -> None:
-        self.daemon = daemon
+    def __init__(self, host: Host, unit: Unit, bound: list[sockets.Bound]) -> None:
+        self.host = host
         self.unit = unit
         self.bound = bound
-        self.log = daemon.log.bind(unit=unit.name)
+        self.log = host.log.bind(unit=unit.name)
         self.status_text = ""
         self.accepted = 0
         self.refused = 0
@@ -110,9 +123,9 @@ class UnitRuntime:
         self.fd_store: list[tuple[str, int]] = []
         # Dropped notify messages by reason, for status (the log only summarizes them).
         self.notify_dropped: collections.Counter[str] = collections.Counter()
-        self.summary = LogSummary(self.log, daemon.loop)
+        self.summary = LogSummary(self.log, host.loop)
         self.endpoint = notifyd.Endpoint(unit.name, self._on_notify, self._on_notify_drop, self._on_notify_pause)
-        self.endpoint.start(daemon.loop)
+        self.endpoint.start(host.loop)
         self._prepared: spawn.Prepared | None = None
         self._polling = False
         self.stopped_by_operator = not unit.enabled
@@ -137,7 +150,7 @@ class UnitRuntime:
                 self.unit.process,
                 unit=self.unit.name,
                 notify_socket=self.endpoint.address,
-                daemon_environ=self.daemon.environ,
+                daemon_environ=self.host.environ,
             )
         return self._prepared
 
@@ -146,7 +159,7 @@ class UnitRuntime:
         if on == self._polling:
             return
         self._polling = on
-        loop = self.daemon.loop
+        loop = self.host.loop
         for b in self.bound:
             if on:
                 loop.add_reader(b.fd, self.readable, b)
@@ -163,6 +176,36 @@ class UnitRuntime:
     def reconfigured(self) -> None:
         """``self.unit`` was replaced by a reload: drop what was derived from the old one."""
         self._prepared = None
+
+    def reconfigure(self, unit: Unit, bound: list[sockets.Bound], *, was_polling: bool) -> bool:
+        """Take a reload's new settings and socket set (same mode); live children keep theirs.
+
+        Returns True when the unit should be (re)activated now: it is enabled, not
+        stopped by the operator, and was polling or has no process.
+        """
+        if unit.enabled and not self.unit.enabled:
+            self.stopped_by_operator = False  # enabling a disabled unit starts it, as a fresh one would
+        self.poll(False)
+        self.bound = bound
+        self.unit = unit
+        self.set_blocking()
+        self.reconfigured()
+        if not unit.enabled:
+            self.operator_stop()
+            return False
+        return not self.stopped_by_operator and (was_polling or not self.pids())
+
+    def rebind(self, replacements: dict[int, sockets.Bound]) -> None:
+        """A failed reload re-bound sockets it had closed: put them back at their index (drop the lost ones)."""
+        for index, b in replacements.items():
+            self.bound[index] = b
+        self.bound = [b for b in self.bound if not b.closed]
+        self.set_blocking()
+
+    def keep_only(self, bound: list[sockets.Bound]) -> None:
+        """Mode change: stop polling and keep only ``bound`` (what the successor did not take over)."""
+        self.poll(False)
+        self.bound = bound
 
     def retire(self) -> None:
         """The unit was removed from the config: stop polling and wind down (see reload)."""

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from supervisor import control
@@ -90,11 +89,12 @@ def test_idle_connection_is_closed_after_timeout(short_tmp: Path) -> None:
     """A control connection that sends no complete request within idle_timeout is closed; a live one is answered."""
     path = short_tmp / "ctl.sock"
     log = _Log()
-    main = SimpleNamespace(control_socket=str(path), control_mode=0o600)
-    daemon: Any = SimpleNamespace(config=SimpleNamespace(main=main), log=log, units={}, summary=lambda: "")
+
+    async def handle(req: control.Request) -> control.Reply:
+        return control.Reply(ok=True, units=[])
 
     async def scenario() -> None:
-        server = control.ControlServer(daemon, idle_timeout=0.2)
+        server = control.ControlServer(str(path), 0o600, log, handle, idle_timeout=0.2)
         await server.start()
         try:
             reader, writer = await asyncio.open_unix_connection(str(path))

@@ -193,7 +193,7 @@ def test_silent_service_is_killed_by_the_watchdog_and_restarted(sockvisor: Sockv
     pings = [e for e in sockvisor.find("notify_received", unit="dog", pid=pid) if e["keys"] == ["WATCHDOG"]]
     assert len(pings) == 6
     silence = _at(timeout) - _at(pings[-1])
-    assert 0.5 <= silence < 0.5 + 0.4, silence
+    assert 0.5 - 0.01 <= silence < 0.5 + 0.4, silence  # uvloop timers have millisecond resolution
     assert exited["duration"] >= 0.75 + 0.5
     second = sockvisor.wait_event("child_started", unit="dog", count=2)["pid"]
     sockvisor.wait_event("child_ready", unit="dog", pid=second)
