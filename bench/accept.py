@@ -4,6 +4,7 @@
     python3 bench/accept.py                 # 3 repetitions, c=1 and c=32, table on stdout
     python3 bench/accept.py --reps 5 --contenders sockvisor,tcpserver
     python3 bench/accept.py --sockvisor-cmd "/path/to/venv/bin/sockvisor"
+    python3 bench/accept.py --contenders sockvisor,tcpserver --baseline-cmd "/old/checkout/.venv/bin/sockvisor"
 
 What it does, per repetition, for every contender in turn (the order rotates each
 repetition so that the contenders are interleaved in time on a noisy machine):
@@ -111,6 +112,7 @@ def tcpserver_starter(port: int, work: Path, service: list[str]) -> list[str] | 
 DESCRIPTIONS = {
     "sockvisor": "sockvisor, mode: accept, pass: stdio, log_connections: false, max_connections: 10000",
     "sockvisor-log": "as sockvisor, with log_connections: true (2 JSON log lines per connection, to a file)",
+    "sockvisor-baseline": "as sockvisor, run by --baseline-cmd (another checkout: the before of a before/after)",
     "xinetd": "xinetd -dontfork; wait = no, instances/per_source UNLIMITED, cps 1000000, NOLIBWRAP, no logging",
     "tcpserver": "ucspi-tcp tcpserver -HRl0 -c 10000 -b 128 (no DNS, no ident)",
 }
@@ -259,7 +261,7 @@ def report(results: dict[str, Result], args: argparse.Namespace) -> str:
     ours = results.get("sockvisor")
     if ours is not None and ours.cps:
         lines += ["", "Ratios, sockvisor / peer (conn/s, same run; > 1 means sockvisor is faster):", ""]
-        for peer in ("tcpserver", "xinetd"):
+        for peer in ("sockvisor-baseline", "tcpserver", "xinetd"):
             other = results.get(peer)
             if other is None or not other.cps:
                 continue
@@ -282,6 +284,9 @@ def main() -> int:
     parser.add_argument("--contenders", default="sockvisor,sockvisor-log,xinetd,tcpserver")
     parser.add_argument("--sockvisor-cmd", default=f"{shlex.quote(sys.executable)} -m supervisor",
                         help="how to run the daemon (default: this Python, from the repo)")
+    parser.add_argument("--baseline-cmd", default=None,
+                        help="another sockvisor (e.g. an older checkout's venv) measured in the same run as "
+                             "contender sockvisor-baseline, for a before/after ratio")
     args = parser.parse_args()
     if args.reps < 1 or args.reps > 20 or args.n > 20000 or args.n1 > 20000 or args.tmax > 30:
         parser.error("keep it bounded: reps 1-20, n/n1 <= 20000, tmax <= 30")
@@ -295,6 +300,10 @@ def main() -> int:
         "tcpserver": tcpserver_starter,
     }
     names = [n for n in args.contenders.split(",") if n]
+    if args.baseline_cmd:
+        starters["sockvisor-baseline"] = sockvisor_starter(shlex.split(args.baseline_cmd), log_connections=False)
+        if "sockvisor-baseline" not in names:
+            names.append("sockvisor-baseline")
     for n in names:
         if n not in starters:
             parser.error(f"unknown contender {n!r} (known: {', '.join(starters)})")

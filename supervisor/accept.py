@@ -22,22 +22,20 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import signal
 import socket
 import time
 from typing import Any, NamedTuple
 
-from supervisor import sockets, spawn
+from supervisor import lifecycle, sockets, spawn
 from supervisor.errors import SpawnError
-from supervisor.lifecycle import Exit, SlotState
+from supervisor.lifecycle import Drain, Exit, SlotState
 from supervisor.model import ListenKind, Pass, Stderr, Unit
-from supervisor.policy import Peer, Policy, normalize_host
-from supervisor.units import Host, UnitRuntime, kill_group
+from supervisor.policy import Gate, Peer, Policy, ReopensAt, ResourceBackoff, normalize_host
+from supervisor.units import Deadline, Host, UnitRuntime, UnitState, kill_group
 
 # Errors from accept(2) that say the daemon (not the connection) is short of a
 # resource: back off instead of spinning on a readable socket.
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-RESOURCE_BACKOFF = 0.1  # seconds; doubles up to 2 s while the shortage lasts
 ACCEPT_BATCH = 32  # connections accepted per readiness callback before yielding to the loop
 ADDR_ENV_CACHE = 256  # encoded REMOTE_ADDR values kept per unit (clients tend to repeat)
 CONN = -2  # stand-in for "the connection" in the stderr slot
@@ -52,10 +50,10 @@ class AcceptRuntime(UnitRuntime):
         self.policy = Policy.for_unit(unit)
         self.conns: dict[int, tuple[Peer | None, float, str]] = {}
         self._resume: asyncio.TimerHandle | None = None
-        self._resource_backoff = RESOURCE_BACKOFF
-        self._running = False
-        self._stopping = False
-        self._kill_timer: asyncio.TimerHandle | None = None
+        self._backoff = ResourceBackoff()
+        self._running = False  # activated and accepting (life is ENABLED and activate() ran)
+        self._drain = Drain()
+        self._kill_deadline = Deadline(host.loop, self._drain_timer)
         self._pass_fds = unit.pass_ is Pass.FDS
         self._log_conns = unit.log_connections
         self._err = _stderr_slot(unit.process.stderr)
@@ -79,58 +77,64 @@ class AcceptRuntime(UnitRuntime):
 
     def retire(self) -> None:
         # A removed accept unit lets its children finish their connections.
-        self.retired = True
+        self.life = UnitState.RETIRING
         self._running = False
         self.poll(False)
 
     def state(self) -> str:
-        if self._stopping and self.conns:
-            return SlotState.STOPPING.value
         if not self._running:
+            if self._drain.deadline is not None and self.conns:
+                return SlotState.STOPPING.value
             return SlotState.STOPPED.value
         return SlotState.RUNNING.value if self.conns else SlotState.IDLE.value
 
     def activate(self) -> None:
         if self.unit.enabled:
             self._running = True
-            self._stopping = False
             self._maybe_resume()
 
     def operator_start(self) -> None:
-        self.stopped_by_operator = False
+        self.life = UnitState.ENABLED
         self.activate()
 
     def operator_stop(self) -> None:
-        self.stopped_by_operator = True
-        self.shutdown()
+        self.life = UnitState.STOPPED
+        self._stop_children()
 
     def operator_restart(self) -> None:
         self.operator_stop()
         self.operator_start()
 
     def shutdown(self) -> None:
+        if self.life is not UnitState.RETIRING:
+            self.life = UnitState.SHUTTING_DOWN
+        self._stop_children()
+
+    def _stop_children(self) -> None:
         self._running = False
-        self._stopping = True
         self.poll(False)
         if self._resume is not None:
             self._resume.cancel()
             self._resume = None
-        proc = self.unit.process
-        for pid in list(self.conns):
-            kill_group(pid, proc.stop_signal)
-        if self.conns and self._kill_timer is None:
-            self._kill_timer = self.host.loop.call_later(proc.stop_timeout, self._kill_remaining)
+        self._drain, actions = lifecycle.drain_begin(self.unit, self._drain, list(self.conns), self.host.loop.time())
+        self._carry_out(actions)
 
-    def _kill_remaining(self) -> None:
-        self._kill_timer = None
-        for pid in list(self.conns):
-            self.log.info("child_killed", pid=pid)
-            kill_group(pid, signal.SIGKILL)
+    def _drain_timer(self) -> None:
+        self._drain, actions = lifecycle.drain_timer(list(self.conns))
+        self._carry_out(actions)
+
+    def _carry_out(self, actions: list[lifecycle.Action]) -> None:
+        for action in actions:
+            if isinstance(action, lifecycle.Kill):
+                kill_group(action.pid, action.signal)
+            elif isinstance(action, lifecycle.Log):
+                self.log.info(action.event, **dict(action.fields))
+        self._kill_deadline.set(self._drain.deadline)
 
     def close(self, *, remove: bool = True) -> None:
-        for handle in (self._resume, self._kill_timer):
-            if handle is not None:
-                handle.cancel()
+        if self._resume is not None:
+            self._resume.cancel()
+        self._kill_deadline.cancel()
         super().close(remove=remove)
 
     def _maybe_resume(self) -> None:
@@ -138,13 +142,13 @@ class AcceptRuntime(UnitRuntime):
         if not self._running:
             return
         loop = self.host.loop
-        when = self.policy.accepting(loop.time())
-        if when == 0.0:
+        gate = self.policy.accepting(loop.time())
+        if gate is Gate.OPEN:
             self.poll(True)
             return
         self.poll(False)
-        if when is not None and self._resume is None:
-            self._resume = loop.call_at(when, self._resumed)
+        if isinstance(gate, ReopensAt) and self._resume is None:
+            self._resume = loop.call_at(gate.when, self._resumed)
 
     def _resumed(self) -> None:
         self._resume = None
@@ -166,7 +170,7 @@ class AcceptRuntime(UnitRuntime):
         try:
             for _ in range(ACCEPT_BATCH):
                 now = loop.time()
-                if policy.accepting(now) != 0.0:
+                if policy.accepting(now) is not Gate.OPEN:
                     self._maybe_resume()
                     return
                 try:
@@ -180,7 +184,7 @@ class AcceptRuntime(UnitRuntime):
                     # ECONNABORTED, EPROTO, EPERM (firewall), ...: that connection
                     # is gone; the next one is fine.
                     continue
-                self._resource_backoff = RESOURCE_BACKOFF
+                self._backoff.succeeded()
                 job = self._admit(fd, addr, bound, now)
                 if job is None:
                     continue
@@ -193,11 +197,11 @@ class AcceptRuntime(UnitRuntime):
 
     def _short_of_resources(self, exc: OSError) -> None:
         """accept() failed for lack of fds or memory: pause, then try again with a growing delay."""
-        self.log.warning("accept_paused", error=exc.strerror, retry=self._resource_backoff)
+        delay = self._backoff.failed()
+        self.log.warning("accept_paused", error=exc.strerror, retry=delay)
         self.poll(False)
         if self._resume is None:
-            self._resume = self.host.loop.call_later(self._resource_backoff, self._resumed)
-        self._resource_backoff = min(self._resource_backoff * 2, 2.0)
+            self._resume = self.host.loop.call_later(delay, self._resumed)
 
     def _admit(self, fd: int, addr: Any, bound: sockets.Bound, now: float) -> Job | None:
         """Decide one accepted connection; returns what to spawn, or None (refused and closed)."""
@@ -295,9 +299,9 @@ class AcceptRuntime(UnitRuntime):
         if self._log_conns:
             self.log.info("child_exited", pid=pid, remote=remote, status=str(ex),
                           duration=round(self.host.loop.time() - started, 6))
-        if self._stopping and not self.conns and self._kill_timer is not None:
-            self._kill_timer.cancel()
-            self._kill_timer = None
+        if self._drain.deadline is not None:
+            self._drain = lifecycle.drain_exited(self._drain, len(self.conns))
+            self._kill_deadline.set(self._drain.deadline)
         # A pending timer (rate, or an fd shortage backing off) resumes by itself; resuming
         # here would cut the back-off short.
         if not self._polling and self._resume is None:

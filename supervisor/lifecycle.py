@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import enum
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from supervisor.model import Mode, Ready, Restart, Start, Unit
@@ -192,6 +193,35 @@ class Log:
 
 
 Action = Spawn | Kill | Log
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """Stopping a set of children (accept mode's connections): the stop signal to each now,
+    SIGKILL to whoever is left at ``deadline`` (``None``: nothing pending)."""
+
+    deadline: float | None = None
+
+
+def drain_begin(unit: Unit, drain: Drain, pids: Sequence[int], now: float) -> tuple[Drain, list[Action]]:
+    """Stop ``pids`` with the unit's stop signal; SIGKILL the rest after ``stop_timeout`` (not re-armed)."""
+    actions: list[Action] = [Kill(pid, unit.process.stop_signal) for pid in pids]
+    if pids and drain.deadline is None:
+        drain = Drain(now + unit.process.stop_timeout)
+    return drain, actions
+
+
+def drain_timer(pids: Sequence[int]) -> tuple[Drain, list[Action]]:
+    """The stop timeout passed: whoever is left is killed."""
+    actions: list[Action] = []
+    for pid in pids:
+        actions += [Log("child_killed", (("pid", pid),)), Kill(pid, signal.SIGKILL)]
+    return Drain(), actions
+
+
+def drain_exited(drain: Drain, remaining: int) -> Drain:
+    """A drained child exited: with none left, the pending SIGKILL is off."""
+    return Drain() if remaining == 0 else drain
 
 
 # ---------------------------------------------------------------- rules

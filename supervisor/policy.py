@@ -41,6 +41,42 @@ class Refusal(enum.Enum):
     PER_SOURCE = "per_source"
 
 
+class Gate(enum.Enum):
+    """Whether a unit may accept now (the answer of ``Policy.accepting`` when it is not a time)."""
+
+    OPEN = "open"
+    AT_EXIT = "at_exit"  # max_connections reached: look again when a child exits
+
+
+@dataclass(frozen=True, slots=True)
+class ReopensAt:
+    """Over the rate: accept again at loop time ``when``."""
+
+    when: float
+
+
+@dataclass(slots=True)
+class ResourceBackoff:
+    """accept() short of fds or memory: pause ``first`` seconds, doubling up to ``cap`` while it lasts.
+
+    One success resets it (xinetd has no equivalent: it disables the service on
+    EMFILE; sockvisor pauses the one unit and keeps the listener).
+    """
+
+    first: float = 0.1
+    cap: float = 2.0
+    delay: float = 0.1
+
+    def failed(self) -> float:
+        """The pause to take now; the next one is twice as long (up to ``cap``)."""
+        delay = self.delay
+        self.delay = min(delay * 2, self.cap)
+        return delay
+
+    def succeeded(self) -> None:
+        self.delay = self.first
+
+
 @dataclass(frozen=True, slots=True)
 class Peer:
     """Who connected: an IP host (``host``), or a unix peer (``uid``)."""
@@ -128,16 +164,16 @@ class Policy:
             self.tokens = min(self.burst, self.tokens + (now - self.last_refill) * self.rate)
         self.last_refill = now
 
-    def accepting(self, now: float) -> float | None:
-        """0.0 to accept now; a later time to resume at (rate); None to wait for a child's exit."""
+    def accepting(self, now: float) -> Gate | ReopensAt:
+        """``Gate.OPEN`` to accept now; ``ReopensAt(t)`` to resume at t (rate); ``Gate.AT_EXIT`` (a child must exit)."""
         if self.active >= self.max_connections:
-            return None
+            return Gate.AT_EXIT
         if self.rate is None:
-            return 0.0
+            return Gate.OPEN
         self._refill(now)
         if self.tokens >= 1.0:
-            return 0.0
-        return now + (1.0 - self.tokens) / self.rate
+            return Gate.OPEN
+        return ReopensAt(now + (1.0 - self.tokens) / self.rate)
 
     def admit(self, peer: Peer | None, now: float) -> Refusal | None:
         """Decide one accepted connection: None admits it (and counts it), else the reason to refuse."""

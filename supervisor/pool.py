@@ -40,7 +40,7 @@ from supervisor.errors import BindError
 from supervisor.lifecycle import ALIVE, SlotState
 from supervisor.model import ListenKind, Start, Unit
 from supervisor.service import SlotDriver, activate, group_state, notify, stop_for_operator, wants_poll
-from supervisor.units import Deadline, Host, UnitRuntime
+from supervisor.units import WINDING_DOWN, Deadline, Host, UnitRuntime, UnitState
 
 # The per-slot socket of slot 0 is the unit's own bound socket.
 _PER_SLOT_KINDS = frozenset({ListenKind.TCP, ListenKind.UDP})
@@ -65,7 +65,6 @@ class PoolRuntime(UnitRuntime):
         self.roll: rolling.Roll | None = None
         self._queue: collections.deque[rolling.Event | None] = collections.deque()  # None: begin a roll
         self._pumping = False
-        self._shutting_down = False
         self._roll_deadline = Deadline(host.loop, lambda: self._post(rolling.Timer()))
         self._sync_slot_sockets(unit.workers)
 
@@ -171,7 +170,7 @@ class PoolRuntime(UnitRuntime):
         self._slots_changed()
 
     def _slots_changed(self) -> None:
-        self.poll(not self._shutting_down and wants_poll(self.slots))
+        self.poll(self.life not in WINDING_DOWN and wants_poll(self.slots))
 
     def readable(self, bound: sockets.Bound) -> None:
         self.poll(False)
@@ -182,7 +181,7 @@ class PoolRuntime(UnitRuntime):
         activate(self, self.slots, self._slots_changed)
 
     def operator_start(self) -> None:
-        self.stopped_by_operator = False
+        self.life = UnitState.ENABLED
         for d in self.slots:
             d.feed(lifecycle.StartRequest(operator=True))
         self._slots_changed()
@@ -190,7 +189,7 @@ class PoolRuntime(UnitRuntime):
     # ------------------------------------------------------------ the roll
 
     def operator_restart(self) -> None:
-        self.stopped_by_operator = False
+        self.life = UnitState.ENABLED
         if self.roll is not None and self.roll.active:
             self._post(rolling.RestartRequest())
         else:
@@ -269,7 +268,8 @@ class PoolRuntime(UnitRuntime):
 
     def shutdown(self) -> None:
         self._post(rolling.Cancel("shutdown"))
-        self._shutting_down = True
+        if self.life is not UnitState.RETIRING:
+            self.life = UnitState.SHUTTING_DOWN
         self.poll(False)
         for d in self.slots:
             d.feed(lifecycle.StopRequest(lifecycle.After.NOTHING))

@@ -22,7 +22,7 @@ from supervisor import lifecycle, sockets, spawn
 from supervisor.errors import SpawnError
 from supervisor.lifecycle import Exit, SlotState
 from supervisor.model import Mode, Pass, Start, Unit
-from supervisor.units import Deadline, Host, UnitRuntime, kill_group
+from supervisor.units import WINDING_DOWN, Deadline, Host, UnitRuntime, UnitState, kill_group
 
 
 class SlotDriver:
@@ -128,7 +128,7 @@ def activate(rt: UnitRuntime, drivers: Iterable[SlotDriver], changed: Callable[[
 
 def stop_for_operator(rt: UnitRuntime, drivers: Iterable[SlotDriver]) -> None:
     """``sockvisor stop``: every slot stops and stays stopped; the sockets are not polled."""
-    rt.stopped_by_operator = True
+    rt.life = UnitState.STOPPED
     for d in drivers:
         d.feed(lifecycle.StopRequest(lifecycle.After.STOP))
     rt.poll(False)
@@ -181,7 +181,6 @@ class ServiceRuntime(UnitRuntime):
     def __init__(self, host: Host, unit: Unit, bound: list[sockets.Bound]) -> None:
         super().__init__(host, unit, bound)
         self.slots = [SlotDriver(self, 0, fds=self.listen_fds, changed=self._driver_changed)]
-        self._shutting_down = False
 
     def listen_fds(self, index: int) -> list[int]:
         """The listening fds the slot gets, in listen order."""
@@ -200,7 +199,7 @@ class ServiceRuntime(UnitRuntime):
         self._slots_changed()
 
     def _slots_changed(self) -> None:
-        self.poll(not self._shutting_down and wants_poll(self.slots))
+        self.poll(self.life not in WINDING_DOWN and wants_poll(self.slots))
 
     def readable(self, bound: sockets.Bound) -> None:
         self.poll(False)
@@ -211,7 +210,7 @@ class ServiceRuntime(UnitRuntime):
         activate(self, self.slots, self._slots_changed)
 
     def operator_start(self) -> None:
-        self.stopped_by_operator = False
+        self.life = UnitState.ENABLED
         for d in self.slots:
             d.feed(lifecycle.StartRequest(operator=True))
         self._slots_changed()
@@ -220,12 +219,13 @@ class ServiceRuntime(UnitRuntime):
         stop_for_operator(self, self.slots)
 
     def operator_restart(self) -> None:
-        self.stopped_by_operator = False
+        self.life = UnitState.ENABLED
         for d in self.slots:
             d.feed(lifecycle.StopRequest(lifecycle.After.RESTART))
 
     def shutdown(self) -> None:
-        self._shutting_down = True
+        if self.life is not UnitState.RETIRING:
+            self.life = UnitState.SHUTTING_DOWN
         self.poll(False)
         for d in self.slots:
             d.feed(lifecycle.StopRequest(lifecycle.After.NOTHING))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -24,6 +25,19 @@ from supervisor.logsummary import LogSummary
 from supervisor.model import Mode, Pass, Stderr, Unit, valid_fdname
 
 ChildCallback = Callable[[int, Exit], None]
+
+
+class UnitState(enum.Enum):
+    """Where a unit is in its own life (its processes' states are the slots')."""
+
+    ENABLED = "enabled"  # runs when its sockets become ready (or at once for start: eager)
+    STOPPED = "stopped"  # stopped by the operator, or disabled in the config: nothing runs until start
+    SHUTTING_DOWN = "shutting_down"  # the daemon is stopping
+    RETIRING = "retiring"  # removed from the config: its children wind down, then its sockets close
+
+
+#: States in which a unit never polls or starts anything again.
+WINDING_DOWN = frozenset({UnitState.SHUTTING_DOWN, UnitState.RETIRING})
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +142,7 @@ class UnitRuntime:
         self.endpoint.start(host.loop)
         self._prepared: spawn.Prepared | None = None
         self._polling = False
-        self.stopped_by_operator = not unit.enabled
-        self.retired = False
+        self.life = UnitState.ENABLED if unit.enabled else UnitState.STOPPED
         # The last child exit (pid, exit, wall time), kept raw: formatted only when status asks.
         self.last_exit: tuple[int, Exit, float] | None = None
         self.set_blocking()
@@ -184,7 +197,7 @@ class UnitRuntime:
         stopped by the operator, and was polling or has no process.
         """
         if unit.enabled and not self.unit.enabled:
-            self.stopped_by_operator = False  # enabling a disabled unit starts it, as a fresh one would
+            self.life = UnitState.ENABLED  # enabling a disabled unit starts it, as a fresh one would
         self.poll(False)
         self.bound = bound
         self.unit = unit
@@ -193,7 +206,7 @@ class UnitRuntime:
         if not unit.enabled:
             self.operator_stop()
             return False
-        return not self.stopped_by_operator and (was_polling or not self.pids())
+        return self.life is UnitState.ENABLED and (was_polling or not self.pids())
 
     def rebind(self, replacements: dict[int, sockets.Bound]) -> None:
         """A failed reload re-bound sockets it had closed: put them back at their index (drop the lost ones)."""
@@ -209,7 +222,7 @@ class UnitRuntime:
 
     def retire(self) -> None:
         """The unit was removed from the config: stop polling and wind down (see reload)."""
-        self.retired = True
+        self.life = UnitState.RETIRING
         self.shutdown()
 
     def output_fds(self) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import pytest
 
+from supervisor import lifecycle
 from supervisor.lifecycle import (
     CLEAN_SIGNALS,
     Action,
@@ -803,3 +804,27 @@ def test_clean_exit_after_a_long_run_respawns_after_the_first_delay() -> None:
     slot, _ = step(unit, slot, Exited(PID, Exit(code=0)), 100.0)
     assert slot.failures == 1
     assert slot.deadline == pytest.approx(100.0 + unit.restart_delay)
+
+
+# ---------------------------------------------------------------- drain (accept mode's stop)
+
+
+def test_drain_signals_every_child_and_kills_the_rest_at_the_stop_timeout() -> None:
+    """Stop: the stop signal to each child now; SIGKILL (logged) at stop_timeout to whoever is left."""
+    unit = make_unit()
+    drain, actions = lifecycle.drain_begin(unit, lifecycle.Drain(), [11, 12], 100.0)
+    assert actions == [lifecycle.Kill(11, unit.process.stop_signal), lifecycle.Kill(12, unit.process.stop_signal)]
+    assert drain.deadline == 100.0 + unit.process.stop_timeout
+    again, _ = lifecycle.drain_begin(unit, drain, [11, 12], 105.0)  # a second stop does not push the deadline
+    assert again.deadline == drain.deadline
+    drain, actions = lifecycle.drain_timer([12])
+    assert drain.deadline is None
+    assert actions == [lifecycle.Log("child_killed", (("pid", 12),)), lifecycle.Kill(12, signal.SIGKILL)]
+
+
+def test_drain_is_off_when_the_last_child_exits() -> None:
+    unit = make_unit()
+    drain, _ = lifecycle.drain_begin(unit, lifecycle.Drain(), [11, 12], 0.0)
+    assert lifecycle.drain_exited(drain, remaining=1) == drain
+    assert lifecycle.drain_exited(drain, remaining=0).deadline is None
+    assert lifecycle.drain_begin(unit, lifecycle.Drain(), [], 0.0) == (lifecycle.Drain(), [])

@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from supervisor.model import InetAddress, Listen, ListenKind, Mode, Network, Process, Rate, Unit
-from supervisor.policy import Peer, Policy, Refusal, normalize_host
+from supervisor.policy import Gate, Peer, Policy, Refusal, ReopensAt, ResourceBackoff, normalize_host
 
 
 def make_policy(**overrides: object) -> Policy:
@@ -33,18 +33,18 @@ def host(text: str) -> Peer:
 
 
 def test_max_connections_pauses_accepting_until_a_release() -> None:
-    """At max_connections accepting() is None (wait for an exit, not a time); a release makes it 0.0 again."""
+    """At max_connections accepting() is AT_EXIT (wait for an exit, not a time); a release opens it again."""
     policy = make_policy(max_connections=2)
-    assert policy.accepting(0.0) == 0.0
+    assert policy.accepting(0.0) is Gate.OPEN
     assert policy.admit(None, 0.0) is None
-    assert policy.accepting(0.0) == 0.0
+    assert policy.accepting(0.0) is Gate.OPEN
     assert policy.admit(None, 0.0) is None
     assert policy.active == 2
-    assert policy.accepting(0.0) is None
-    assert policy.accepting(1e9) is None  # time alone never resumes it
+    assert policy.accepting(0.0) is Gate.AT_EXIT
+    assert policy.accepting(1e9) is Gate.AT_EXIT  # time alone never resumes it
     policy.release(None)
     assert policy.active == 1
-    assert policy.accepting(1.0) == 0.0
+    assert policy.accepting(1.0) is Gate.OPEN
 
 
 # ---------------------------------------------------------------- per source
@@ -97,14 +97,14 @@ def test_peer_source_key(peer: Peer, source: str) -> None:
 
 
 def test_rate_allows_burst_then_pauses_until_next_token() -> None:
-    """After burst admissions accepting() returns the time the next token is due, and 0.0 from then on."""
+    """After burst admissions accepting() says when the next token is due, and OPEN from then on."""
     policy = make_policy(rate=Rate(per_second=2.0, burst=3))
-    assert policy.accepting(10.0) == 0.0
+    assert policy.accepting(10.0) is Gate.OPEN
     for _ in range(3):
         assert policy.admit(None, 10.0) is None
-    assert policy.accepting(10.0) == pytest.approx(10.5)
-    assert policy.accepting(10.25) == pytest.approx(10.5)  # half a token refilled meanwhile
-    assert policy.accepting(10.5) == 0.0
+    assert policy.accepting(10.0) == ReopensAt(pytest.approx(10.5))
+    assert policy.accepting(10.25) == ReopensAt(pytest.approx(10.5))  # half a token refilled meanwhile
+    assert policy.accepting(10.5) is Gate.OPEN
 
 
 def test_rate_refill_is_capped_at_burst() -> None:
@@ -113,9 +113,9 @@ def test_rate_refill_is_capped_at_burst() -> None:
     assert policy.admit(None, 0.0) is None
     assert policy.admit(None, 0.0) is None
     for _ in range(2):
-        assert policy.accepting(1000.0) == 0.0
+        assert policy.accepting(1000.0) is Gate.OPEN
         assert policy.admit(None, 1000.0) is None
-    assert policy.accepting(1000.0) == pytest.approx(1000.1)
+    assert policy.accepting(1000.0) == ReopensAt(pytest.approx(1000.1))
 
 
 def test_rate_refills_with_now() -> None:
@@ -123,14 +123,14 @@ def test_rate_refills_with_now() -> None:
     policy = make_policy(rate=Rate(per_second=4.0, burst=1))
     now, admitted = 0.0, 0
     while now < 10.0:
-        resume = policy.accepting(now)
-        assert resume is not None
-        if resume == 0.0:
+        gate = policy.accepting(now)
+        assert gate is not Gate.AT_EXIT
+        if gate is Gate.OPEN:
             assert policy.admit(None, now) is None
             admitted += 1
         else:
-            assert resume > now
-            now = resume
+            assert isinstance(gate, ReopensAt) and gate.when > now
+            now = gate.when
     assert admitted == pytest.approx(1 + 4 * 10, abs=1)
 
 
@@ -141,9 +141,9 @@ def test_rate_never_refuses_for_good(rate: Rate, overshoot: int) -> None:
     policy = make_policy(rate=rate)
     for _ in range(rate.burst + overshoot):
         policy.admit(None, 0.0)
-    resume = policy.accepting(0.0)
-    assert resume is not None and resume > 0.0
-    assert policy.accepting(resume) == 0.0
+    gate = policy.accepting(0.0)
+    assert isinstance(gate, ReopensAt) and gate.when > 0.0
+    assert policy.accepting(gate.when) is Gate.OPEN
 
 
 def test_rate_does_not_count_refused_connections() -> None:
@@ -151,14 +151,14 @@ def test_rate_does_not_count_refused_connections() -> None:
     policy = make_policy(rate=Rate(per_second=1.0, burst=1), deny=(net("10.0.0.0/8"),))
     assert policy.admit(host("10.1.1.1"), 0.0) is Refusal.DENIED
     assert policy.active == 0
-    assert policy.accepting(0.0) == 0.0
+    assert policy.accepting(0.0) is Gate.OPEN
 
 
 def test_max_connections_wins_over_rate() -> None:
     """At the connection limit accepting() waits for an exit even when tokens are available."""
     policy = make_policy(max_connections=1, rate=Rate(per_second=1.0, burst=5))
     policy.admit(None, 0.0)
-    assert policy.accepting(0.0) is None
+    assert policy.accepting(0.0) is Gate.AT_EXIT
 
 
 # ---------------------------------------------------------------- allow / deny
@@ -226,3 +226,14 @@ def test_normalize_host(raw: str, normal: str) -> None:
 def test_needs_peer(overrides: dict[str, object], needed: bool) -> None:
     """The accept path builds a Peer only when allow, deny or a per-source cap will look at it."""
     assert make_policy(**overrides).needs_peer is needed
+
+
+# ---------------------------------------------------------------- resource back-off
+
+
+def test_resource_backoff_doubles_to_its_cap_and_one_success_resets_it() -> None:
+    """EMFILE/ENOMEM on accept(): 0.1 s, 0.2, 0.4, ... capped at 2 s; an accept that works starts over."""
+    backoff = ResourceBackoff()
+    assert [backoff.failed() for _ in range(7)] == [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
+    backoff.succeeded()
+    assert backoff.failed() == 0.1
