@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 from supervisor.errors import BindError, ConfigError, ControlError, SockvisorError, UsageError
+from supervisor.status import UnitStatus
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -125,7 +126,7 @@ def _dispatch(args: argparse.Namespace, env: Mapping[str, str]) -> int:
               f"removed {_names(reply.get('removed'))}")
         return EXIT_OK
     if cmd == "status":
-        req: dict[str, Any] = {"cmd": "status"}
+        req: dict[str, str | None] = {"cmd": "status"}
         if args.name:
             req["unit"] = args.name
         reply = control.request(path, req)
@@ -141,8 +142,8 @@ def _dispatch(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if not reply.get("ok"):
         _err(str(reply.get("error")))
         return EXIT_FAILURE
-    unit = reply.get("unit", {})
-    print(f"{args.name}: {unit.get('state', 'ok')}")
+    status = reply.get("unit")
+    print(f"{args.name}: {status['state'] if status else 'ok'}")
     return EXIT_OK
 
 
@@ -158,7 +159,7 @@ def _control_path(config_path: str | None, env: Mapping[str, str]) -> str:
     return main.control_socket
 
 
-def format_status(units: list[dict[str, Any]]) -> str:
+def format_status(units: list[UnitStatus]) -> str:
     """A readable table: name, mode, state, listen, pids, connections, restarts, last exit, status."""
     header = ("UNIT", "MODE", "STATE", "LISTEN", "PIDS", "ACTIVE", "ACCEPTED", "REFUSED", "RESTARTS", "LAST EXIT",
               "STATUS")
@@ -166,13 +167,13 @@ def format_status(units: list[dict[str, Any]]) -> str:
     for u in units:
         conns = u.get("connections") or {}
         pids = u.get("pids") or []
-        last = u.get("last_exit") or {}
+        last = u.get("last_exit")
         rows.append((
             str(u["name"]), str(u["mode"]), str(u["state"]), ",".join(u.get("listen") or []) or "-",
             (",".join(str(p) for p in pids[:4]) + ("..." if len(pids) > 4 else "")) or "-",
             str(conns.get("active", 0)), str(conns.get("accepted", 0)), str(conns.get("refused", 0)),
             str(u.get("restarts", 0)),
-            f"{last['status']} (pid {last['pid']})" if last.get("status") else "-",
+            f"{last['status']} (pid {last['pid']})" if last else "-",
             u.get("status") or "-",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -180,7 +181,7 @@ def format_status(units: list[dict[str, Any]]) -> str:
     return table + "".join(_pool_details(u) for u in units)
 
 
-def _pool_details(unit: dict[str, Any]) -> str:
+def _pool_details(unit: UnitStatus) -> str:
     """Per-worker lines (slot, pid, state, age, restarts) and the rolling restart, for pool units."""
     workers = unit.get("workers")
     if not workers:

@@ -43,11 +43,13 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import TypedDict, cast
 
 from supervisor import fsnodes
 from supervisor.errors import BindError, ControlError
+from supervisor.log import Logger
 from supervisor.logsummary import LogSummary
+from supervisor.status import DaemonStatus, UnitStatus
 
 MAX_REQUEST = 64 * 1024
 MAX_CONNECTIONS = 32  # control connections served at once; one more is closed at once
@@ -86,9 +88,9 @@ class Reply(TypedDict, total=False):
     error: str
     reason: str
     errors: list[str]
-    units: list[Any]  # each a runtime's status (supervisor.units.UnitStatus)
-    unit: Any
-    daemon: dict[str, Any]
+    units: list[UnitStatus]
+    unit: UnitStatus
+    daemon: DaemonStatus
     added: list[str]
     changed: list[str]
     removed: list[str]
@@ -125,7 +127,7 @@ Handler = Callable[[Request], Awaitable[Reply]]
 class ControlServer:
     """Serves the control socket at ``path``: one task per connection, owned here and cancelled on close."""
 
-    def __init__(self, path: str, mode: int, log: Any, handle: Handler, *,
+    def __init__(self, path: str, mode: int, log: Logger, handle: Handler, *,
                  idle_timeout: float = IDLE_TIMEOUT) -> None:
         self._handle = handle
         self.idle_timeout = idle_timeout
@@ -232,7 +234,7 @@ class ControlServer:
             return failure(f"internal error: {exc}")
 
 
-def request(path: str, req: dict[str, Any], *, timeout: float = 30.0) -> dict[str, Any]:
+def request(path: str, req: dict[str, str | None], *, timeout: float = 30.0) -> Reply:
     """Send one request to the daemon at ``path`` and return its reply; ControlError if unreachable.
 
     A daemon that refuses the peer replies at once and closes without reading
@@ -274,6 +276,6 @@ def request(path: str, req: dict[str, Any], *, timeout: float = 30.0) -> dict[st
         reply = json.loads(buf)
     except ValueError as exc:
         raise ControlError(f"the daemon at {path} sent a malformed reply") from exc
-    if not isinstance(reply, dict):
+    if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
         raise ControlError(f"the daemon at {path} sent a malformed reply")
-    return reply
+    return cast(Reply, reply)

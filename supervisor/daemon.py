@@ -50,6 +50,7 @@ from supervisor import config as configuration
 from supervisor import reload as reloading
 from supervisor.control import Command, Reply, Request, failure
 from supervisor.errors import BindError, ConfigError, FdBudgetError, Problem
+from supervisor.log import Logger, get_logger
 from supervisor.model import Config, Unit
 from supervisor.reaper import Reaper
 from supervisor.registry import Registry
@@ -358,9 +359,7 @@ def _describe_fd(fd: int) -> str:
         return "?"
 
 
-def _root_logger() -> Any:
-    from supervisor.log import get_logger
-
+def _root_logger() -> Logger:
     return get_logger()
 
 

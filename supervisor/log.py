@@ -32,8 +32,12 @@ import time
 from typing import Any, TextIO
 
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 from supervisor.model import LogFormat
+
+#: The logger type every module passes around (``get_logger()`` and its ``bind``).
+Logger = FilteringBoundLogger
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -205,6 +209,7 @@ def configure(fmt: LogFormat | None = None, level: str = "info", stream: TextIO 
     )
 
 
-def get_logger(**context: Any) -> Any:
+def get_logger(**context: Any) -> Logger:
     """A bound logger with ``context`` attached to every event."""
-    return structlog.get_logger().bind(**context)
+    logger: Logger = structlog.get_logger().bind(**context)
+    return logger

@@ -33,13 +33,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Iterator, Mapping
-from typing import Any
 
 from supervisor import lifecycle, rolling, sockets
 from supervisor.errors import BindError
 from supervisor.lifecycle import ALIVE, SlotState
 from supervisor.model import ListenKind, Start, Unit
 from supervisor.service import SlotDriver, activate, group_state, notify, stop_for_operator, wants_poll
+from supervisor.status import RollStatus, UnitStatus, WorkerStatus
 from supervisor.units import WINDING_DOWN, Deadline, Host, UnitRuntime, UnitState
 
 # The per-slot socket of slot 0 is the unit's own bound socket.
@@ -304,7 +304,7 @@ class PoolRuntime(UnitRuntime):
 
     # ------------------------------------------------------------ status
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> UnitStatus:
         st = super().status()
         now = self.host.loop.time()
         workers = [_worker(d, now, "worker") for d in self.slots]
@@ -313,8 +313,8 @@ class PoolRuntime(UnitRuntime):
         st["workers"] = workers
         roll = self.roll
         if roll is not None:
-            info: dict[str, Any] = {"state": roll.state.value, "replaced": len(roll.replaced), "total": roll.total,
-                                    "age": round(now - roll.started_at, 3)}
+            info = RollStatus(state=roll.state.value, replaced=len(roll.replaced), total=roll.total,
+                              age=round(now - roll.started_at, 3))
             if roll.state is rolling.RollState.ABORTED:
                 info["reason"] = roll.reason
                 info["slot"] = roll.failed_slot
@@ -322,11 +322,11 @@ class PoolRuntime(UnitRuntime):
         return st
 
 
-def _worker(d: SlotDriver, now: float, role: str) -> dict[str, Any]:
+def _worker(d: SlotDriver, now: float, role: str) -> WorkerStatus:
     slot = d.slot
     age = round(now - slot.started_at, 3) if slot.pid is not None and slot.started_at is not None else None
-    return {"slot": d.index, "pid": slot.pid, "state": slot.state.value, "age": age, "restarts": slot.restarts,
-            "role": role}
+    return WorkerStatus(slot=d.index, pid=slot.pid, state=slot.state.value, age=age, restarts=slot.restarts,
+                        role=role)
 
 
 def _failure(slot: lifecycle.Slot) -> str:

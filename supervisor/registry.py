@@ -10,10 +10,10 @@ closed by ``sweep`` once its last child is gone).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 from supervisor import sockets
 from supervisor.accept import AcceptRuntime
+from supervisor.log import Logger
 from supervisor.model import Mode, Unit
 from supervisor.pool import PoolRuntime
 from supervisor.service import ServiceRuntime
@@ -29,7 +29,7 @@ RUNTIMES: dict[Mode, type[UnitRuntime]] = {
 class Registry:
     """Runtimes by unit name, in config order, plus the retiring ones."""
 
-    def __init__(self, host: Host, log: Any) -> None:
+    def __init__(self, host: Host, log: Logger) -> None:
         self._host = host
         self._log = log
         self._units: dict[str, UnitRuntime] = {}

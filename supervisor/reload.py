@@ -33,10 +33,11 @@ reload.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import TypedDict
 
 from supervisor import sockets
 from supervisor.errors import BindError
+from supervisor.log import Logger
 from supervisor.model import RETUNABLE_OPTIONS, Config, Listen, Mode, Unit
 from supervisor.registry import Registry
 from supervisor.units import UnitRuntime
@@ -113,7 +114,7 @@ class _Staged:
     # (index in runtime.bound, the old entry) of sockets closed to be re-bound with bind-time changes
     released: list[tuple[int, Listen]] = field(default_factory=list)
 
-    def undo(self, log: Any) -> None:
+    def undo(self, log: Logger) -> None:
         """Put the running unit back as it was: close fresh binds, retune back, re-bind released entries."""
         for b in self.fresh:
             b.close(remove=True)
@@ -184,7 +185,7 @@ class ReloadSummary(TypedDict, total=False):
     failed: list[str]
 
 
-def apply(registry: Registry, new: Config, log: Any) -> ReloadSummary:
+def apply(registry: Registry, new: Config, log: Logger) -> ReloadSummary:
     """Apply the valid configuration ``new`` to ``registry`` as a diff. Raises BindError, changing nothing."""
     old_units = {name: rt.unit for name in registry.names() if (rt := registry.get(name)) is not None}
     plans, retire = plan(old_units, new.units)
@@ -234,7 +235,7 @@ def apply(registry: Registry, new: Config, log: Any) -> ReloadSummary:
     return summary
 
 
-def _commit(registry: Registry, st: _Staged, added: list[str], changed: list[str], log: Any) -> None:
+def _commit(registry: Registry, st: _Staged, added: list[str], changed: list[str], log: Logger) -> None:
     """Commit one staged unit: add it, update it in place, or replace its runtime (mode change)."""
     p, runtime = st.plan, st.runtime
     name = p.unit.name
@@ -258,7 +259,7 @@ def _commit(registry: Registry, st: _Staged, added: list[str], changed: list[str
     changed.append(name)
 
 
-def _activate(runtime: UnitRuntime, log: Any) -> None:
+def _activate(runtime: UnitRuntime, log: Logger) -> None:
     """Start a committed unit; a failure is that unit's (logged), never a half-applied reload."""
     try:
         runtime.activate()

@@ -21,8 +21,10 @@ from typing import Any
 from supervisor import notifyd, sockets, spawn
 from supervisor.errors import SpawnError
 from supervisor.lifecycle import Exit
+from supervisor.log import Logger
 from supervisor.logsummary import LogSummary
 from supervisor.model import Mode, Pass, Stderr, Unit, valid_fdname
+from supervisor.status import Connections, LastExit, NotifyCounters, UnitStatus
 
 ChildCallback = Callable[[int, Exit], None]
 
@@ -49,7 +51,7 @@ class Host:
     """
 
     loop: asyncio.AbstractEventLoop  # readers, timers, time()
-    log: Any  # a structlog BoundLogger; each runtime binds unit=... once
+    log: Logger  # each runtime binds unit=... once
     environ: Mapping[str, str]  # the daemon's environment, for pass_environment
     watch_child: Callable[[int, ChildCallback], None]  # call back on the loop when the pid exits
     offload: spawn.Offload[Any]  # the helper spawn thread (accept mode)
@@ -363,28 +365,28 @@ class UnitRuntime:
     def restarts(self) -> int:
         return 0
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "name": self.unit.name,
-            "mode": self.unit.mode.value,
-            "state": self.state(),
-            "listen": [b.listen.display for b in self.bound],
-            "pids": self.pids(),
-            "connections": {"active": self.active(), "accepted": self.accepted, "refused": self.refused,
-                            "refused_by_reason": dict(self.refused_by_reason)},
-            "restarts": self.restarts(),
-            "status": self.status_text,
-            "description": self.unit.description,
-            "last_exit": self._last_exit_status(),
-            "notify": {"dropped": dict(self.notify_dropped), "paused": self.endpoint.paused},
-            "fd_store": [name for name, _ in self.fd_store],
-        }
+    def status(self) -> UnitStatus:
+        return UnitStatus(
+            name=self.unit.name,
+            mode=self.unit.mode.value,
+            state=self.state(),
+            listen=[b.listen.display for b in self.bound],
+            pids=self.pids(),
+            connections=Connections(active=self.active(), accepted=self.accepted, refused=self.refused,
+                                    refused_by_reason=dict(self.refused_by_reason)),
+            restarts=self.restarts(),
+            status=self.status_text,
+            description=self.unit.description,
+            last_exit=self._last_exit_status(),
+            notify=NotifyCounters(dropped=dict(self.notify_dropped), paused=self.endpoint.paused),
+            fd_store=[name for name, _ in self.fd_store],
+        )
 
-    def _last_exit_status(self) -> dict[str, Any] | None:
+    def _last_exit_status(self) -> LastExit | None:
         if self.last_exit is None:
             return None
         pid, ex, at = self.last_exit
-        return {"pid": pid, "status": str(ex), "at": round(at, 3)}
+        return LastExit(pid=pid, status=str(ex), at=round(at, 3))
 
     def active(self) -> int:
         return len(self.pids())

@@ -1,0 +1,69 @@
+"""The shape of ``status``: what a runtime reports, the control socket sends and the CLI formats.
+
+Plain typed dictionaries (they travel as JSON); the fields are SPEC section 3's
+``status --json`` and section 8's refusal reasons.
+"""
+
+from __future__ import annotations
+
+from typing import NotRequired, TypedDict
+
+
+class Connections(TypedDict):
+    active: int
+    accepted: int
+    refused: int
+    refused_by_reason: dict[str, int]
+
+
+class LastExit(TypedDict):
+    pid: int
+    status: str  # "exit 0", "SIGKILL", ...
+    at: float  # wall time
+
+
+class NotifyCounters(TypedDict):
+    dropped: dict[str, int]  # by reason
+    paused: int  # times the socket was left unread for the rate
+
+
+class WorkerStatus(TypedDict):
+    slot: int
+    pid: int | None
+    state: str
+    age: float | None
+    restarts: int
+    role: str  # worker, surge, retiring
+
+
+class RollStatus(TypedDict):
+    state: str
+    replaced: int
+    total: int
+    age: float
+    reason: NotRequired[str | None]
+    slot: NotRequired[int | None]
+
+
+class UnitStatus(TypedDict):
+    """One unit in ``status`` (the control reply, ``status --json``, and what the CLI formats)."""
+
+    name: str
+    mode: str
+    state: str
+    listen: list[str]
+    pids: list[int]
+    connections: Connections
+    restarts: int
+    status: str  # the last STATUS= the unit's process sent
+    description: str
+    last_exit: LastExit | None
+    notify: NotifyCounters
+    fd_store: list[str]  # names, in store order
+    workers: NotRequired[list[WorkerStatus]]  # pool mode
+    roll: NotRequired[RollStatus]  # pool mode, during and after a rolling restart
+
+
+class DaemonStatus(TypedDict):
+    pid: int
+    summary: str
