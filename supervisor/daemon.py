@@ -52,10 +52,10 @@ from supervisor.control import Command, Reply, Request, failure
 from supervisor.errors import BindError, ConfigError, FdBudgetError, Problem
 from supervisor.log import Logger, get_logger
 from supervisor.model import Config, Unit
-from supervisor.reaper import Reaper
+from supervisor.reaper import Reaper, exit_of
 from supervisor.registry import Registry
 from supervisor.spawn import Offload
-from supervisor.units import ChildCallback, Host, exit_of
+from supervisor.units import ChildCallback, Host
 
 FD_RESERVE = 64  # the daemon's own fds: control, notify, signalfd, log, connections in flight
 EARLY_EXITS_MAX = 4096  # unregistered exits remembered (helper-thread spawns, adopted orphans)

@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable
 
 from supervisor import _spawn
+from supervisor.lifecycle import Exit
 
 _DRAIN = 128 * 32  # up to 32 signalfd_siginfo records per read
 
@@ -58,3 +59,10 @@ class Reaper:
             if pid == 0:
                 return
             self._dispatch(pid, status)
+
+
+def exit_of(status: int) -> Exit:
+    """A ``waitpid`` status as the lifecycle's ``Exit`` (code, or the signal that killed it)."""
+    if os.WIFSIGNALED(status):
+        return Exit(signal=os.WTERMSIG(status))
+    return Exit(code=os.WEXITSTATUS(status))

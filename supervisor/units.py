@@ -106,12 +106,6 @@ def _close_all(fds: Iterable[int]) -> None:
             os.close(fd)
 
 
-def exit_of(status: int) -> Exit:
-    if os.WIFSIGNALED(status):
-        return Exit(signal=os.WTERMSIG(status))
-    return Exit(code=os.WEXITSTATUS(status))
-
-
 def kill_group(pid: int, sig: int) -> None:
     """Signal a child's process group (every child is a session leader), or the pid if the group is gone."""
     try:
