@@ -45,7 +45,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from supervisor import _spawn, activation, control, sockets
+from supervisor import _spawn, activation, control, matching, sockets
 from supervisor import config as configuration
 from supervisor import reload as reloading
 from supervisor.control import Command, Reply, Request, failure
@@ -135,7 +135,7 @@ class Daemon:
             for listen in unit.listen:
                 adopted = None
                 for fd, free in self._inherited.items():
-                    if free and sockets.matches(fd, listen):
+                    if free and matching.matches(fd, listen):
                         adopted = sockets.adopt(fd, listen)
                         self._inherited[fd] = False
                         self.log.info("socket_adopted", unit=unit.name, listen=listen.display, fd=fd,

@@ -21,10 +21,11 @@ from typing import Any
 
 import pytest
 
-from supervisor import sockets
+from supervisor import sockets, sockopts
 from supervisor.errors import BindError
+from supervisor.matching import matches
 from supervisor.model import InetAddress, Listen, ListenKind
-from supervisor.sockets import Bound, adopt, bind, bind_all, matches, retune, set_blocking
+from supervisor.sockets import Bound, adopt, bind, bind_all, retune, set_blocking
 
 UNIT = "web"
 IS_ROOT = os.geteuid() == 0
@@ -224,21 +225,21 @@ def test_freebind_binds_a_non_local_address(binder: Any, port: int) -> None:
     with pytest.raises(BindError, match="freebind"):
         binder(inet(TCP, "192.0.2.1", port))
     bound = binder(inet(TCP, "192.0.2.1", port, freebind=True))
-    assert getopt(bound, socket.IPPROTO_IP, sockets.IP_FREEBIND) == 1
+    assert getopt(bound, socket.IPPROTO_IP, sockopts.IP_FREEBIND) == 1
     assert bound.local_address() == f"192.0.2.1:{port}"
 
 
 def test_freebind_ipv6(binder: Any, port: int) -> None:
     """freebind on IPv6 sets IPV6_FREEBIND and lets a documentation address bind."""
     bound = binder(inet(UDP, "2001:db8::1", port, freebind=True))
-    assert getopt(bound, socket.IPPROTO_IPV6, sockets.IPV6_FREEBIND) == 1
+    assert getopt(bound, socket.IPPROTO_IPV6, sockopts.IPV6_FREEBIND) == 1
 
 
 @needs_root
 def test_transparent_sets_ip_transparent(binder: Any, port: int) -> None:
     """transparent sets IP_TRANSPARENT (needs CAP_NET_ADMIN)."""
     bound = binder(inet(TCP, "127.0.0.1", port, transparent=True))
-    assert getopt(bound, socket.IPPROTO_IP, sockets.IP_TRANSPARENT) == 1
+    assert getopt(bound, socket.IPPROTO_IP, sockopts.IP_TRANSPARENT) == 1
 
 
 def test_reuse_port_lets_two_sockets_share_a_port(binder: Any, port: int) -> None:
@@ -363,7 +364,7 @@ def test_tcp_knobs_are_set(binder: Any, port: int) -> None:
     assert getopt(bound, tcp, socket.TCP_KEEPINTVL) == 6
     assert getopt(bound, tcp, socket.TCP_KEEPCNT) == 4
     # The kernel stores retransmission counts; 3 s is one of the values that reads back exactly.
-    assert getopt(bound, tcp, sockets.TCP_DEFER_ACCEPT) == 3
+    assert getopt(bound, tcp, sockopts.TCP_DEFER_ACCEPT) == 3
 
 
 def test_tcp_knobs_can_be_switched_off(binder: Any, port: int) -> None:

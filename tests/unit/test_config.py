@@ -360,11 +360,6 @@ def test_equal_config_compares_equal_regardless_of_position() -> None:
     assert a == b
 
 
-def test_listen_option_tables_agree() -> None:
-    """Every listen option has a parser and every parser is a listen option."""
-    assert set(config._LISTEN_OPTIONS) == set(config._LISTEN_PARSERS)
-
-
 def test_load_main_ignores_broken_units(tmp_path: Path) -> None:
     """load_main reads the control socket even when a unit file is broken."""
     write(tmp_path, {"sockvisor.yaml": "control: {socket: /run/x.sock}\n", "sockets.d/bad.yaml": "x: [\n"})

@@ -15,10 +15,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "supervisor"
 
 LAYERS: list[tuple[str, set[str]]] = [
-    ("data", {"errors", "model", "values", "addresses", "yamlload", "config", "schema", "status",
+    ("data", {"errors", "model", "values", "addresses", "yamlload", "config", "schema", "reader", "status",
               "activation", "_spawn"}),
     ("pure", {"lifecycle", "rolling", "policy", "logsummary"}),
-    ("effects", {"fsnodes", "sockets", "sockopts", "spawn", "reaper", "notifyd", "log"}),
+    ("effects", {"fsnodes", "sockopts", "sockets", "matching", "spawn", "reaper", "notifyd", "log"}),
     ("adapters", {"units", "service", "pool", "accept", "control", "metrics", "proxy"}),
     ("wiring", {"registry", "reload", "daemon"}),
     ("entry", {"cli", "activate", "fdsinfo", "__main__", "__init__"}),

@@ -42,15 +42,15 @@ def test_every_listen_option_has_one_row_that_config_sockets_and_reload_derive_f
     """config parses, sockets checks and reload classifies exactly the options of model.LISTEN_OPTIONS."""
     import dataclasses
 
-    from supervisor import config, reload, sockets
-    from supervisor.model import LISTEN_OPTIONS, Listen
+    from supervisor import reload, schema, sockets
+    from supervisor.model import BIND_TIME_OPTIONS, LISTEN_OPTIONS, Listen
 
-    assert set(config._LISTEN_PARSERS) == set(LISTEN_OPTIONS)
-    assert set(config._LISTEN_OPTIONS) == set(LISTEN_OPTIONS)
+    assert set(schema.LISTEN_PARSERS) == set(LISTEN_OPTIONS)
+    assert set(schema.LISTEN_OPTIONS) == set(LISTEN_OPTIONS)
     fields = {f.name for f in dataclasses.fields(Listen)} - {"kind", "address", "location", "display"}
     assert set(LISTEN_OPTIONS) <= fields | {"name"}
-    assert set(sockets._BIND_TIME_OPTIONS) | reload.RETUNABLE == set(LISTEN_OPTIONS)
-    assert not set(sockets._BIND_TIME_OPTIONS) & reload.RETUNABLE
+    assert set(BIND_TIME_OPTIONS) | reload.RETUNABLE == set(LISTEN_OPTIONS)
+    assert not set(BIND_TIME_OPTIONS) & reload.RETUNABLE
     assert set(sockets._APPLIES_TO) == {n for n, o in LISTEN_OPTIONS.items() if o.on_socket}
 
 
