@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import socket
 import time
 from typing import Any, NamedTuple
 
@@ -227,7 +226,7 @@ class AcceptRuntime(UnitRuntime):
             if self._log_conns:
                 remote = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         else:
-            pid, uid, gid = _peer_credentials(fd)
+            pid, uid, gid = sockets.peer_credentials(fd)
             env = [b"REMOTE_PID=%d" % pid, b"REMOTE_UID=%d" % uid, b"REMOTE_GID=%d" % gid]
             if self._needs_peer:
                 peer = Peer(uid=uid)
@@ -339,17 +338,3 @@ def _describe(peer: Peer | None, addr: Any) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         return f"{normalize_host(addr[0])}:{addr[1]}"
     return ""
-
-
-def _peer_credentials(fd: int) -> tuple[int, int, int]:
-    """SO_PEERCRED of a connected unix socket: (pid, uid, gid)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
-    try:
-        raw = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    finally:
-        s.detach()
-    pid, uid, gid = int.from_bytes(raw[0:4], "little", signed=True), int.from_bytes(raw[4:8], "little"), \
-        int.from_bytes(raw[8:12], "little")
-    return pid, uid, gid
-
-

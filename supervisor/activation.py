@@ -44,7 +44,7 @@ import re
 import socket
 import stat
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -212,25 +212,7 @@ def listen_fds(unset_environment: bool = True) -> int:
         OSError: A listed fd is not open (``EBADF`` from setting ``FD_CLOEXEC``).
     """
     try:
-        pid_text = os.environ.get("LISTEN_PID")
-        if pid_text is None:
-            return 0
-        if _parse_pid("LISTEN_PID", pid_text) != os.getpid():
-            return 0
-        pidfd_id_text = os.environ.get("LISTEN_PIDFDID")
-        if pidfd_id_text is not None:
-            # Newer systemd also names the process by its pidfd inode, which unlike a pid is
-            # never reused. Only trust the comparison when we can compute our own id.
-            wanted = _parse_unsigned("LISTEN_PIDFDID", pidfd_id_text, _UINT64_MAX)
-            own = _own_pidfd_inode()
-            if own is not None and own != wanted:
-                return 0
-        fds_text = os.environ.get("LISTEN_FDS")
-        if fds_text is None:
-            return 0
-        count = _parse_int("LISTEN_FDS", fds_text)
-        if count <= 0 or count > _INT_MAX - SD_LISTEN_FDS_START:
-            raise ValueError(f"LISTEN_FDS={fds_text!r} is not a positive fd count")
+        count = _listen_count(os.environ, os.getpid(), _own_pidfd_inode)
         for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
             flags = fcntl.fcntl(fd, fcntl.F_GETFD)
             if not flags & fcntl.FD_CLOEXEC:
@@ -256,14 +238,35 @@ def listen_fds_with_names(unset_environment: bool = True) -> list[tuple[int, str
             per fd, or ends in a lone backslash (libsystemd: -EINVAL).
         OSError: As :func:`listen_fds`.
     """
-    names_text = os.environ.get("LISTEN_FDNAMES")
     try:
-        names = None if names_text is None else _split_names(names_text)
-    except ValueError:
+        passed = parse_listen_environment(os.environ, os.getpid(), _own_pidfd_inode)
+    finally:
         if unset_environment:
             _unset(_LISTEN_VARS)
-        raise
-    count = listen_fds(unset_environment)
+    for fd, _ in passed:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFD)
+        if not flags & fcntl.FD_CLOEXEC:
+            fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+    return passed
+
+
+def parse_listen_environment(environ: Mapping[str, str], pid: int,
+                             own_pidfd_inode: Callable[[], int | None] | None = None) -> list[tuple[int, str]]:
+    """What ``sd_listen_fds_with_names()`` would report for ``environ`` in process ``pid``; pure.
+
+    Reads nothing but ``environ`` (and, only when ``LISTEN_PIDFDID`` is set,
+    ``own_pidfd_inode()``: by default this process's pidfd inode when ``pid`` is
+    ours) and touches no fd: the daemon uses it on its own copy of the
+    environment, :func:`listen_fds_with_names` on ``os.environ``.
+
+    Raises:
+        ValueError: as :func:`listen_fds_with_names`.
+    """
+    if own_pidfd_inode is None:
+        own_pidfd_inode = _own_pidfd_inode if pid == os.getpid() else (lambda: None)
+    names_text = environ.get("LISTEN_FDNAMES")
+    names = None if names_text is None else _split_names(names_text)
+    count = _listen_count(environ, pid, own_pidfd_inode)
     if count <= 0:
         return []
     if names is None:
@@ -271,6 +274,30 @@ def listen_fds_with_names(unset_environment: bool = True) -> list[tuple[int, str
     elif len(names) != count:
         raise ValueError(f"LISTEN_FDNAMES has {len(names)} names for LISTEN_FDS={count}")
     return list(zip(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count), names, strict=True))
+
+
+def _listen_count(environ: Mapping[str, str], pid: int, own_pidfd_inode: Callable[[], int | None]) -> int:
+    """``sd_listen_fds``'s parse: the fd count meant for ``pid`` (0: none), or ValueError."""
+    pid_text = environ.get("LISTEN_PID")
+    if pid_text is None:
+        return 0
+    if _parse_pid("LISTEN_PID", pid_text) != pid:
+        return 0
+    pidfd_id_text = environ.get("LISTEN_PIDFDID")
+    if pidfd_id_text is not None:
+        # Newer systemd also names the process by its pidfd inode, which unlike a pid is
+        # never reused. Only trust the comparison when we can compute our own id.
+        wanted = _parse_unsigned("LISTEN_PIDFDID", pidfd_id_text, _UINT64_MAX)
+        own = own_pidfd_inode()
+        if own is not None and own != wanted:
+            return 0
+    fds_text = environ.get("LISTEN_FDS")
+    if fds_text is None:
+        return 0
+    count = _parse_int("LISTEN_FDS", fds_text)
+    if count <= 0 or count > _INT_MAX - SD_LISTEN_FDS_START:
+        raise ValueError(f"LISTEN_FDS={fds_text!r} is not a positive fd count")
+    return count
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,12 +40,11 @@ import enum
 import json
 import os
 import socket
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypedDict, cast
 
-from supervisor import fsnodes
+from supervisor import fsnodes, sockets
 from supervisor.errors import BindError, ControlError
 from supervisor.log import Logger
 from supervisor.logsummary import LogSummary
@@ -54,12 +53,6 @@ from supervisor.status import DaemonStatus, UnitStatus
 MAX_REQUEST = 64 * 1024
 MAX_CONNECTIONS = 32  # control connections served at once; one more is closed at once
 IDLE_TIMEOUT = 10.0  # seconds a connection may take to send one complete request line
-
-
-def peer_uid(sock: socket.socket) -> int:
-    """The uid of the process at the other end of a connected unix socket (``SO_PEERCRED``)."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return int(struct.unpack("3i", raw)[1])
 
 
 class Command(enum.Enum):
@@ -191,7 +184,7 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             sock = writer.get_extra_info("socket")
-            uid = peer_uid(sock)
+            _pid, uid, _gid = sockets.peer_credentials(sock.fileno())
             if uid not in (0, os.getuid()):
                 self.log.warning("control_refused", uid=uid)
                 await self._reply(writer, failure("permission denied: only root or the daemon's user"))

@@ -60,15 +60,13 @@ from supervisor.units import ChildCallback, Host
 FD_RESERVE = 64  # the daemon's own fds: control, notify, signalfd, log, connections in flight
 EARLY_EXITS_MAX = 4096  # unregistered exits remembered (helper-thread spawns, adopted orphans)
 
-def inherited_fds(environ: Mapping[str, str]) -> list[int]:
-    """fds passed to the daemon itself with LISTEN_FDS for its own pid (systemd socket units)."""
-    if environ.get("LISTEN_PID") != str(os.getpid()):
-        return []
-    try:
-        count = int(environ.get("LISTEN_FDS", "0"))
-    except ValueError:
-        return []
-    return list(range(3, 3 + max(count, 0)))
+def inherited_fds(environ: Mapping[str, str]) -> list[tuple[int, str]]:
+    """fds passed to the daemon itself (``LISTEN_FDS`` for its pid), with their names, parsed as libsystemd does.
+
+    Raises:
+        ValueError: malformed variables (libsystemd's -EINVAL); the daemon then adopts nothing.
+    """
+    return activation.parse_listen_environment(environ, os.getpid())
 
 
 def raise_nofile_limit() -> tuple[int, int]:
@@ -251,16 +249,19 @@ class Daemon:
 
     def _adopt_inherited(self) -> None:
         """Take the fds a service manager passed us (``LISTEN_FDS`` for our pid) and forget the variables."""
-        fds = inherited_fds(self.environ)
-        names = self.environ.get("LISTEN_FDNAMES", "").split(":") if fds else []
-        self._inherited = dict.fromkeys(fds, True)
-        self._inherited_names = {fd: name for fd, name in zip(fds, names, strict=False) if name}
-        for fd in fds:
+        try:
+            passed = inherited_fds(self.environ)
+        except ValueError as exc:
+            self.log.warning("inherited_fds_invalid", error=str(exc))
+            passed = []
+        self._inherited = {fd: True for fd, _ in passed}
+        self._inherited_names = {fd: name for fd, name in passed if name != "unknown"}
+        for fd, _ in passed:
             os.set_inheritable(fd, False)
-        for var in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        for var in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_PIDFDID", "LISTEN_FDNAMES"):
             self.environ.pop(var, None)  # as sd_listen_fds(unset_environment=1): never passed on
-        if fds:
-            self.log.info("inherited_fds", fds=fds, names=names)
+        if passed:
+            self.log.info("inherited_fds", fds=[fd for fd, _ in passed], names=[name for _, name in passed])
 
     def _close_unmatched_inherited(self) -> None:
         for fd, free in self._inherited.items():

@@ -49,6 +49,7 @@ import os
 import pwd
 import socket
 import stat
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -57,12 +58,15 @@ from supervisor.addresses import format_sockaddr
 from supervisor.errors import BindError
 from supervisor.model import BIND_TIME_OPTIONS, LISTEN_OPTIONS, InetAddress, Listen, ListenKind
 
+_UCRED = struct.Struct("iII")  # struct ucred: pid_t, uid_t, gid_t
+
 __all__ = [
     "Bound",
     "adopt",
     "bind",
     "bind_all",
     "format_sockaddr",
+    "peer_credentials",
     "retune",
     "set_blocking",
 ]
@@ -569,3 +573,14 @@ def _adopt_fifo(fd: int, listen: Listen) -> Bound:
     bound = Bound(listen, fd, None, adopted=True)
     bound._node = (st.st_dev, st.st_ino)
     return bound
+
+
+def peer_credentials(fd: int) -> tuple[int, int, int]:
+    """``SO_PEERCRED`` of a connected unix socket: (pid, uid, gid). The one parser (accept mode, control socket)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
+    try:
+        raw = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    finally:
+        s.detach()
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,31 @@ def test_a_minimal_unit_gets_the_models_defaults() -> None:
     for f in dataclasses.fields(Unit):
         if f.default is not dataclasses.MISSING and f.name != "location":
             assert getattr(unit, f.name) == f.default, f.name
+
+
+def test_one_peer_credentials_parser_for_accept_and_control() -> None:
+    """SO_PEERCRED is parsed in one place; a socketpair shows our own pid, uid and gid."""
+    import socket
+
+    from supervisor import accept, control, sockets
+
+    a, b = socket.socketpair()
+    with a, b:
+        assert sockets.peer_credentials(a.fileno()) == (os.getpid(), os.getuid(), os.getgid())
+    assert not hasattr(accept, "_peer_credentials") and not hasattr(control, "peer_uid")
+
+
+def test_the_daemon_parses_its_own_listen_fds_with_the_librarys_parser() -> None:
+    """daemon.inherited_fds is activation.parse_listen_environment on the daemon's environment copy."""
+    from supervisor import activation, daemon
+
+    me = str(os.getpid())
+    env = {"LISTEN_PID": me, "LISTEN_FDS": "2", "LISTEN_FDNAMES": "web:admin"}
+    expected = [(3, "web"), (4, "admin")]
+    assert daemon.inherited_fds(env) == activation.parse_listen_environment(env, os.getpid()) == expected
+    assert daemon.inherited_fds({"LISTEN_PID": "1", "LISTEN_FDS": "2"}) == []  # not ours
+    assert daemon.inherited_fds({"LISTEN_PID": me, "LISTEN_FDS": "1"}) == [(3, "unknown")]
+    for bad in ({"LISTEN_PID": me, "LISTEN_FDS": "9" * 5000}, {"LISTEN_PID": me, "LISTEN_FDS": "0"},
+                {"LISTEN_PID": me, "LISTEN_FDS": "2", "LISTEN_FDNAMES": "one"}):
+        with pytest.raises(ValueError):
+            daemon.inherited_fds(bad)
