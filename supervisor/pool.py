@@ -38,9 +38,15 @@ from supervisor import lifecycle, rolling, sockets
 from supervisor.errors import BindError
 from supervisor.lifecycle import ALIVE, SlotState
 from supervisor.model import ListenKind, Start, Unit
-from supervisor.service import SlotDriver, activate, group_state, notify, stop_for_operator, wants_poll
+from supervisor.service import (
+    SlotDriver,
+    SlotGroup,
+    group_state,
+    notify,
+    stop_for_operator,
+)
 from supervisor.status import RollStatus, UnitStatus, WorkerStatus
-from supervisor.units import WINDING_DOWN, Deadline, Host, UnitRuntime, UnitState
+from supervisor.units import Deadline, Host, UnitState
 
 # The per-slot socket of slot 0 is the unit's own bound socket.
 _PER_SLOT_KINDS = frozenset({ListenKind.TCP, ListenKind.UDP})
@@ -51,7 +57,7 @@ def _per_slot(b: sockets.Bound) -> bool:
     return b.listen.reuse_port and b.listen.kind in _PER_SLOT_KINDS and b.sock is not None
 
 
-class PoolRuntime(UnitRuntime):
+class PoolRuntime(SlotGroup):
     """``mode: pool``: ``workers`` slots, rolling restarts, optional per-slot SO_REUSEPORT sockets."""
 
     def __init__(self, host: Host, unit: Unit, bound: list[sockets.Bound]) -> None:
@@ -167,23 +173,6 @@ class PoolRuntime(UnitRuntime):
                 if slot is not None:
                     self._post(rolling.OldGone(slot))
                 break
-        self._slots_changed()
-
-    def _slots_changed(self) -> None:
-        self.poll(self.life not in WINDING_DOWN and wants_poll(self.slots))
-
-    def readable(self, bound: sockets.Bound) -> None:
-        self.poll(False)
-        for d in self.slots:
-            d.feed(lifecycle.Readiness())
-
-    def activate(self) -> None:
-        activate(self, self.slots, self._slots_changed)
-
-    def operator_start(self) -> None:
-        self.life = UnitState.ENABLED
-        for d in self.slots:
-            d.feed(lifecycle.StartRequest(operator=True))
         self._slots_changed()
 
     # ------------------------------------------------------------ the roll

@@ -126,6 +126,21 @@ def activate(rt: UnitRuntime, drivers: Iterable[SlotDriver], changed: Callable[[
         changed()
 
 
+def readable(rt: UnitRuntime, drivers: Iterable[SlotDriver]) -> None:
+    """A polled socket is ready: stop polling and tell every slot (on-demand start)."""
+    rt.poll(False)
+    for d in drivers:
+        d.feed(lifecycle.Readiness())
+
+
+def start_for_operator(rt: UnitRuntime, drivers: Iterable[SlotDriver], changed: Callable[[], None]) -> None:
+    """``sockvisor start``: every slot may start again (an on-demand one polls first)."""
+    rt.life = UnitState.ENABLED
+    for d in drivers:
+        d.feed(lifecycle.StartRequest(operator=True))
+    changed()
+
+
 def stop_for_operator(rt: UnitRuntime, drivers: Iterable[SlotDriver]) -> None:
     """``sockvisor stop``: every slot stops and stays stopped; the sockets are not polled."""
     rt.life = UnitState.STOPPED
@@ -175,7 +190,25 @@ def _extra_env(unit: Unit, index: int, names: list[str]) -> list[bytes]:
 
 # ------------------------------------------------------------ the service runtime
 
-class ServiceRuntime(UnitRuntime):
+class SlotGroup(UnitRuntime):
+    """What service and pool mode share: their ``slots`` (``SlotDriver``s) polled, started and fed together."""
+
+    slots: list[SlotDriver]
+
+    def _slots_changed(self) -> None:
+        self.poll(self.life not in WINDING_DOWN and wants_poll(self.slots))
+
+    def readable(self, bound: sockets.Bound) -> None:
+        readable(self, self.slots)
+
+    def activate(self) -> None:
+        activate(self, self.slots, self._slots_changed)
+
+    def operator_start(self) -> None:
+        start_for_operator(self, self.slots, self._slots_changed)
+
+
+class ServiceRuntime(SlotGroup):
     """``mode: service``: one slot, one process, the unit's sockets as they are."""
 
     def __init__(self, host: Host, unit: Unit, bound: list[sockets.Bound]) -> None:
@@ -196,23 +229,6 @@ class ServiceRuntime(UnitRuntime):
         return group_state(self.slots)
 
     def _driver_changed(self, driver: SlotDriver) -> None:
-        self._slots_changed()
-
-    def _slots_changed(self) -> None:
-        self.poll(self.life not in WINDING_DOWN and wants_poll(self.slots))
-
-    def readable(self, bound: sockets.Bound) -> None:
-        self.poll(False)
-        for d in self.slots:
-            d.feed(lifecycle.Readiness())
-
-    def activate(self) -> None:
-        activate(self, self.slots, self._slots_changed)
-
-    def operator_start(self) -> None:
-        self.life = UnitState.ENABLED
-        for d in self.slots:
-            d.feed(lifecycle.StartRequest(operator=True))
         self._slots_changed()
 
     def operator_stop(self) -> None:
