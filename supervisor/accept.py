@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import time
 from typing import Any, NamedTuple
 
 from supervisor import lifecycle, sockets, spawn
@@ -143,11 +142,19 @@ class AcceptRuntime(UnitRuntime):
         loop = self.host.loop
         gate = self.policy.accepting(loop.time())
         if gate is Gate.OPEN:
+            self.paused = None
             self.poll(True)
             return
+        self._pause("max_connections" if gate is Gate.AT_EXIT else "rate")
         self.poll(False)
         if isinstance(gate, ReopensAt) and self._resume is None:
             self._resume = loop.call_at(gate.when, self._resumed)
+
+    def _pause(self, cause: str) -> None:
+        """Accepting stops for ``cause``; counted once per pause, not per look."""
+        if self.paused != cause:
+            self.paused = cause
+            self.pauses[cause] += 1
 
     def _resumed(self) -> None:
         self._resume = None
@@ -197,6 +204,7 @@ class AcceptRuntime(UnitRuntime):
     def _short_of_resources(self, exc: OSError) -> None:
         """accept() failed for lack of fds or memory: pause, then try again with a growing delay."""
         delay = self._backoff.failed()
+        self._pause("resources")
         self.log.warning("accept_paused", error=exc.strerror, retry=delay)
         self.poll(False)
         if self._resume is None:
@@ -272,6 +280,7 @@ class AcceptRuntime(UnitRuntime):
 
     def _spawned(self, job: Job, pid: int) -> None:
         self.accepted += 1
+        self.spawns += 1
         self.conns[pid] = (job.peer, job.now, job.remote)
         self.host.watch_child(pid, self._exited)
         if self._log_conns:
@@ -292,7 +301,7 @@ class AcceptRuntime(UnitRuntime):
         self.summary.emit("connection_refused", reason=reason, remote=remote)
 
     def _exited(self, pid: int, ex: Exit) -> None:
-        self.last_exit = (pid, ex, time.time())
+        self.exited(pid, ex)
         peer, started, remote = self.conns.pop(pid)
         self.policy.release(peer)
         if self._log_conns:

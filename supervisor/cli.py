@@ -178,7 +178,19 @@ def format_status(units: list[UnitStatus]) -> str:
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
-    return table + "".join(_pool_details(u) for u in units)
+    return table + "".join(_policy_details(u) + _pool_details(u) for u in units)
+
+
+def _policy_details(unit: UnitStatus) -> str:
+    """Refusals by reason and a pause in force (accept mode), when there is something to say."""
+    lines = []
+    by_reason = unit.get("connections", {}).get("refused_by_reason") or {}
+    if by_reason:
+        lines.append(f"\n{unit['name']} refused: "
+                     + ", ".join(f"{reason} {count}" for reason, count in sorted(by_reason.items())))
+    if unit.get("paused"):
+        lines.append(f"\n{unit['name']} accepting paused: {unit['paused']}")
+    return "".join(lines)
 
 
 def _pool_details(unit: UnitStatus) -> str:
@@ -213,7 +225,8 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     cfg = configuration.load_config(args.config, environ=env)
     fmt = LogFormat(args.log_format) if args.log_format else cfg.main.log_format
     writer = log.LogWriter(sys.stderr.fileno())  # children share fd 2; the daemon never blocks on it
-    log.configure(fmt, args.log_level or cfg.main.log_level, writer=writer)
+    log.configure(fmt, args.log_level or cfg.main.log_level, writer=writer,
+                  priorities=log.under_journal(env, sys.stderr.fileno()))
     config_path = args.config or env.get("SOCKVISOR_CONFIG") or None
 
     async def serve() -> None:

@@ -45,16 +45,17 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from supervisor import _spawn, activation, control, matching, sockets
+from supervisor import _spawn, activation, control, matching, metrics, sockets
 from supervisor import config as configuration
 from supervisor import reload as reloading
 from supervisor.control import Command, Reply, Request, failure
 from supervisor.errors import BindError, ConfigError, FdBudgetError, Problem
 from supervisor.log import Logger, get_logger
-from supervisor.model import Config, Unit
+from supervisor.model import Config, InetAddress, Listen, ListenKind, Unit
 from supervisor.reaper import Reaper, exit_of
 from supervisor.registry import Registry
 from supervisor.spawn import Offload
+from supervisor.status import DaemonCounters, UnitStatus
 from supervisor.units import ChildCallback, Host
 
 FD_RESERVE = 64  # the daemon's own fds: control, notify, signalfd, log, connections in flight
@@ -118,6 +119,9 @@ class Daemon:
         self.reaper = Reaper(self.loop, self.reaped)
         self.host = Host(self.loop, self.log, self.environ, self.watch_child, self.offload)
         self.units = Registry(self.host, self.log)
+        self.counters = DaemonCounters(reloads={}, last_reload_success=time.time(), reexecs=0)
+        self.metrics: metrics.MetricsServer | None = None
+        self._metrics_registry = metrics.registry_for(self.snapshot)
 
     # ------------------------------------------------------------ binding
 
@@ -215,6 +219,7 @@ class Daemon:
             for unit, bound in bound_units:
                 self.units.add(unit, bound)
             await self._start_control()
+            await self._set_metrics(self.config.main.metrics_listen)
             for runtime in self.units:
                 runtime.activate()
             gc.collect()
@@ -286,6 +291,44 @@ class Daemon:
             runtime.close(remove=True)
         if self.control is not None:
             await self.control.close()
+        await self._set_metrics(None)
+
+    def snapshot(self) -> tuple[list[UnitStatus], DaemonCounters]:
+        """Everything the metrics show, read when Prometheus scrapes."""
+        return [rt.status() for rt in self.units], self.counters
+
+    async def _set_metrics(self, address: InetAddress | str | None) -> None:
+        """Serve metrics at ``address`` (None: not at all). Raises BindError, changing nothing."""
+        staged = await self._stage_metrics(address)
+        await self._commit_metrics(staged)
+
+    async def _stage_metrics(self, address: InetAddress | str | None) -> tuple[bool, metrics.MetricsServer | None]:
+        """(changed, new server): the new endpoint bound and serving beside the old one, or nothing to do.
+
+        Raises:
+            BindError: the new address cannot be bound (the old endpoint keeps serving).
+        """
+        current = self.metrics.bound.listen.address if self.metrics is not None else None
+        if address == current:
+            return False, None
+        if address is None:
+            return True, None
+        kind = ListenKind.TCP if isinstance(address, InetAddress) else ListenKind.UNIX
+        bound = sockets.bind(Listen(kind=kind, address=address, name="metrics", backlog=128), unit="metrics")
+        server = metrics.MetricsServer(bound, self._metrics_registry, self.log)
+        try:
+            await server.start()
+        except OSError as exc:
+            await server.close()
+            raise BindError("metrics", bound.listen.display, exc.strerror or str(exc)) from exc
+        return True, server
+
+    async def _commit_metrics(self, staged: tuple[bool, metrics.MetricsServer | None]) -> None:
+        changed, server = staged
+        if changed:
+            old, self.metrics = self.metrics, server
+            if old is not None:
+                await old.close()
 
     async def _start_control(self) -> None:
         main = self.config.main
@@ -330,6 +373,9 @@ class Daemon:
 
     # ------------------------------------------------------------ reload
 
+    def _count_reload(self, result: str) -> None:
+        self.counters["reloads"][result] = self.counters["reloads"].get(result, 0) + 1
+
     async def reload(self) -> reloading.ReloadSummary:
         """Re-read the config and apply it as a diff; an invalid config changes nothing."""
         async with self._reload_lock:
@@ -344,8 +390,28 @@ class Daemon:
                 if problem is not None:
                     self.log.error("reload_failed", errors=[problem])
                     raise ConfigError([Problem(None, "", problem)])
-                summary = reloading.apply(self.units, new, self.log)
+                try:
+                    staged = await self._stage_metrics(new.main.metrics_listen)
+                except BindError as exc:
+                    self.log.error("reload_failed", errors=[str(exc)])
+                    raise
+                try:
+                    summary = reloading.apply(self.units, new, self.log)
+                except BindError:
+                    if staged[1] is not None:
+                        await staged[1].close()
+                    raise
+                await self._commit_metrics(staged)
                 self.config = new
+            except ConfigError:
+                self._count_reload("invalid_config")
+                raise
+            except BindError:
+                self._count_reload("bind_failed")
+                raise
+            else:
+                self._count_reload("success")
+                self.counters["last_reload_success"] = time.time()
                 return summary
             finally:
                 _sd_notify("READY=1", f"STATUS={self.summary()}")

@@ -29,6 +29,7 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 import structlog
@@ -167,20 +168,43 @@ class LogWriter:
                 self._push(data)
 
 
+#: syslog priorities (sd-daemon(3)'s ``<N>`` prefixes) of structlog's method names.
+PRIORITIES = {"debug": 7, "info": 6, "msg": 6, "log": 6, "warning": 4, "warn": 4, "error": 3, "err": 3,
+              "exception": 3, "critical": 2, "fatal": 2, "failure": 3}
+
+
+def under_journal(environ: Mapping[str, str], fd: int = 2) -> bool:
+    """Whether ``fd`` is the journal's stream: ``JOURNAL_STREAM`` (``DEV:INODE``) names it (systemd.exec(5))."""
+    value = environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    try:
+        st = os.fstat(fd)
+        return (int(dev), int(ino)) == (st.st_dev, st.st_ino)
+    except (ValueError, OSError):
+        return False
+
+
 class _SinkLogger:
-    """The structlog logger: hands each rendered line to the writer in one piece."""
+    """The structlog logger: hands each rendered line to the writer in one piece.
 
-    def __init__(self, writer: LogWriter) -> None:
+    Under the journal each line starts with its syslog priority (``<6>`` for
+    info, ``<4>`` warning, ``<3>`` error, ...), which journald strips and files
+    as the entry's PRIORITY, so ``journalctl -p warning`` works; the JSON stays.
+    """
+
+    def __init__(self, writer: LogWriter, *, priorities: bool = False) -> None:
         self._writer = writer
+        for name, priority in PRIORITIES.items():
+            prefix = f"<{priority}>" if priorities else ""
+            setattr(self, name, self._method(prefix))
 
-    def msg(self, message: str) -> None:
-        self._writer.emit(message)
-
-    log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
+    def _method(self, prefix: str) -> Any:
+        emit = self._writer.emit
+        return lambda message: emit(prefix + message)
 
 
 def configure(fmt: LogFormat | None = None, level: str = "info", stream: TextIO | None = None,
-              writer: LogWriter | None = None) -> None:
+              writer: LogWriter | None = None, priorities: bool = False) -> None:
     """Configure structlog for the process: JSON or console lines on ``stream`` (stderr) or ``writer``."""
     out = stream if stream is not None else sys.stderr
     if fmt is None:
@@ -192,7 +216,7 @@ def configure(fmt: LogFormat | None = None, level: str = "info", stream: TextIO 
         renderer = structlog.dev.ConsoleRenderer(colors=False)
     factory: Any
     if writer is not None:
-        sink = _SinkLogger(writer)
+        sink = _SinkLogger(writer, priorities=priorities)
         factory = lambda *_args: sink  # noqa: E731
     else:
         factory = structlog.PrintLoggerFactory(out)

@@ -335,6 +335,8 @@ class MainConfig:
     control_mode: int = 0o600
     log_format: LogFormat | None = None  # None: json unless stderr is a terminal
     log_level: str = "info"
+    # metrics.listen: host:port (InetAddress) or a unix path; None: no metrics endpoint
+    metrics_listen: InetAddress | str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -154,7 +154,7 @@ class Reader:
     # -- main config ----------------------------------------------------------
 
     def main(self, doc: Map) -> MainConfig:
-        self.check_keys(doc, "", ("include", "control", "log"))
+        self.check_keys(doc, "", ("include", "control", "log", "metrics"))
         include: tuple[str, ...] = schema.DEFAULT_INCLUDE
         if "include" in doc.entries:
             include = self.each(self.sequence(doc, "include", "", "glob patterns"), "include", schema.nonempty_string)
@@ -173,12 +173,18 @@ class Reader:
             self.check_keys(mapping, "log", ("format", "level"))
             log_format = self.get(mapping, "format", "log", schema.enum_value(LogFormat), None)
             log_level = self.get(mapping, "level", "log", schema.log_level, log_level)
+        metrics_listen: InetAddress | str | None = None
+        metrics = doc.get("metrics")
+        if metrics is not None and (mapping := self.mapping(metrics, "metrics", "a mapping")) is not None:
+            self.check_keys(mapping, "metrics", ("listen",))
+            metrics_listen = self.get(mapping, "listen", "metrics", schema.plain_value(_metrics_address), None)
         return MainConfig(
             include=include,
             control_socket=control_socket,
             control_mode=control_mode,
             log_format=log_format,
             log_level=log_level,
+            metrics_listen=metrics_listen,
         )
 
     # -- units ----------------------------------------------------------------
@@ -564,3 +570,10 @@ def _bind_key(listen: Listen) -> tuple[object, ...] | None:
 def reading_order(problem: Problem) -> tuple[int, int]:
     location = problem.location
     return (0, 0) if location is None else (location.line, location.column)
+
+
+def _metrics_address(value: object) -> InetAddress | str:
+    """``metrics.listen``: host:port, [v6]:port, or a unix socket path (``/...``, ``@name``)."""
+    if isinstance(value, str) and value.startswith(("/", "@")):
+        return addresses.parse_unix_path(value)
+    return addresses.parse_inet(value)

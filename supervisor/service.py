@@ -15,7 +15,6 @@ The sockets are polled only while every slot waits for readiness.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Mapping
 
 from supervisor import lifecycle, sockets, spawn
@@ -75,13 +74,15 @@ class SlotDriver:
         try:
             pid = spawn_slot(rt, self.index, self._fds(self.index))
         except SpawnError as exc:
+            rt.spawn_failures += 1
             self.feed(lifecycle.SpawnFailed(str(exc)))
             return
+        rt.spawns += 1
         rt.host.watch_child(pid, self._exited)
         self.feed(lifecycle.Spawned(pid))
 
     def _exited(self, pid: int, ex: Exit) -> None:
-        self.runtime.last_exit = (pid, ex, time.time())
+        self.runtime.exited(pid, ex)
         # What the process said before it died (STOPPING=1, STATUS=) is read
         # while it is still ours, as systemd reads notify before SIGCHLD.
         self.runtime.drain_notify()

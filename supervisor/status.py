@@ -60,6 +60,12 @@ class UnitStatus(TypedDict):
     last_exit: LastExit | None
     notify: NotifyCounters
     fd_store: list[str]  # names, in store order
+    spawns: int  # processes started
+    spawn_failures: int  # spawns that failed before exec
+    exits: dict[str, int]  # by outcome: success, failure, signal
+    pauses: dict[str, int]  # times accepting paused, by cause: rate, max_connections, resources
+    paused: str | None  # the cause accepting is paused for now (accept mode), or None
+    started_at: float  # wall time the unit's runtime was made (start or reload)
     workers: NotRequired[list[WorkerStatus]]  # pool mode
     roll: NotRequired[RollStatus]  # pool mode, during and after a rolling restart
 
@@ -67,3 +73,11 @@ class UnitStatus(TypedDict):
 class DaemonStatus(TypedDict):
     pid: int
     summary: str
+
+
+class DaemonCounters(TypedDict):
+    """What the daemon itself counts, for metrics and ``status --json``."""
+
+    reloads: dict[str, int]  # by result: success, invalid_config, bind_failed
+    last_reload_success: float | None  # wall time of the last good reload (or of the start)
+    reexecs: int

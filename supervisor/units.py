@@ -14,6 +14,7 @@ import collections
 import contextlib
 import enum
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,13 @@ from supervisor.model import Mode, Pass, Stderr, Unit, valid_fdname
 from supervisor.status import Connections, LastExit, NotifyCounters, UnitStatus
 
 ChildCallback = Callable[[int, Exit], None]
+
+
+def exit_outcome(ex: Exit) -> str:
+    """``success`` (exit 0), ``failure`` (another code) or ``signal`` (killed): the metrics' exit outcome."""
+    if ex.signal is not None:
+        return "signal"
+    return "success" if ex.code == 0 else "failure"
 
 
 class UnitState(enum.Enum):
@@ -130,6 +138,13 @@ class UnitRuntime:
         self.accepted = 0
         self.refused = 0
         self.refused_by_reason: collections.Counter[str] = collections.Counter()
+        # For status and metrics (read at scrape time; the hot path only adds).
+        self.spawns = 0
+        self.spawn_failures = 0
+        self.exits: collections.Counter[str] = collections.Counter()  # by outcome
+        self.pauses: collections.Counter[str] = collections.Counter()  # times accepting paused, by cause
+        self.paused: str | None = None  # the cause accepting is paused for now, or None
+        self.started_at = time.time()
         self.fd_store: list[tuple[str, int]] = []
         # Dropped notify messages by reason, for status (the log only summarizes them).
         self.notify_dropped: collections.Counter[str] = collections.Counter()
@@ -374,6 +389,12 @@ class UnitRuntime:
             last_exit=self._last_exit_status(),
             notify=NotifyCounters(dropped=dict(self.notify_dropped), paused=self.endpoint.paused),
             fd_store=[name for name, _ in self.fd_store],
+            spawns=self.spawns,
+            spawn_failures=self.spawn_failures,
+            exits=dict(self.exits),
+            pauses=dict(self.pauses),
+            paused=self.paused,
+            started_at=round(self.started_at, 3),
         )
 
     def _last_exit_status(self) -> LastExit | None:
@@ -384,6 +405,11 @@ class UnitRuntime:
 
     def active(self) -> int:
         return len(self.pids())
+
+    def exited(self, pid: int, ex: Exit) -> None:
+        """Every mode's child exit: remembered for status, counted by outcome for metrics."""
+        self.last_exit = (pid, ex, time.time())
+        self.exits[exit_outcome(ex)] += 1
 
     def close(self, *, remove: bool = True) -> None:
         """Release everything: readers, notify socket, stored fds, listening fds."""

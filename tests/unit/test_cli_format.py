@@ -60,3 +60,11 @@ def test_pool_units_list_their_workers_and_roll_under_the_table() -> None:
     text = format_status([unit])
     assert "web workers:\n  slot 0: pid 10 running age 5.0s restarts 0\n" in text
     assert "  slot 0: pid 11 starting age 0.1s restarts 0 (surge)\n  roll: rolling 0/2" in text
+
+
+def test_refusals_by_reason_and_a_pause_are_shown_under_the_table() -> None:
+    """status prints each unit's refusals by reason and the cause accepting is paused for (SPEC 8, 11)."""
+    u = unit(mode="accept", connections={"active": 1, "accepted": 5, "refused": 4,
+                                         "refused_by_reason": {"per_source": 1, "deny": 3}}, paused="rate")
+    lines = format_status([u, unit(name="quiet")]).splitlines()
+    assert lines[3:] == ["web refused: deny 3, per_source 1", "web accepting paused: rate"]
