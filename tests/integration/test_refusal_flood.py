@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import urllib.request
 
 from tests.conftest import Sockvisor, connect, free_port, wait_for
 
@@ -20,8 +21,9 @@ def _log_bytes(sv: Sockvisor) -> int:
 
 
 def test_deny_flood_is_counted_exactly_with_bounded_log(sockvisor: Sockvisor) -> None:
-    """20,000 denied connects (or 8 s): each is counted, a few log lines a second, < 100 us CPU each."""
-    port = free_port()
+    """100,000 denied connects (or 20 s): counted exactly (status, metrics); a few log lines a second; < 100 us each."""
+    port, mport = free_port(), free_port()
+    sockvisor.write_main(f"metrics:\n  listen: 127.0.0.1:{mport}\n")
     sockvisor.unit("acl", f"""
         listen: [{{tcp: "127.0.0.1:{port}"}}]
         mode: accept
@@ -33,7 +35,7 @@ def test_deny_flood_is_counted_exactly_with_bounded_log(sockvisor: Sockvisor) ->
     daemon = sockvisor.proc.pid
     cpu0, log0, t0 = _cpu(daemon), _log_bytes(sockvisor), time.monotonic()
     attempts = 0
-    while attempts < 20_000 and time.monotonic() - t0 < 8.0:  # bounded in count and time
+    while attempts < 100_000 and time.monotonic() - t0 < 20.0:  # bounded in count and time
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             s.bind(("127.0.0.2", 0))
@@ -49,6 +51,9 @@ def test_deny_flood_is_counted_exactly_with_bounded_log(sockvisor: Sockvisor) ->
     assert st["connections"]["refused"] == attempts
     assert st["connections"]["refused_by_reason"] == {"deny": attempts}
     assert st["connections"]["accepted"] == 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as res:
+        scraped = res.read().decode()
+    assert f'sockvisor_connections_refused_total{{reason="deny",unit="acl"}} {float(attempts)}' in scraped
     assert log < 400 * (elapsed + 2), log  # one line and one summary a second, not one per refusal
     # CPU per refusal, not per second: a fast client saturates any server, a slow one never does.
     assert cpu / attempts < 100e-6, f"{cpu / attempts * 1e6:.0f} us per refused connection"
