@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,12 +74,33 @@ def build() -> None:
 Starter = Callable[[int, Path, list[str]], list[str] | None]
 
 
-def sockvisor_starter(cmd: list[str], *, log_connections: bool) -> Starter:
+def _scrape_every_second(port: int) -> None:
+    """What a Prometheus server does: GET /metrics once a second, until the endpoint goes away."""
+    import urllib.request
+
+    time.sleep(1.0)  # the daemon is starting
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as res:
+                res.read()
+        except OSError:
+            return
+        time.sleep(1.0)
+
+
+def sockvisor_starter(cmd: list[str], *, log_connections: bool, metrics: bool = False) -> Starter:
     def start(port: int, work: Path, service: list[str]) -> list[str]:
         conf = work / "conf"
         (conf / "sockets.d").mkdir(parents=True)
+        extra = ""
+        if metrics:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                mport = s.getsockname()[1]
+            extra = f"metrics:\n  listen: 127.0.0.1:{mport}\n"
+            threading.Thread(target=_scrape_every_second, args=(mport,), daemon=True).start()
         (conf / "sockvisor.yaml").write_text(
-            f"control:\n  socket: {work}/control.sock\nlog:\n  format: json\n  level: info\n")
+            f"control:\n  socket: {work}/control.sock\nlog:\n  format: json\n  level: info\n{extra}")
         (conf / "sockets.d" / "bench.yaml").write_text(
             f"listen:\n  - tcp: 127.0.0.1:{port}\n    backlog: {BACKLOG}\n"
             f"mode: accept\npass: stdio\nmax_connections: 10000\n"
@@ -112,6 +134,7 @@ def tcpserver_starter(port: int, work: Path, service: list[str]) -> list[str] | 
 DESCRIPTIONS = {
     "sockvisor": "sockvisor, mode: accept, pass: stdio, log_connections: false, max_connections: 10000",
     "sockvisor-log": "as sockvisor, with log_connections: true (2 JSON log lines per connection, to a file)",
+    "sockvisor-metrics": "as sockvisor, with metrics.listen on and GET /metrics scraped once a second",
     "sockvisor-baseline": "as sockvisor, run by --baseline-cmd (another checkout: the before of a before/after)",
     "xinetd": "xinetd -dontfork; wait = no, instances/per_source UNLIMITED, cps 1000000, NOLIBWRAP, no logging",
     "tcpserver": "ucspi-tcp tcpserver -HRl0 -c 10000 -b 128 (no DNS, no ident)",
@@ -261,6 +284,11 @@ def report(results: dict[str, Result], args: argparse.Namespace) -> str:
     ours = results.get("sockvisor")
     if ours is not None and ours.cps:
         lines += ["", "Ratios, sockvisor / peer (conn/s, same run; > 1 means sockvisor is faster):", ""]
+        on = results.get("sockvisor-metrics")
+        if on is not None and on.cps:
+            parts = [f"c={c}: {med(on.cps[c]) / med(ours.cps[c]):.2f}x" for c in args.concurrency
+                     if on.cps.get(c) and ours.cps.get(c)]
+            lines.append("- metrics on / off (sockvisor-metrics / sockvisor): " + ", ".join(parts))
         for peer in ("sockvisor-baseline", "tcpserver", "xinetd"):
             other = results.get(peer)
             if other is None or not other.cps:
@@ -296,6 +324,7 @@ def main() -> int:
     starters: dict[str, Starter] = {
         "sockvisor": sockvisor_starter(cmd, log_connections=False),
         "sockvisor-log": sockvisor_starter(cmd, log_connections=True),
+        "sockvisor-metrics": sockvisor_starter(cmd, log_connections=False, metrics=True),
         "xinetd": xinetd_starter,
         "tcpserver": tcpserver_starter,
     }

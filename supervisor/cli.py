@@ -134,7 +134,10 @@ def _dispatch(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             _err(str(reply.get("error")))
             return EXIT_FAILURE
         if args.json:
-            print(json.dumps({"units": reply["units"]}, indent=2))
+            out: dict[str, object] = {"units": reply["units"]}
+            if "daemon" in reply:
+                out["daemon"] = reply["daemon"]  # everything the metrics carry (SPEC 11)
+            print(json.dumps(out, indent=2))
         else:
             print(format_status(reply["units"]))
         return EXIT_OK

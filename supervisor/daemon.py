@@ -45,7 +45,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from supervisor import _spawn, activation, control, matching, metrics, sockets
+from supervisor import __version__, _spawn, activation, control, matching, metrics, sockets
 from supervisor import config as configuration
 from supervisor import reload as reloading
 from supervisor.control import Command, Reply, Request, failure
@@ -55,7 +55,7 @@ from supervisor.model import Config, InetAddress, Listen, ListenKind, Unit
 from supervisor.reaper import Reaper, exit_of
 from supervisor.registry import Registry
 from supervisor.spawn import Offload
-from supervisor.status import DaemonCounters, UnitStatus
+from supervisor.status import DaemonCounters, DaemonStatus, UnitStatus
 from supervisor.units import ChildCallback, Host
 
 FD_RESERVE = 64  # the daemon's own fds: control, notify, signalfd, log, connections in flight
@@ -354,8 +354,12 @@ class Daemon:
                 reply["failed"] = summary["failed"]
             return reply
         if req.command is Command.STATUS and req.unit is None:
+            counters = self.counters
             return Reply(ok=True, units=[rt.status() for rt in self.units],
-                         daemon={"pid": os.getpid(), "summary": self.summary()})
+                         daemon=DaemonStatus(pid=os.getpid(), version=__version__, started=round(self.started_at, 3),
+                                             summary=self.summary(), reloads=dict(counters["reloads"]),
+                                             last_reload_success=counters["last_reload_success"],
+                                             reexecs=counters["reexecs"]))
         assert req.unit is not None  # parse_request: every other command names its unit
         rt = self.units.get(req.unit)
         if rt is None:

@@ -72,7 +72,12 @@ class UnitStatus(TypedDict):
 
 class DaemonStatus(TypedDict):
     pid: int
+    version: str
+    started: float  # wall time this daemon (pid) started
     summary: str
+    reloads: dict[str, int]  # by result: success, invalid_config, bind_failed
+    last_reload_success: float | None
+    reexecs: int
 
 
 class DaemonCounters(TypedDict):

@@ -102,6 +102,9 @@ def test_reload_moves_the_metrics_endpoint_and_counts_results(sockvisor: Sockvis
     sockvisor.write_main(f"metrics:\n  listen: 127.0.0.1:{moved}\n")
     sockvisor.cli("reload", "--config", str(sockvisor.config), check=True)
     text = _get(moved)[2]
+    daemon = sockvisor.status()["daemon"]
+    assert daemon["reloads"] == {"invalid_config": 1, "success": 1} and daemon["reexecs"] == 0
+    assert daemon["pid"] == sockvisor.proc.pid and daemon["version"] == "0.1.0" and daemon["started"] > 0
     assert _value(text, 'sockvisor_reloads_total{result="invalid_config"}') == 1
     assert _value(text, 'sockvisor_reloads_total{result="success"}') == 1
     with pytest.raises(OSError):
