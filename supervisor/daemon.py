@@ -117,7 +117,8 @@ class Daemon:
         self._early_exits: dict[int, int] = {}
         self.offload: Offload[Any] = Offload(self.loop)
         self.reaper = Reaper(self.loop, self.reaped)
-        self.host = Host(self.loop, self.log, self.environ, self.watch_child, self.offload)
+        self._all_settled = asyncio.Event()
+        self.host = Host(self.loop, self.log, self.environ, self.watch_child, self.offload, self._settled)
         self.units = Registry(self.host, self.log)
         self.counters = DaemonCounters(reloads={}, last_reload_success=time.time(), reexecs=0)
         self.metrics: metrics.MetricsServer | None = None
@@ -185,6 +186,12 @@ class Daemon:
         if not self.children and self._stopping:
             self._children_gone.set()
         self.units.sweep()
+
+    def _settled(self) -> None:
+        """A runtime busy without children (a proxy's connections) is idle now."""
+        self.units.sweep()
+        if self._stopping and not any(rt.busy() for rt in self.units.everything()):
+            self._all_settled.set()
 
     # ------------------------------------------------------------ running
 
@@ -287,6 +294,8 @@ class Daemon:
         await self.offload.idle.wait()
         if self.children:
             await self._children_gone.wait()
+        if any(rt.busy() for rt in self.units.everything()):
+            await self._all_settled.wait()  # open proxy connections: each drains within its stop_timeout
         for runtime in self.units.everything():
             runtime.close(remove=True)
         if self.control is not None:

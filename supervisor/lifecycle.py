@@ -71,6 +71,7 @@ class After(enum.Enum):
     RESTART = "restart"  # -> start again at once (operator restart)
     FAIL = "fail"  # -> failure handling (start/watchdog timeout)
     NOTHING = "nothing"  # -> daemon shutdown: stays STOPPED, nothing more
+    IDLE = "idle"  # -> IDLE: a proxy's backend stopped for idleness; the next client starts it
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +259,7 @@ def step(unit: Unit, slot: Slot, event: Event, now: float) -> tuple[Slot, list[A
             if slot.state in (SlotState.IDLE, SlotState.BACKOFF, SlotState.STOPPED, SlotState.FAILED):
                 if operator:
                     slot = replace(slot, failures=0, start_times=())
-                if operator and unit.start is Start.ON_DEMAND and unit.mode is Mode.SERVICE:
+                if operator and unit.start is Start.ON_DEMAND and unit.mode in (Mode.SERVICE, Mode.PROXY):
                     # An operator's start of an on-demand service resumes polling;
                     # the first connection starts it, as `systemctl start x.socket`.
                     return replace(slot, state=SlotState.IDLE, deadline=None), [Log("unit_resumed")]
@@ -337,7 +338,7 @@ def _stop(unit: Unit, slot: Slot, after: After, now: float) -> tuple[Slot, list[
         )
     if slot.state is SlotState.STOPPING:
         # Already on its way down; only a stronger intent replaces the plan.
-        if after in (After.STOP, After.NOTHING):
+        if after in (After.STOP, After.NOTHING) or (after is After.IDLE and slot.after is After.IDLE):
             return replace(slot, after=after), []
         return slot, []
     # Nothing runs (IDLE, BACKOFF, STOPPED, FAILED).
@@ -352,6 +353,8 @@ def _settle(unit: Unit, slot: Slot, after: After, now: float, actions: list[Acti
         return new, [*actions, *spawn]
     if after is After.FAIL:
         return _failed(unit, slot, now, actions)
+    if after is After.IDLE:
+        return replace(slot, state=SlotState.IDLE), actions
     return replace(slot, state=SlotState.STOPPED), actions
 
 

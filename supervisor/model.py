@@ -78,6 +78,17 @@ class Mode(enum.Enum):
     SERVICE = "service"
     ACCEPT = "accept"
     POOL = "pool"
+    PROXY = "proxy"
+
+    @property
+    def hands_over_listeners(self) -> bool:
+        """Whether the unit's processes get the listening sockets (and so hold copies of them)."""
+        return self in (Mode.SERVICE, Mode.POOL)
+
+    @property
+    def per_connection(self) -> bool:
+        """Whether the daemon itself accepts each connection and applies the per-connection policy."""
+        return self in (Mode.ACCEPT, Mode.PROXY)
 
 
 class Pass(enum.Enum):
@@ -99,6 +110,13 @@ class Restart(enum.Enum):
 class Ready(enum.Enum):
     EXEC = "exec"
     NOTIFY = "notify"
+
+
+class ProxyProtocol(enum.Enum):
+    """The PROXY protocol header sent to the backend first (HAProxy's proxy-protocol.txt)."""
+
+    V1 = "v1"
+    V2 = "v2"
 
 
 class Stderr(enum.Enum):
@@ -178,6 +196,8 @@ class Listen:
     directory_mode: int = 0o755
     remove_on_stop: bool = True
     symlinks: tuple[str, ...] = ()
+    # mode: proxy: where this entry's clients are forwarded (None: the unit's backend)
+    backend: InetAddress | str | None = None
     location: Location | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -244,6 +264,7 @@ LISTEN_OPTIONS: dict[str, ListenOption] = {
     "directory_mode": ListenOption(_LOCAL, on_socket=False),
     "remove_on_stop": ListenOption(_LOCAL, on_socket=False),
     "symlinks": ListenOption(_LOCAL),
+    "backend": ListenOption(frozenset({ListenKind.TCP, ListenKind.UDP, ListenKind.UNIX}), on_socket=False),
 }
 LISTEN_OPTION_KINDS: dict[str, frozenset[ListenKind]] = {name: o.kinds for name, o in LISTEN_OPTIONS.items()}
 BIND_TIME_OPTIONS: tuple[str, ...] = tuple(name for name, o in LISTEN_OPTIONS.items() if o.bind_time)
@@ -321,6 +342,11 @@ class Unit:
     allow: tuple[Network, ...] = ()
     deny: tuple[Network, ...] = ()
     log_connections: bool = True
+    # mode: proxy
+    backend: InetAddress | str | None = None  # host:port or a unix path ("@name": abstract)
+    idle_stop: float | None = None  # stop the backend after this long without a client
+    proxy_protocol: ProxyProtocol | None = None
+    udp_idle: float = 60.0  # a udp client's flow ends after this long without a datagram
     # mode: pool
     workers: int = 1
     settle: float = 1.0

@@ -25,6 +25,7 @@ from supervisor.model import (
     Mode,
     Pass,
     Process,
+    ProxyProtocol,
     Rate,
     Ready,
     Restart,
@@ -204,12 +205,14 @@ class Reader:
 
         listen = self._listens(doc, name, mode if mode_known else None)
         process = self._process(doc, mode if mode_known else None)
+        backend = self.get(doc, "backend", "", schema.backend_address, None)
 
         default_pass = Pass.STDIO if mode is Mode.ACCEPT else schema.UNIT_DEFAULTS["pass_"]
         pass_ = self.get(doc, "pass", "", schema.enum_value(Pass), default_pass)
         if mode_known:
             self._check_mode_keys(doc, mode)
             self._check_pass(doc, mode, pass_, len(listen))
+            self._check_proxy(doc, mode, backend, listen)
 
         restart_delay = self.unit_key(doc, "restart_delay", schema.duration(positive=True))
         restart_delay_max = self.unit_key(doc, "restart_delay_max", schema.duration(positive=True))
@@ -248,6 +251,10 @@ class Reader:
             workers=self.unit_key(doc, "workers", schema.int_value(1, schema.MAX_WORKERS)),
             settle=self.unit_key(doc, "settle", schema.duration()),
             max_surge=self.unit_key(doc, "max_surge", schema.int_value(1, schema.MAX_WORKERS)),
+            backend=backend,
+            idle_stop=self.unit_key(doc, "idle_stop", schema.duration(positive=True)),
+            proxy_protocol=self.unit_key(doc, "proxy_protocol", schema.enum_value(ProxyProtocol)),
+            udp_idle=self.unit_key(doc, "udp_idle", schema.duration(positive=True)),
             location=location,
         )
 
@@ -276,17 +283,32 @@ class Reader:
         return stem, doc.location
 
     def _check_mode_keys(self, doc: Map, mode: Mode) -> None:
-        for owner, keys in schema.MODE_ONLY_KEYS.items():
-            if owner is mode:
+        for key, modes in schema.KEY_MODES.items():
+            entry = doc.entries.get(key)
+            if entry is None or mode in modes:
                 continue
-            for key in keys:
-                entry = doc.entries.get(key)
-                if entry is not None:
-                    self.problem(
-                        entry.key_location,
-                        key,
-                        f"only applies to mode: {owner.value} (this unit is mode: {mode.value})",
-                    )
+            names = [m.value for m in Mode if m in modes]
+            owners = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+            self.problem(entry.key_location, key, f"only applies to mode: {owners} (this unit is mode: {mode.value})")
+
+    def _check_proxy(self, doc: Map, mode: Mode, backend: InetAddress | str | None, listen: tuple[Listen, ...]) -> None:
+        """mode: proxy: every listen entry has a backend it can forward to; other modes name none."""
+        for index, entry in enumerate(listen):
+            path = child_path(child_path("listen", index), "backend")
+            if mode is not Mode.PROXY:
+                if entry.backend is not None:
+                    self.problem(entry.location, path, f"only applies to mode: proxy (this unit is mode: {mode.value})")
+                continue
+            kind_path = child_path(child_path("listen", index), entry.kind.value)
+            if entry.kind not in (ListenKind.TCP, ListenKind.UDP, ListenKind.UNIX):
+                self.problem(entry.location, kind_path,
+                             f"mode: proxy forwards tcp, udp and unix (stream) listeners, not {entry.kind.value}")
+                continue
+            target = entry.backend if entry.backend is not None else backend
+            if target is None:
+                self.problem(entry.location, path, "missing: mode: proxy needs a backend (on the unit or this entry)")
+            elif entry.kind is ListenKind.UDP and not isinstance(target, InetAddress):
+                self.problem(entry.location, path, "a udp listener forwards to a host:port backend, not a unix path")
 
     def _check_pass(self, doc: Map, mode: Mode, pass_: Pass, listeners: int) -> None:
         entry = doc.entries.get("pass")
@@ -417,7 +439,8 @@ class Reader:
     # -- process --------------------------------------------------------------
 
     def _process(self, doc: Map, mode: Mode | None) -> Process:
-        command = self._exec(doc)
+        # A proxy without exec only forwards (to a backend someone else runs).
+        command = () if mode is Mode.PROXY and "exec" not in doc.entries else self._exec(doc)
         stderr = self.get(doc, "stderr", "", schema.enum_value(Stderr), Stderr.INHERIT)
         if stderr is Stderr.CONNECTION and mode is not None and mode is not Mode.ACCEPT:
             self.problem(

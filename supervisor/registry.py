@@ -16,6 +16,7 @@ from supervisor.accept import AcceptRuntime
 from supervisor.log import Logger
 from supervisor.model import Mode, Unit
 from supervisor.pool import PoolRuntime
+from supervisor.proxy import ProxyRuntime
 from supervisor.service import ServiceRuntime
 from supervisor.units import Host, UnitRuntime
 
@@ -23,6 +24,7 @@ RUNTIMES: dict[Mode, type[UnitRuntime]] = {
     Mode.SERVICE: ServiceRuntime,
     Mode.POOL: PoolRuntime,
     Mode.ACCEPT: AcceptRuntime,
+    Mode.PROXY: ProxyRuntime,
 }
 
 
@@ -78,7 +80,7 @@ class Registry:
     def sweep(self) -> None:
         """Close the sockets of retired runtimes whose last child is gone."""
         if self.retiring:
-            done = [rt for rt in self.retiring if not rt.pids()]
+            done = [rt for rt in self.retiring if not rt.busy()]
             for rt in done:
                 self.retiring.remove(rt)
                 rt.close(remove=True)

@@ -38,7 +38,7 @@ from typing import TypedDict
 from supervisor import sockets
 from supervisor.errors import BindError
 from supervisor.log import Logger
-from supervisor.model import RETUNABLE_OPTIONS, Config, Listen, Mode, Unit
+from supervisor.model import RETUNABLE_OPTIONS, Config, Listen, Unit
 from supervisor.registry import Registry
 from supervisor.units import UnitRuntime
 
@@ -162,7 +162,7 @@ def _stage(p: UnitPlan, staged: _Staged) -> None:
             continue
         assert rt is not None
         old_bound = rt.bound[index]
-        if rt.pids() and rt.unit.mode is not Mode.ACCEPT:
+        if rt.pids() and rt.unit.mode.hands_over_listeners:
             # A running service holds its own copy of the socket: the address
             # stays bound whatever the daemon closes.
             raise BindError(name, listen.display,

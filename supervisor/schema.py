@@ -71,6 +71,7 @@ KIND_GROUP_NAMES = {
     SOCKETS: "socket (not fifo)",
     UNIX: "unix, unix-dgram and unix-seqpacket",
     LOCAL: "unix, unix-dgram, unix-seqpacket and fifo",
+    frozenset({K.TCP, K.UDP, K.UNIX}): "tcp, udp and unix",
 }
 
 # Per-listen options: the kinds each applies to. Their value parsers are in
@@ -92,12 +93,20 @@ ACCEPT_KEYS = (
     "max_connections", "max_connections_per_source", "rate", "allow", "deny", "log_connections",
 )  # fmt: skip
 POOL_KEYS = ("workers", "settle", "max_surge")
+PROXY_KEYS = ("backend", "idle_stop", "proxy_protocol", "udp_idle")
 UNIT_KEYS = (
     "name", "description", "enabled", "listen", "mode", "pass", "start", "restart", "restart_delay",
     "restart_delay_max", "restart_reset", "start_limit", "ready", "start_timeout", "watchdog",
-    "fd_store_max", *PROCESS_KEYS, *ACCEPT_KEYS, *POOL_KEYS,
+    "fd_store_max", *PROCESS_KEYS, *ACCEPT_KEYS, *POOL_KEYS, *PROXY_KEYS,
 )  # fmt: skip
-MODE_ONLY_KEYS: dict[Mode, tuple[str, ...]] = {Mode.ACCEPT: ACCEPT_KEYS, Mode.POOL: POOL_KEYS}
+# Keys that mean something in some modes only (elsewhere they are refused, never ignored).
+PER_CONNECTION = frozenset({Mode.ACCEPT, Mode.PROXY})
+KEY_MODES: dict[str, frozenset[Mode]] = {
+    **{key: PER_CONNECTION for key in ACCEPT_KEYS},
+    **{key: frozenset({Mode.POOL}) for key in POOL_KEYS},
+    **{key: frozenset({Mode.PROXY}) for key in PROXY_KEYS},
+    "pass": frozenset({Mode.SERVICE, Mode.ACCEPT, Mode.POOL}),  # a proxy's backend gets no fds
+}
 
 
 # ----------------------------------------------------------------------------
@@ -235,6 +244,18 @@ def listen_address(kind: ListenKind, value: Value) -> InetAddress | str:
     return addresses.parse_unix_path(to_plain(value))
 
 
+def backend_address(value: Value) -> InetAddress | str:
+    """A proxy backend: ``host:port``, ``[v6]:port``, an absolute unix path or ``@abstract``."""
+    text = scalar_text(value, "an address like 127.0.0.1:8080 or a unix path")
+    if text.startswith(("/", "@")):
+        return addresses.parse_unix_path(text)
+    address = addresses.parse_inet(text)
+    if address.any_dual_stack:
+        port = address.port
+        raise ValueError(f"a backend needs a host to connect to: write 127.0.0.1:{port} or [::1]:{port}")
+    return address
+
+
 @dataclass(frozen=True, slots=True)
 class Option:
     """How one per-listen option is parsed and which model field it fills."""
@@ -273,6 +294,7 @@ LISTEN_PARSERS: dict[str, Option] = {
     "directory_mode": Option(mode_value("directory_mode"), "directory_mode"),
     "remove_on_stop": Option(bool_value, "remove_on_stop"),
     "symlinks": Option(lambda v: v, "symlinks"),  # a list: parsed by _Reader._symlinks
+    "backend": Option(backend_address, "backend"),
 }
 
 

@@ -28,10 +28,12 @@ class SlotDriver:
     """Feeds one lifecycle slot its events and carries out its actions."""
 
     def __init__(self, runtime: UnitRuntime, index: int, *, fds: Callable[[int], list[int]],
-                 changed: Callable[[SlotDriver], None], surge: bool = False) -> None:
+                 changed: Callable[[SlotDriver], None], surge: bool = False,
+                 spawner: Callable[[UnitRuntime, int, list[int]], int] | None = None) -> None:
         self.runtime = runtime
         self.index = index
         self._fds = fds
+        self._spawner = spawner or spawn_slot
         self._changed = changed
         # A pool's second process for a slot during a rolling restart, until it takes the slot over.
         self.surge = surge
@@ -72,7 +74,7 @@ class SlotDriver:
     def _spawn(self) -> None:
         rt = self.runtime
         try:
-            pid = spawn_slot(rt, self.index, self._fds(self.index))
+            pid = self._spawner(rt, self.index, self._fds(self.index))
         except SpawnError as exc:
             rt.spawn_failures += 1
             self.feed(lifecycle.SpawnFailed(str(exc)))

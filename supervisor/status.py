@@ -45,6 +45,32 @@ class RollStatus(TypedDict):
     slot: NotRequired[int | None]
 
 
+class BackendStatus(TypedDict):
+    state: str  # the backend process's slot state, or "external" (no exec: someone else runs it)
+    pid: int | None
+    address: str | None  # the unit's backend (listen entries may name their own)
+    reachable: bool  # a connect succeeded since it (re)started
+
+
+class ColdStarts(TypedDict):
+    buckets: list[float]  # upper bounds in seconds, as a Prometheus histogram's "le"
+    counts: list[int]  # per bucket (not cumulative), one more than buckets (+Inf)
+    sum: float
+
+
+class ProxyStatus(TypedDict):
+    """mode: proxy: the backend and the forwarding counters."""
+
+    backend: BackendStatus
+    connections: int  # forwarded now
+    waiting: int  # accepted, waiting for the backend
+    flows: int  # udp client flows
+    bytes: dict[str, int]  # "in": client to backend, "out": backend to client (delivered)
+    datagrams: dict[str, int]
+    cold_starts: int  # backend starts caused by a client while it was down
+    cold_start_seconds: ColdStarts  # first client accepted to first connect that succeeded
+
+
 class UnitStatus(TypedDict):
     """One unit in ``status`` (the control reply, ``status --json``, and what the CLI formats)."""
 
@@ -68,6 +94,7 @@ class UnitStatus(TypedDict):
     started_at: float  # wall time the unit's runtime was made (start or reload)
     workers: NotRequired[list[WorkerStatus]]  # pool mode
     roll: NotRequired[RollStatus]  # pool mode, during and after a rolling restart
+    proxy: NotRequired[ProxyStatus]  # proxy mode
 
 
 class DaemonStatus(TypedDict):

@@ -24,7 +24,7 @@ from supervisor.errors import SpawnError
 from supervisor.lifecycle import Exit
 from supervisor.log import Logger
 from supervisor.logsummary import LogSummary
-from supervisor.model import Mode, Pass, Stderr, Unit, valid_fdname
+from supervisor.model import Pass, Stderr, Unit, valid_fdname
 from supervisor.status import Connections, LastExit, NotifyCounters, UnitStatus
 
 ChildCallback = Callable[[int, Exit], None]
@@ -63,6 +63,8 @@ class Host:
     environ: Mapping[str, str]  # the daemon's environment, for pass_environment
     watch_child: Callable[[int, ChildCallback], None]  # call back on the loop when the pid exits
     offload: spawn.Offload[Any]  # the helper spawn thread (accept mode)
+    # A runtime that was busy without children (a proxy's open connections) is not any more.
+    settled: Callable[[], None] = lambda: None
 
 
 class Deadline:
@@ -162,7 +164,7 @@ class UnitRuntime:
 
     def set_blocking(self) -> None:
         """``pass: stdio`` children get blocking fds (inetd); ``pass: fds`` non-blocking (systemd)."""
-        blocking = self.unit.pass_ is Pass.STDIO and self.unit.mode is not Mode.ACCEPT
+        blocking = self.unit.pass_ is Pass.STDIO and self.unit.mode.hands_over_listeners
         for b in self.bound:
             if b.sock is not None:
                 sockets.set_blocking(b.fd, blocking)
@@ -321,10 +323,10 @@ class UnitRuntime:
     def _fd_store_add(self, name: str, fds: tuple[int, ...], owner: int) -> None:
         if not fds:
             return
-        if self.unit.mode is Mode.ACCEPT or self.unit.pass_ is Pass.STDIO:
+        if not self.unit.mode.hands_over_listeners or self.unit.pass_ is Pass.STDIO:
             _close_all(fds)
             self.log.warning("fd_store_refused", pid=owner, reason=f"no fd store in mode {self.unit.mode.value}"
-                             if self.unit.mode is Mode.ACCEPT else "no fd store with pass: stdio")
+                             if not self.unit.mode.hands_over_listeners else "no fd store with pass: stdio")
             return
         if not valid_fdname(name):
             _close_all(fds)
@@ -350,6 +352,10 @@ class UnitRuntime:
 
     def pids(self) -> list[int]:
         raise NotImplementedError
+
+    def busy(self) -> bool:
+        """Whether anything of the unit still runs (a retiring unit's sockets close when nothing does)."""
+        return bool(self.pids())
 
     def activate(self) -> None:
         """Begin: poll, or start at once (eager)."""
