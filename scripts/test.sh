@@ -9,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(python3 python3-venv python3-dev gcc libc6-dev libsystemd-dev python3-systemd systemd
-              netcat-openbsd curl procps iproute2 rsync git fingerd finger tftpd-hpa tftp-hpa strace prometheus)
+              netcat-openbsd curl procps iproute2 rsync git fingerd finger tftpd-hpa tftp-hpa strace prometheus
+              redis-server socat)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${APT_PACKAGES[@]}"; do

@@ -100,6 +100,8 @@ def _anchor_exec(unit: Unit, base: str) -> Unit:
     ship its own programs (the example config does). Bare names are searched
     on the child's PATH at spawn time.
     """
+    if not unit.process.exec:
+        return unit  # a proxy that only forwards runs nothing
     program = unit.process.exec[0]
     if "/" not in program or os.path.isabs(program):
         return unit
@@ -166,10 +168,10 @@ def describe_unit(unit: Unit) -> str:
         mode = f"pool of {unit.workers} worker{'s' if unit.workers != 1 else ''}"
     count = len(unit.listen)
     listeners = ", ".join(listen.display for listen in unit.listen)
-    line = (
-        f"{unit.name}: {mode}, {count} listener{'s' if count != 1 else ''} ({listeners}), "
-        f"exec {shlex.join(unit.process.exec)}"
-    )
+    if unit.mode is Mode.PROXY:
+        mode = f"proxy to {unit.backend}" if unit.backend is not None else "proxy"
+    runs = f"exec {shlex.join(unit.process.exec)}" if unit.process.exec else "forwarding only (no exec)"
+    line = f"{unit.name}: {mode}, {count} listener{'s' if count != 1 else ''} ({listeners}), {runs}"
     return line if unit.enabled else f"{line} (disabled)"
 
 

@@ -44,6 +44,7 @@ import contextlib
 import errno
 import ipaddress
 import os
+import select
 import socket
 import struct
 from collections.abc import Mapping
@@ -55,7 +56,7 @@ from supervisor.accept import RESOURCE_ERRNOS
 from supervisor.lifecycle import SlotState
 from supervisor.model import InetAddress, ListenKind, ProxyProtocol, Start, Unit
 from supervisor.policy import Gate, Peer, Policy, ReopensAt, ResourceBackoff, normalize_host
-from supervisor.relay import PipePool, Relay
+from supervisor.relay import PipePool, Poller, Relay
 from supervisor.service import SlotDriver
 from supervisor.status import ProxyStatus, UnitStatus
 from supervisor.units import Deadline, Host, UnitRuntime, UnitState
@@ -158,6 +159,7 @@ class ProxyRuntime(UnitRuntime):
         self.relays: dict[Relay, Peer | None] = {}
         self.flows: dict[int, collections.OrderedDict[Any, Flow]] = {}  # by listener fd
         self.pipes = PipePool()
+        self.poller = Poller(host.loop)  # connections, connects in flight and udp flows (errors included)
         self.bytes_in = 0  # from clients, delivered to the backend (connections ended)
         self.bytes_out = 0  # from the backend, delivered to clients
         self.datagrams_in = 0
@@ -291,6 +293,7 @@ class ProxyRuntime(UnitRuntime):
         if self._resume is not None:
             self._resume.cancel()
         self.pipes.close()
+        self.poller.close()
         super().close(remove=remove)
 
     # ------------------------------------------------------------ stopping
@@ -500,7 +503,7 @@ class ProxyRuntime(UnitRuntime):
             self._connected(w, sock)
         elif err == errno.EINPROGRESS:
             w.trying = sock
-            self.host.loop.add_writer(sock.fileno(), self._connect_done, w)
+            self.poller.watch(sock.fileno(), select.EPOLLOUT, lambda _events: self._connect_done(w))
             self._wait(w, w.deadline)
         else:
             sock.close()
@@ -509,7 +512,7 @@ class ProxyRuntime(UnitRuntime):
     def _connect_done(self, w: Waiter) -> None:
         sock = w.trying
         assert sock is not None
-        self.host.loop.remove_writer(sock.fileno())
+        self.poller.forget(sock.fileno())
         w.trying = None
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err == 0:
@@ -553,7 +556,7 @@ class ProxyRuntime(UnitRuntime):
         self.waiting.remove(w)
         if w.timer is not None:
             w.timer.cancel()
-        relay = Relay(loop, w.fd, sock.detach(), self.pipes, self._relay_done)
+        relay = Relay(self.poller, w.fd, sock.detach(), self.pipes, self._relay_done, loop.time())
         self.relays[relay] = w.peer
 
     def _give_up(self, w: Waiter) -> None:
@@ -570,7 +573,7 @@ class ProxyRuntime(UnitRuntime):
         if w.timer is not None:
             w.timer.cancel()
         if w.trying is not None:
-            self.host.loop.remove_writer(w.trying.fileno())
+            self.poller.forget(w.trying.fileno())
             w.trying.close()
             w.trying = None
         with contextlib.suppress(OSError):
@@ -685,7 +688,7 @@ class ProxyRuntime(UnitRuntime):
         flow = Flow(addr, s, now, collections.deque(), bound)
         flows[addr] = flow
         self.accepted += 1
-        self.host.loop.add_reader(s.fileno(), self._replies, flow)
+        self.poller.watch(s.fileno(), select.EPOLLIN, lambda _events: self._replies(flow))
         return flow
 
     def _send_up(self, flow: Flow, data: bytes) -> None:
@@ -738,7 +741,7 @@ class ProxyRuntime(UnitRuntime):
 
     def _end_flow(self, flows: collections.OrderedDict[Any, Flow], addr: Any) -> None:
         flow = flows.pop(addr)
-        self.host.loop.remove_reader(flow.sock.fileno())
+        self.poller.forget(flow.sock.fileno())
         flow.sock.close()
 
     def _end_all_flows(self) -> None:

@@ -33,6 +33,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import select
 import socket
 import struct
 from collections.abc import Callable
@@ -88,6 +89,57 @@ class PipePool:
         self._free.clear()
 
 
+class Poller:
+    """An epoll set of its own, watched by the loop as one fd: readiness *with errors* for many fds.
+
+    libuv (under uvloop) stops watching an fd for good when the kernel reports
+    EPOLLERR on it (a reset connection, an ICMP error on a udp socket, a failed
+    connect) and never calls its reader. A proxy must see exactly those events,
+    so its connections are watched here instead: the loop watches this set's
+    epoll fd (which is only ever readable), and ``_dispatch`` hands each fd's
+    events, errors included, to its callback. Changing what an fd waits for is
+    one ``epoll_ctl``, cheaper than the loop's add_reader/remove_reader.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._ep = select.epoll()
+        self._callbacks: dict[int, Callable[[int], None]] = {}
+        self._masks: dict[int, int] = {}
+        self._loop = loop
+        loop.add_reader(self._ep.fileno(), self._dispatch)
+
+    def watch(self, fd: int, mask: int, callback: Callable[[int], None]) -> None:
+        self._ep.register(fd, mask)
+        self._callbacks[fd] = callback
+        self._masks[fd] = mask
+
+    def change(self, fd: int, mask: int) -> None:
+        if self._masks.get(fd) != mask:
+            self._ep.modify(fd, mask)
+            self._masks[fd] = mask
+
+    def forget(self, fd: int) -> None:
+        if self._callbacks.pop(fd, None) is not None:
+            del self._masks[fd]
+            with contextlib.suppress(OSError):
+                self._ep.unregister(fd)
+
+    def __len__(self) -> int:
+        return len(self._callbacks)
+
+    def _dispatch(self) -> None:
+        for fd, events in self._ep.poll(0, 256):
+            callback = self._callbacks.get(fd)
+            if callback is not None:
+                callback(events)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._ep.fileno())
+        self._ep.close()
+        self._callbacks.clear()
+        self._masks.clear()
+
+
 def _close(pipe: tuple[int, int]) -> None:
     for fd in pipe:
         with contextlib.suppress(OSError):
@@ -111,6 +163,10 @@ class _Direction:
         self.buffer: bytearray | None = None
 
 
+IN = select.EPOLLIN
+OUT = select.EPOLLOUT
+
+
 class Relay:
     """Forward between ``client`` and ``backend`` (connected, non-blocking stream socket fds) until both ends close.
 
@@ -120,21 +176,22 @@ class Relay:
     to the client.
     """
 
-    __slots__ = ("_down", "_loop", "_pipes", "_up", "backend", "client", "closed", "done", "started")
+    __slots__ = ("_down", "_parked", "_pipes", "_poller", "_up", "backend", "client", "closed", "done", "started")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, client: int, backend: int, pipes: PipePool,
-                 done: Callable[[Relay], None]) -> None:
-        self._loop = loop
+    def __init__(self, poller: Poller, client: int, backend: int, pipes: PipePool,
+                 done: Callable[[Relay], None], now: float) -> None:
+        self._poller = poller
         self._pipes = pipes
         self.client = client
         self.backend = backend
         self.done = done
         self.closed = False
-        self.started = loop.time()
+        self.started = now
         self._up = _Direction(client, backend)
         self._down = _Direction(backend, client)
-        loop.add_reader(client, self._pump, self._up)
-        loop.add_reader(backend, self._pump, self._down)
+        self._parked: int | None = None  # an fd left out of the poller after a hang-up (see _ready)
+        poller.watch(client, IN, self._client_ready)
+        poller.watch(backend, IN, self._backend_ready)
 
     @property
     def received(self) -> int:
@@ -143,6 +200,58 @@ class Relay:
     @property
     def sent(self) -> int:
         return self._down.moved
+
+    # ------------------------------------------------------------ readiness
+
+    def _client_ready(self, events: int) -> None:
+        # The client fd is read by "up" and written by "down".
+        self._ready(events, self.client, self._up, self._down)
+
+    def _backend_ready(self, events: int) -> None:
+        self._ready(events, self.backend, self._down, self._up)
+
+    def _ready(self, events: int, fd: int, reads: _Direction, writes: _Direction) -> None:
+        """``fd`` is read by ``reads`` and written by ``writes``."""
+        if events & select.EPOLLERR:
+            self._hung_up(fd)
+            return
+        if events & OUT and writes.flushing:
+            self._pump(writes)
+        if self.closed or not events & (IN | select.EPOLLHUP):
+            return
+        if not reads.flushing and not reads.ended:
+            self._pump(reads)  # after a hang-up, what is left is still read (then the end of stream)
+        elif events & select.EPOLLHUP:
+            if reads.ended:
+                self.close()  # both ways closed: nothing more can pass
+            else:
+                # Everything is sent, but we cannot read now (our pipe waits for a full peer): a
+                # hang-up is reported whatever the mask says, so leave the fd out until the flush is done.
+                self._poller.forget(fd)
+                self._parked = fd
+
+    def _hung_up(self, fd: int) -> None:
+        """An error or a full hang-up on ``fd``: nothing more can pass; a reset is passed on as a reset."""
+        sock = socket.socket(fileno=fd)
+        try:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError:
+            err = errno.EBADF
+        finally:
+            sock.detach()
+        self.close(reset=err != 0)
+
+    def _masks(self) -> None:
+        """Tell the poller what each fd waits for now."""
+        up, down = self._up, self._down
+        parked = self._parked
+        if parked is not None and not (up if parked == self.client else down).flushing:
+            self._parked = None  # flushed: read what is left after the hang-up
+            self._poller.watch(parked, IN, self._client_ready if parked == self.client else self._backend_ready)
+        if self._parked != self.client:
+            self._poller.change(self.client, (0 if up.flushing or up.ended else IN) | (OUT if down.flushing else 0))
+        if self._parked != self.backend:
+            self._poller.change(self.backend, (0 if down.flushing or down.ended else IN) | (OUT if up.flushing else 0))
 
     # ------------------------------------------------------------ moving bytes
 
@@ -160,8 +269,11 @@ class Relay:
                 return
             self.close(reset=exc.errno in _GONE)
             return
-        if not self.closed and not d.flushing and d.pipe is not None and d.pending == 0:
+        if self.closed:
+            return
+        if not d.flushing and d.pipe is not None and d.pending == 0:
             self._release_pipe(d)
+        self._masks()
 
     def _splice(self, d: _Direction) -> None:
         for _ in range(ROUNDS):
@@ -170,15 +282,16 @@ class Relay:
                 try:
                     n = os.splice(d.pipe[0], d.dst, d.pending, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
-                    self._flush_later(d)
+                    d.flushing = True
                     return
                 d.pending -= n
                 d.moved += n
                 if d.pending:
-                    self._flush_later(d)
+                    d.flushing = True
                     return
-                if d.flushing:
-                    self._read_again(d)
+                d.flushing = False
+            if d.ended:
+                return
             if d.pipe is None:
                 d.pipe = self._pipes.take()
                 if d.pipe is None:
@@ -203,17 +316,18 @@ class Relay:
                 try:
                     n = os.write(d.dst, view[:d.pending])
                 except BlockingIOError:
-                    self._flush_later(d)
+                    d.flushing = True
                     return
                 d.moved += n
                 if n < d.pending:
                     d.buffer[:d.pending - n] = d.buffer[n:d.pending]
                     d.pending -= n
-                    self._flush_later(d)
+                    d.flushing = True
                     return
                 d.pending = 0
-                if d.flushing:
-                    self._read_again(d)
+                d.flushing = False
+            if d.ended:
+                return
             try:
                 n = os.readv(d.src, [view])
             except BlockingIOError:
@@ -223,18 +337,6 @@ class Relay:
                 return
             d.pending = n
 
-    def _flush_later(self, d: _Direction) -> None:
-        """The destination is full: stop reading the source until the destination can take more."""
-        if not d.flushing:
-            d.flushing = True
-            self._loop.remove_reader(d.src)
-            self._loop.add_writer(d.dst, self._pump, d)
-
-    def _read_again(self, d: _Direction) -> None:
-        d.flushing = False
-        self._loop.remove_writer(d.dst)
-        self._loop.add_reader(d.src, self._pump, d)
-
     def _release_pipe(self, d: _Direction) -> None:
         if d.pipe is not None:
             self._pipes.give(d.pipe)
@@ -243,7 +345,6 @@ class Relay:
     def _ended(self, d: _Direction) -> None:
         """End of stream from ``d.src`` (everything read was written): pass the half-close on."""
         d.ended = True
-        self._loop.remove_reader(d.src)
         other = self._down if d is self._up else self._up
         if other.ended:
             self.close()
@@ -260,10 +361,8 @@ class Relay:
         if self.closed:
             return
         self.closed = True
-        loop = self._loop
         for fd in (self.client, self.backend):
-            loop.remove_reader(fd)
-            loop.remove_writer(fd)
+            self._poller.forget(fd)
             if reset:
                 with contextlib.suppress(OSError):
                     _linger_reset(fd)

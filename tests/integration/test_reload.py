@@ -376,7 +376,7 @@ def test_hostile_reload_is_refused_quickly_with_located_errors(sockvisor: Sockvi
     res = sockvisor.cli("reload", timeout=20)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.splitlines()
-    assert "sockets.d/bomb.yaml:9:5: mode: expected service, accept or pool, got a list" in lines, lines
+    assert "sockets.d/bomb.yaml:9:5: mode: expected service, accept, pool or proxy, got a list" in lines, lines
     assert any(ln.startswith("sockets.d/crash.yaml:3:15: stop_timeout: invalid value") for ln in lines), lines
     assert "Traceback" not in res.stderr and "internal error" not in res.stderr
     assert daemon_listener(pid_of(sockvisor), port) == before
@@ -392,6 +392,6 @@ def test_sighup_with_a_bad_config_logs_located_errors_and_keeps_serving(sockviso
     assert sockvisor.proc is not None
     sockvisor.proc.send_signal(signal.SIGHUP)
     failed = sockvisor.wait_event("reload_failed")
-    assert failed["errors"] == ["sockets.d/crash.yaml:3:7: mode: expected service, accept or pool, got a list"]
+    assert failed["errors"] == ["sockets.d/crash.yaml:3:7: mode: expected service, accept, pool or proxy, got a list"]
     assert roundtrip(port) == b"hello\n"
     assert not any("Traceback" in line for line in sockvisor.raw)

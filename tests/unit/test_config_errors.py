@@ -316,7 +316,7 @@ CASES = [
     Case(
         "bad-enum-with-hint",
         unit(OK_LISTEN + OK_EXEC + "mode: acept\n"),
-        ["sockets.d/web.yaml:3:7: mode: expected service, accept or pool, got string 'acept'; did you mean 'accept'?"],
+        ["sockets.d/web.yaml:3:7: mode: expected service, accept, pool or proxy, got string 'acept'; did you mean 'accept'?"],
     ),
     Case(
         "string-is-not-a-bool",
@@ -326,7 +326,7 @@ CASES = [
     Case(
         "accept-key-in-service-mode",
         unit(OK_LISTEN + OK_EXEC + "max_connections: 5\n"),
-        ["sockets.d/web.yaml:3:1: max_connections: only applies to mode: accept (this unit is mode: service)"],
+        ["sockets.d/web.yaml:3:1: max_connections: only applies to mode: accept or proxy (this unit is mode: service)"],
     ),
     Case(
         "pool-key-in-accept-mode",

@@ -98,7 +98,7 @@ def test_generated_yaml_gives_only_located_errors(document: dict[str, object]) -
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("mode: [accept]\n", "web.yaml:3:7: mode: expected service, accept or pool, got a list"),
+        ("mode: [accept]\n", "web.yaml:3:7: mode: expected service, accept, pool or proxy, got a list"),
         ("stop_timeout: " + "9" * 400 + "\n",
          "web.yaml:3:15: stop_timeout: duration of about 401 digits is too long: "
          "the maximum is 3.1536e+07s (365 days)"),

@@ -1,0 +1,182 @@
+"""The proxy's data path in-process: real loopback TCP pairs through a Relay on a uvloop loop."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import uvloop
+
+from supervisor.relay import PipePool, Poller, Relay
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    """A connected loopback TCP pair (outer end, daemon end)."""
+    with socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(1)
+        outer = socket.create_connection(lst.getsockname())
+        inner, _ = lst.accept()
+    inner.setblocking(False)
+    return outer, inner
+
+
+def _run(body: Callable[[asyncio.AbstractEventLoop], Awaitable[Any]]) -> Any:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(body(runner.get_loop()))
+
+
+class _Setup:
+    def __init__(self, loop: asyncio.AbstractEventLoop, pipes: PipePool | None = None) -> None:
+        self.client, client_inner = _pair()
+        self.backend, backend_inner = _pair()
+        self.pipes = pipes or PipePool()
+        self.poller = Poller(loop)
+        self.finished = asyncio.Event()
+        self.relay = Relay(self.poller, client_inner.detach(), backend_inner.detach(), self.pipes,
+                           lambda _r: self.finished.set(), loop.time())
+
+
+async def _send_all(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: bytes) -> None:
+    await loop.run_in_executor(None, sock.sendall, data)
+
+
+def _drain(sock: socket.socket, chunk: int = 1 << 16, slow: bool = False) -> bytes:
+    h = hashlib.sha256()
+    total = 0
+    while True:
+        data = sock.recv(chunk)
+        if not data:
+            break
+        h.update(data)
+        total += len(data)
+        if slow and total < (4 << 20):
+            os.sched_yield()
+    return h.hexdigest().encode() + b":%d" % total
+
+
+def test_bulk_both_ways_with_a_slow_reader_arrives_intact() -> None:
+    """32 MiB each way through the relay, the client reading in small pieces (the flush path): every byte
+    arrives in order, counted per direction, and pipes are reused rather than made per round."""
+    payload_up = os.urandom(1 << 20) * 32
+    payload_down = os.urandom(1 << 20) * 32
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        s = _Setup(loop)
+        got_down = loop.run_in_executor(None, _drain, s.client, 4096, True)
+        got_up = loop.run_in_executor(None, _drain, s.backend)
+        await _send_all(loop, s.client, payload_up)
+        s.client.shutdown(socket.SHUT_WR)
+        await _send_all(loop, s.backend, payload_down)
+        s.backend.shutdown(socket.SHUT_WR)
+        up, down = await got_up, await got_down
+        await asyncio.wait_for(s.finished.wait(), 10)
+        assert up == hashlib.sha256(payload_up).hexdigest().encode() + b":%d" % len(payload_up)
+        assert down == hashlib.sha256(payload_down).hexdigest().encode() + b":%d" % len(payload_down)
+        assert s.relay.received == len(payload_up) and s.relay.sent == len(payload_down)
+        assert s.pipes.created <= 2 and len(s.poller) == 0
+        s.client.close()
+        s.backend.close()
+        s.poller.close()
+        s.pipes.close()
+
+    _run(body)
+
+
+def test_half_close_reaches_the_backend_and_the_answer_comes_back() -> None:
+    """The client's end of stream is a shutdown(SHUT_WR) at the backend; the backend can still answer."""
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        s = _Setup(loop)
+        s.client.sendall(b"request")
+        s.client.shutdown(socket.SHUT_WR)
+        request = await loop.run_in_executor(None, _read_to_end, s.backend)
+        assert request == b"request"
+        s.backend.sendall(b"answer after your end")
+        s.backend.close()
+        answer = await loop.run_in_executor(None, _read_to_end, s.client)
+        assert answer == b"answer after your end"
+        await asyncio.wait_for(s.finished.wait(), 10)
+        s.client.close()
+        s.poller.close()
+
+    _run(body)
+
+
+def _read_to_end(sock: socket.socket) -> bytes:
+    out = b""
+    while data := sock.recv(65536):
+        out += data
+    return out
+
+
+def test_backend_reset_is_passed_on_as_a_reset() -> None:
+    """A backend that aborts (RST) ends the relay, and the client sees a reset, not a clean end of stream."""
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        s = _Setup(loop)
+        s.client.sendall(b"hello")
+        assert await loop.run_in_executor(None, s.backend.recv, 10) == b"hello"
+        s.backend.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.backend.close()
+        await asyncio.wait_for(s.finished.wait(), 10)
+        s.client.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            s.client.recv(10)
+        s.client.close()
+        s.poller.close()
+
+    _run(body)
+
+
+def test_without_pipes_the_relay_copies() -> None:
+    """With no pipe to be had (out of fds), a direction falls back to a buffered copy and still delivers."""
+
+    class NoPipes(PipePool):
+        def take(self) -> tuple[int, int] | None:
+            return None
+
+    payload = os.urandom(3 << 20)
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        s = _Setup(loop, NoPipes())
+        got = loop.run_in_executor(None, _drain, s.backend)
+        await _send_all(loop, s.client, payload)
+        s.client.shutdown(socket.SHUT_WR)
+        assert await got == hashlib.sha256(payload).hexdigest().encode() + b":%d" % len(payload)
+        s.backend.close()
+        await asyncio.wait_for(s.finished.wait(), 10)
+        assert s.relay.received == len(payload)
+        s.client.close()
+        s.poller.close()
+
+    _run(body)
+
+
+def test_idle_relays_hold_no_pipe() -> None:
+    """200 relays that each moved a little hold no pipe between bursts: the pool makes only what one burst needs."""
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        pipes = PipePool()
+        setups = [_Setup(loop, pipes) for _ in range(200)]
+        for s in setups:
+            s.client.sendall(b"ping")
+        for s in setups:
+            assert await loop.run_in_executor(None, s.backend.recv, 10) == b"ping"
+        assert pipes.created <= 4
+        for s in setups:
+            s.client.close()
+            s.backend.close()
+        for s in setups:
+            await asyncio.wait_for(s.finished.wait(), 10)
+        for s in setups:
+            s.poller.close()
+        pipes.close()
+
+    _run(body)
