@@ -56,7 +56,7 @@ from supervisor.accept import RESOURCE_ERRNOS
 from supervisor.lifecycle import SlotState
 from supervisor.model import InetAddress, ListenKind, ProxyProtocol, Start, Unit
 from supervisor.policy import Gate, Peer, Policy, ReopensAt, ResourceBackoff, normalize_host
-from supervisor.relay import PipePool, Poller, Relay
+from supervisor.relay import Poller, Relays
 from supervisor.service import SlotDriver
 from supervisor.status import ProxyStatus, UnitStatus
 from supervisor.units import Deadline, Host, UnitRuntime, UnitState
@@ -156,9 +156,9 @@ class ProxyRuntime(UnitRuntime):
         self.slots = ([SlotDriver(self, 0, fds=lambda _: [], changed=self._backend_changed, spawner=_spawn_backend)]
                       if unit.process.exec else [])
         self.waiting: list[Waiter] = []
-        self.relays: dict[Relay, Peer | None] = {}
+        # Open connections, each with its client's peer (for the policy) and when it began.
+        self.relays: Relays[tuple[Peer | None, float]] = Relays(host.loop, self._relay_done)
         self.flows: dict[int, collections.OrderedDict[Any, Flow]] = {}  # by listener fd
-        self.pipes = PipePool()
         self.poller = Poller(host.loop)  # connections, connects in flight and udp flows (errors included)
         self.bytes_in = 0  # from clients, delivered to the backend (connections ended)
         self.bytes_out = 0  # from the backend, delivered to clients
@@ -207,8 +207,7 @@ class ProxyRuntime(UnitRuntime):
 
     def status(self) -> UnitStatus:
         st = super().status()
-        live_in = sum(r.received for r in self.relays)
-        live_out = sum(r.sent for r in self.relays)
+        live_in, live_out = self.relays.totals()
         st["proxy"] = ProxyStatus(
             backend={"state": self.backend_state(), "pid": self.pids()[0] if self.pids() else None,
                      "address": str(self.unit.backend) if self.unit.backend is not None else None,
@@ -282,8 +281,9 @@ class ProxyRuntime(UnitRuntime):
     def close(self, *, remove: bool = True) -> None:
         for w in list(self.waiting):
             self._drop_waiter(w)
-        for relay in list(self.relays):
-            relay.close()
+        for rid in self.relays.ids():
+            self.relays.close_one(rid)
+        self.relays.close()
         self._end_all_flows()
         for d in self.slots:
             d.cancel()
@@ -292,7 +292,6 @@ class ProxyRuntime(UnitRuntime):
         self._flow_expiry.cancel()
         if self._resume is not None:
             self._resume.cancel()
-        self.pipes.close()
         self.poller.close()
         super().close(remove=remove)
 
@@ -320,8 +319,8 @@ class ProxyRuntime(UnitRuntime):
     def _drain_timer(self) -> None:
         if self.relays:
             self.log.info("connections_closed", connections=len(self.relays), reason="stop_timeout")
-        for relay in list(self.relays):
-            relay.close()
+        for rid in self.relays.ids():
+            self.relays.close_one(rid)
         self._drained()
 
     def _drained(self) -> None:
@@ -556,8 +555,7 @@ class ProxyRuntime(UnitRuntime):
         self.waiting.remove(w)
         if w.timer is not None:
             w.timer.cancel()
-        relay = Relay(self.poller, w.fd, sock.detach(), self.pipes, self._relay_done, loop.time())
-        self.relays[relay] = w.peer
+        self.relays.add(w.fd, sock.detach(), (w.peer, loop.time()))
 
     def _give_up(self, w: Waiter) -> None:
         self._drop_waiter(w)
@@ -585,14 +583,14 @@ class ProxyRuntime(UnitRuntime):
         self.refused_by_reason[reason] += 1
         self.summary.emit("connection_refused", reason=reason, remote=_remote(w.addr, w.peer))
 
-    def _relay_done(self, relay: Relay) -> None:
-        peer = self.relays.pop(relay)
-        self.bytes_in += relay.received
-        self.bytes_out += relay.sent
+    def _relay_done(self, token: tuple[Peer | None, float], received: int, sent: int, reset: bool) -> None:
+        peer, began = token
+        self.bytes_in += received
+        self.bytes_out += sent
         self.policy.release(peer)
         if self.unit.log_connections:
-            self.log.info("connection_closed", received=relay.received, sent=relay.sent,
-                          duration=round(self.host.loop.time() - relay.started, 6))
+            self.log.info("connection_closed", received=received, sent=sent, reset=reset,
+                          duration=round(self.host.loop.time() - began, 6))
         self._after_client()
 
     def _after_client(self) -> None:

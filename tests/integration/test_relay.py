@@ -1,4 +1,4 @@
-"""The proxy's data path in-process: real loopback TCP pairs through a Relay on a uvloop loop."""
+"""The proxy's data path in-process: real loopback TCP pairs through the C relay engine on a uvloop loop."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from supervisor.relay import PipePool, Poller, Relay
+from supervisor.relay import Relays
 
 
 def _pair() -> tuple[socket.socket, socket.socket]:
@@ -33,14 +33,19 @@ def _run(body: Callable[[asyncio.AbstractEventLoop], Awaitable[Any]]) -> Any:
 
 
 class _Setup:
-    def __init__(self, loop: asyncio.AbstractEventLoop, pipes: PipePool | None = None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, relays: Relays[_Setup] | None = None,
+                 splice: bool = True) -> None:
         self.client, client_inner = _pair()
         self.backend, backend_inner = _pair()
-        self.pipes = pipes or PipePool()
-        self.poller = Poller(loop)
         self.finished = asyncio.Event()
-        self.relay = Relay(self.poller, client_inner.detach(), backend_inner.detach(), self.pipes,
-                           lambda _r: self.finished.set(), loop.time())
+        self.result: tuple[int, int, bool] | None = None
+        self.relays = relays or Relays(loop, _Setup._done, splice=splice)
+        self.relays.add(client_inner.detach(), backend_inner.detach(), self)
+
+    @staticmethod
+    def _done(setup: _Setup, received: int, sent: int, reset: bool) -> None:
+        setup.result = (received, sent, reset)
+        setup.finished.set()
 
 
 async def _send_all(loop: asyncio.AbstractEventLoop, sock: socket.socket, data: bytes) -> None:
@@ -79,12 +84,11 @@ def test_bulk_both_ways_with_a_slow_reader_arrives_intact() -> None:
         await asyncio.wait_for(s.finished.wait(), 10)
         assert up == hashlib.sha256(payload_up).hexdigest().encode() + b":%d" % len(payload_up)
         assert down == hashlib.sha256(payload_down).hexdigest().encode() + b":%d" % len(payload_down)
-        assert s.relay.received == len(payload_up) and s.relay.sent == len(payload_down)
-        assert s.pipes.created <= 2 and len(s.poller) == 0
+        assert s.result == (len(payload_up), len(payload_down), False)
+        assert s.relays.pipes_created <= 2 and len(s.relays) == 0
         s.client.close()
         s.backend.close()
-        s.poller.close()
-        s.pipes.close()
+        s.relays.close()
 
     _run(body)
 
@@ -103,8 +107,9 @@ def test_half_close_reaches_the_backend_and_the_answer_comes_back() -> None:
         answer = await loop.run_in_executor(None, _read_to_end, s.client)
         assert answer == b"answer after your end"
         await asyncio.wait_for(s.finished.wait(), 10)
+        assert s.result == (len(b"request"), len(b"answer after your end"), False)
         s.client.close()
-        s.poller.close()
+        s.relays.close()
 
     _run(body)
 
@@ -129,32 +134,29 @@ def test_backend_reset_is_passed_on_as_a_reset() -> None:
         s.client.settimeout(5)
         with pytest.raises(ConnectionResetError):
             s.client.recv(10)
+        assert s.result is not None and s.result[2] is True
         s.client.close()
-        s.poller.close()
+        s.relays.close()
 
     _run(body)
 
 
-def test_without_pipes_the_relay_copies() -> None:
-    """With no pipe to be had (out of fds), a direction falls back to a buffered copy and still delivers."""
-
-    class NoPipes(PipePool):
-        def take(self) -> tuple[int, int] | None:
-            return None
-
+def test_without_splice_the_relay_copies() -> None:
+    """With no pipe to be had (here: splice turned off, as when out of fds), a direction copies and still delivers."""
     payload = os.urandom(3 << 20)
 
     async def body(loop: asyncio.AbstractEventLoop) -> None:
-        s = _Setup(loop, NoPipes())
+        s = _Setup(loop, splice=False)
         got = loop.run_in_executor(None, _drain, s.backend)
         await _send_all(loop, s.client, payload)
         s.client.shutdown(socket.SHUT_WR)
         assert await got == hashlib.sha256(payload).hexdigest().encode() + b":%d" % len(payload)
         s.backend.close()
         await asyncio.wait_for(s.finished.wait(), 10)
-        assert s.relay.received == len(payload)
+        assert s.result is not None and s.result[0] == len(payload)
+        assert s.relays.pipes_created == 0
         s.client.close()
-        s.poller.close()
+        s.relays.close()
 
     _run(body)
 
@@ -163,20 +165,19 @@ def test_idle_relays_hold_no_pipe() -> None:
     """200 relays that each moved a little hold no pipe between bursts: the pool makes only what one burst needs."""
 
     async def body(loop: asyncio.AbstractEventLoop) -> None:
-        pipes = PipePool()
-        setups = [_Setup(loop, pipes) for _ in range(200)]
+        first = _Setup(loop)
+        setups = [first] + [_Setup(loop, first.relays) for _ in range(199)]
         for s in setups:
             s.client.sendall(b"ping")
         for s in setups:
             assert await loop.run_in_executor(None, s.backend.recv, 10) == b"ping"
-        assert pipes.created <= 4
+        assert first.relays.pipes_created <= 4 and len(first.relays) == 200
         for s in setups:
             s.client.close()
             s.backend.close()
         for s in setups:
             await asyncio.wait_for(s.finished.wait(), 10)
-        for s in setups:
-            s.poller.close()
-        pipes.close()
+        assert len(first.relays) == 0
+        first.relays.close()
 
     _run(body)
