@@ -35,6 +35,8 @@
 #define DRAINED (1 << 16)
 #define ROUNDS 16
 #define BATCH 256
+#define SMALL (1 << 14)       /* shared copy buffer */
+#define SMALL_AGAIN 4096      /* a splice read below this goes back to copying */
 #define SPLICE_FLAGS (SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
 
 typedef struct {
@@ -43,6 +45,7 @@ typedef struct {
     size_t pending;      /* bytes in the pipe (or buffer) not yet written */
     unsigned long long moved;
     char ended, flushing, copy;
+    char bulk;           /* reads fill the socket buffer: splice; else small reads are copied */
     char *buffer;        /* copy mode */
 } Dir;
 
@@ -66,6 +69,7 @@ typedef struct {
     int *free_ids;
     Py_ssize_t nfree;
     int (*pool)[2];
+    char shared[SMALL];
     int npool;
     long long created;
     PyObject *finished;  /* list of (id, received, sent, reset) during run() */
@@ -117,6 +121,8 @@ static void end_of_stream(Relay *r, Dir *d) {
 }
 
 /* Move what can be moved now; returns -1 with errno on a connection error. */
+static int pump(Engine *e, Relay *r, Dir *d);
+
 static int pump_copy(Relay *r, Dir *d) {
     if (!d->buffer && !(d->buffer = malloc(DRAINED))) { errno = ENOMEM; return -1; }
     ssize_t got = DRAINED;
@@ -147,8 +153,40 @@ static int pump_copy(Relay *r, Dir *d) {
     return 0;
 }
 
+/* Small messages (requests, replies) cost less copied once through a shared buffer than
+ * spliced (two pipe operations); a read that fills the buffer switches the direction to
+ * splice, a short splice read switches it back. What a full destination cannot take goes
+ * into a pipe, and from there the splice path flushes it. */
+static int pump_small(Engine *e, Relay *r, Dir *d) {
+    for (int i = 0; i < ROUNDS; i++) {
+        ssize_t got = read(d->src, e->shared, SMALL);
+        if (got < 0) return errno == EAGAIN ? 0 : -1;
+        if (got == 0) { end_of_stream(r, d); return 0; }
+        ssize_t n = write(d->dst, e->shared, got);
+        if (n < 0) {
+            if (errno != EAGAIN) return -1;
+            n = 0;
+        }
+        d->moved += n;
+        if (n < got) {
+            if (take_pipe(e, d) < 0) { errno = ENOBUFS; return -1; }
+            ssize_t w = write(d->pw, e->shared + n, got - n);  /* an empty pipe holds >= 64 KiB */
+            if (w != got - n) { errno = ENOBUFS; return -1; }
+            d->pending = w;
+            d->flushing = 1;
+            d->bulk = 1;
+            return 0;
+        }
+        if (got < SMALL) return 0;  /* drained */
+        d->bulk = 1;  /* a full buffer: bulk data, splice from now on */
+        return pump(e, r, d);
+    }
+    return 0;
+}
+
 static int pump(Engine *e, Relay *r, Dir *d) {
     if (d->copy) return pump_copy(r, d);
+    if (!d->bulk && d->pending == 0 && d->pr < 0 && !d->ended) return pump_small(e, r, d);
     ssize_t got = DRAINED;
     for (int i = 0; i < ROUNDS; i++) {
         if (d->pending) {
@@ -180,6 +218,7 @@ static int pump(Engine *e, Relay *r, Dir *d) {
         }
         if (got == 0) { end_of_stream(r, d); break; }
         d->pending = got;
+        if (got < SMALL_AGAIN) d->bulk = 0;  /* after this one is written: copy small reads again */
     }
     if (!d->flushing && d->pending == 0) give_pipe(e, d);
     return 0;

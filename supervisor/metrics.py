@@ -28,7 +28,13 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from supervisor import sockets
@@ -81,6 +87,15 @@ class SockvisorCollector(Collector):
         pauses = counter("sockvisor_accepting_pauses", "Times accepting paused, by cause", ("cause",))
         fd_store = gauge("sockvisor_fd_store_fds", "fds held in the unit's fd store")
         dropped = counter("sockvisor_notify_dropped", "Notify messages dropped, by reason", ("reason",))
+        proxy_bytes = counter("sockvisor_proxy_bytes", "Bytes forwarded by a proxy unit, by direction (in: from "
+                              "clients to the backend)", ("direction",))
+        proxy_datagrams = counter("sockvisor_proxy_datagrams", "Datagrams forwarded by a proxy unit, by direction",
+                                  ("direction",))
+        backend_starts = counter("sockvisor_backend_starts", "Backend starts caused by a client while it was down")
+        backend_up = gauge("sockvisor_backend_up", "1 while the proxy's backend process runs (or is external)")
+        cold = HistogramMetricFamily("sockvisor_backend_cold_start_seconds",
+                                     "First waiting client accepted to first connect to the backend that succeeded",
+                                     labels=["unit"])
         for u in units:
             name = u["name"]
             for s in STATES:
@@ -104,8 +119,21 @@ class SockvisorCollector(Collector):
             fd_store.add_metric([name], len(u["fd_store"]))
             for reason, count in sorted(u["notify"]["dropped"].items()):
                 dropped.add_metric([name, reason], count)
+            proxy = u.get("proxy")
+            if proxy is not None:
+                for direction in ("in", "out"):
+                    proxy_bytes.add_metric([name, direction], proxy["bytes"][direction])
+                    proxy_datagrams.add_metric([name, direction], proxy["datagrams"][direction])
+                backend_starts.add_metric([name], proxy["cold_starts"])
+                backend_up.add_metric([name], 1.0 if proxy["backend"]["state"] in ("running", "external") else 0.0)
+                h = proxy["cold_start_seconds"]
+                cumulative, buckets = 0, []
+                for bound, count in zip([*map(str, h["buckets"]), "+Inf"], h["counts"], strict=True):
+                    cumulative += count
+                    buckets.append((bound, cumulative))
+                cold.add_metric([name], buckets, h["sum"])
         yield from (state, started, accepted, active, refused, children, spawns, spawn_failures, exits, restarts,
-                    paused, pauses, fd_store, dropped)
+                    paused, pauses, fd_store, dropped, proxy_bytes, proxy_datagrams, backend_starts, backend_up, cold)
         reloads = CounterMetricFamily("sockvisor_reloads", "Configuration reloads, by result", labels=["result"])
         for result in RELOAD_RESULTS:
             reloads.add_metric([result], daemon["reloads"].get(result, 0))

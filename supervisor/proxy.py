@@ -62,7 +62,7 @@ from supervisor.status import ProxyStatus, UnitStatus
 from supervisor.units import Deadline, Host, UnitRuntime, UnitState
 
 ACCEPT_BATCH = 32
-RETRY_FIRST = 0.005  # first wait before connecting to a starting backend again
+RETRY_FIRST = 0.001  # first wait before connecting to a starting backend again
 RETRY_MAX = 0.25
 UDP_QUEUE = 16  # datagrams kept per flow while the backend is not running
 UDP_BATCH = 64  # datagrams read per readiness callback

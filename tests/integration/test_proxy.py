@@ -355,3 +355,28 @@ def test_policy_applies_to_proxy_clients(sockvisor: Sockvisor, port: int) -> Non
     st = sockvisor.unit_status("acl")
     assert st["connections"]["refused_by_reason"] == {"deny": 1} and st["pids"] == []
     assert st["proxy"]["cold_starts"] == 0
+
+
+def test_proxy_metrics_count_bytes_starts_and_cold_starts(sockvisor: Sockvisor, port: int) -> None:
+    """The metrics carry a proxy's bytes by direction, its backend starts and a cold-start histogram, and
+    promtool finds them clean."""
+    from tests.integration.test_metrics import _get, _value
+
+    mport, back = free_port(), free_port()
+    sockvisor.write_main(f"metrics:\n  listen: 127.0.0.1:{mport}\n")
+    _proxy_unit(sockvisor, "px", f"tcp: 127.0.0.1:{port}", f"127.0.0.1:{back}", "start_timeout: 20s\n",
+                f"[{PY}, '{BACKEND}', '127.0.0.1:{back}']")
+    sockvisor.start()
+    assert _echo(port, b"z" * 5000) == b"z" * 5000
+    wait_for(lambda: sockvisor.unit_status("px")["proxy"]["connections"] == 0, what="connection closed")
+    text = _get(mport)[2]
+    assert _value(text, 'sockvisor_proxy_bytes_total{direction="in",unit="px"}') == 5000
+    assert _value(text, 'sockvisor_proxy_bytes_total{direction="out",unit="px"}') == 5000
+    assert _value(text, 'sockvisor_backend_starts_total{unit="px"}') == 1
+    assert _value(text, 'sockvisor_backend_up{unit="px"}') == 1
+    assert _value(text, 'sockvisor_backend_cold_start_seconds_count{unit="px"}') == 1
+    assert _value(text, 'sockvisor_backend_cold_start_seconds_bucket{le="+Inf",unit="px"}') == 1
+    promtool = shutil.which("promtool")
+    if promtool is not None:
+        res = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0 and res.stdout.strip() == "" and res.stderr.strip() == "", res.stdout + res.stderr
