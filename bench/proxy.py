@@ -38,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +95,12 @@ def cpu_ticks(pid: int) -> int:
     return sum(int(f) for f in fields[11:15])
 
 
+def _children(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return any((t / "children").read_text().strip() for t in Path(f"/proc/{pid}/task").iterdir())
+    return False
+
+
 def load(*args: str, timeout: float = 120) -> list[str]:
     out = subprocess.run([str(BUILD / "proxyload"), *args], capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
@@ -118,6 +123,10 @@ class Contender:
     skipped: str = ""
 
     def cpu(self) -> int:
+        """The proxy's CPU ticks so far; waits (2 s at most) until per-connection children are reaped (socat)."""
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and any(_children(p) for p in self.pids):
+            time.sleep(0.01)
         return sum(cpu_ticks(p) for p in self.pids)
 
     def stop(self) -> None:
@@ -141,8 +150,9 @@ def start_sockvisor(c: Contender, cmd: list[str], work: Path, back_bulk: int, ba
         (conf / "sockets.d" / f"{name}.yaml").write_text(
             f"mode: proxy\nlisten: [{{tcp: 127.0.0.1:{port}}}]\nbackend: 127.0.0.1:{back}\n"
             "log_connections: false\nmax_connections: 10000\n")
-    p = subprocess.Popen([*cmd, "run", "--config", str(conf)], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=open(work / "sockvisor.log", "wb"))
+    with open(work / "sockvisor.log", "wb") as err:  # Popen keeps its own copy
+        p = subprocess.Popen([*cmd, "run", "--config", str(conf)], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=err)
     c.procs, c.pids = [p], [p.pid]
 
 
@@ -217,8 +227,9 @@ def cold_starts(cmd: list[str], work: Path, reps: int) -> tuple[list[float], lis
         (conf / "sockets.d" / "cold.yaml").write_text(
             f"mode: proxy\nlisten: [{{tcp: 127.0.0.1:{port}}}]\nbackend: 127.0.0.1:{back}\n"
             f"exec: [{BUILD / 'benchsrv'}, '{back}', echo]\nlog_connections: false\n")
-        d = subprocess.Popen([*cmd, "run", "--config", str(conf)], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=open(conf / "log", "wb"))
+        with open(conf / "log", "wb") as err:
+            d = subprocess.Popen([*cmd, "run", "--config", str(conf)], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=err)
         try:
             wait_control(conf / "control.sock")  # ready (a connect to the port would start the backend)
             sv.append(float(load("first", str(port), "20")[0]))

@@ -47,7 +47,7 @@ def test_check_summarises_the_shipped_example_config() -> None:
     res = sockvisor("check", "--config", str(REPO / "config"))
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    assert lines[-1] == "ok: 3 unit(s)"
+    assert lines[-1] == "ok: 4 unit(s)"
     assert any(line.startswith("hello-web: service, 2 listeners") for line in lines)
 
 

@@ -50,9 +50,9 @@ def _serve_conn(conn: socket.socket, role: str) -> None:
                 data += chunk
                 if data.startswith(b"PROXY") and data.endswith(b"\r\n"):
                     break
-                if data.startswith(b"\r\n\r\n\x00\r\nQUIT\n") and len(data) >= 16:
-                    if len(data) == 16 + int.from_bytes(data[14:16], "big"):
-                        break
+                v2 = data.startswith(b"\r\n\r\n\x00\r\nQUIT\n") and len(data) >= 16
+                if v2 and len(data) == 16 + int.from_bytes(data[14:16], "big"):
+                    break
             conn.sendall(data.hex().encode() + b"\n")
 
 

@@ -383,7 +383,7 @@ def test_shipped_examples_parse() -> None:
     root = Path(__file__).resolve().parents[2] / "config"
     cfg = load_config(str(root))
     assert cfg.units, "the shipped example defines units"
-    assert {unit.name for unit in cfg.units} >= {"echo", "hello-web"}
+    assert {unit.name for unit in cfg.units} >= {"echo", "hello-web", "proxied-web"}
 
 
 def test_include_glob_never_reads_the_main_config_as_a_unit(tmp_path: Path) -> None:

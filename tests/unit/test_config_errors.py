@@ -316,7 +316,8 @@ CASES = [
     Case(
         "bad-enum-with-hint",
         unit(OK_LISTEN + OK_EXEC + "mode: acept\n"),
-        ["sockets.d/web.yaml:3:7: mode: expected service, accept, pool or proxy, got string 'acept'; did you mean 'accept'?"],
+        ["sockets.d/web.yaml:3:7: mode: expected service, accept, pool or proxy, got string 'acept'; "
+         "did you mean 'accept'?"],
     ),
     Case(
         "string-is-not-a-bool",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -44,7 +45,7 @@ def test_retry_delay_doubles_and_is_capped() -> None:
     """Connect attempts to a starting backend back off from 5 ms, doubling, to at most 250 ms."""
     delays = [retry_delay(n) for n in range(12)]
     assert delays[0] == RETRY_FIRST and delays[1] == 2 * RETRY_FIRST
-    assert all(a <= b for a, b in zip(delays, delays[1:], strict=False)) and max(delays) == RETRY_MAX
+    assert all(a <= b for a, b in itertools.pairwise(delays)) and max(delays) == RETRY_MAX
     assert retry_delay(10_000) == RETRY_MAX
 
 
