@@ -73,6 +73,7 @@ typedef struct {
     int npool;
     long long created;
     PyObject *finished;  /* list of (id, received, sent, reset) during run() */
+    PyObject *done;      /* called as done(id, received, sent, reset) for each relay that ended */
 } Engine;
 
 static int take_pipe(Engine *e, Dir *d) {
@@ -315,13 +316,17 @@ out:
 /* ------------------------------------------------------------ Python */
 
 static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
-    static char *names[] = {"pipe_size", "keep", "splice", NULL};
+    static char *names[] = {"done", "pipe_size", "keep", "splice", NULL};
     int pipe_size = 1 << 18, keep = 64, splice_ok = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|iip", names, &pipe_size, &keep, &splice_ok)) return NULL;
+    PyObject *done;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|iip", names, &done, &pipe_size, &keep, &splice_ok)) return NULL;
+    if (!PyCallable_Check(done)) { PyErr_SetString(PyExc_TypeError, "done must be callable"); return NULL; }
     Engine *e = (Engine *)type->tp_alloc(type, 0);
     if (!e) return NULL;
     e->ep = epoll_create1(EPOLL_CLOEXEC);
     if (e->ep < 0) { Py_DECREF(e); return PyErr_SetFromErrno(PyExc_OSError); }
+    Py_INCREF(done);
+    e->done = done;
     e->pipe_size = pipe_size;
     e->keep = keep < 0 ? 0 : keep;
     e->splice_ok = splice_ok;
@@ -342,6 +347,7 @@ static void Engine_dealloc(Engine *e) {
     PyObject *f = e->finished;
     e->finished = NULL;
     Py_XDECREF(f);
+    Py_CLEAR(e->done);
     close_all(e);
     free(e->relays);
     free(e->free_ids);
@@ -394,7 +400,7 @@ fail:
 static PyObject *Engine_run(Engine *e, PyObject *unused) {
     PyObject *finished = PyList_New(0);
     if (!finished) return NULL;
-    if (e->ep < 0) return finished;
+    if (e->ep < 0) { Py_DECREF(finished); Py_RETURN_NONE; }
     e->finished = finished;
     struct epoll_event evs[BATCH];
     int n = epoll_wait(e->ep, evs, BATCH, 0);
@@ -406,7 +412,15 @@ static PyObject *Engine_run(Engine *e, PyObject *unused) {
         if (r->closing && finish(e, id, r->closing == 2) < 0) { e->finished = NULL; Py_DECREF(finished); return NULL; }
     }
     e->finished = NULL;
-    return finished;
+    /* Only now, with the table consistent, tell the owner (it may add or close relays). */
+    Py_ssize_t count = e->done ? PyList_GET_SIZE(finished) : 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *r = PyObject_Call(e->done, PyList_GET_ITEM(finished, i), NULL);
+        if (!r) { Py_DECREF(finished); return NULL; }
+        Py_DECREF(r);
+    }
+    Py_DECREF(finished);
+    Py_RETURN_NONE;
 }
 
 static PyObject *Engine_counts(Engine *e, PyObject *arg) {
@@ -436,6 +450,7 @@ static PyObject *Engine_close_relay(Engine *e, PyObject *args) {
 
 static PyObject *Engine_close(Engine *e, PyObject *unused) {
     close_all(e);
+    Py_CLEAR(e->done);  /* breaks the cycle with the owner (this type does not take part in GC) */
     Py_RETURN_NONE;
 }
 
@@ -451,7 +466,7 @@ static PyMethodDef Engine_methods[] = {
     {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll fd the event loop watches."},
     {"add", (PyCFunction)Engine_add, METH_VARARGS, "add(client_fd, backend_fd) -> id: the engine owns both fds."},
     {"run", (PyCFunction)Engine_run, METH_NOARGS,
-     "Handle what is ready; returns [(id, received, sent, reset)] of the relays that ended."},
+     "Handle what is ready; calls done(id, received, sent, reset) for each relay that ended."},
     {"counts", (PyCFunction)Engine_counts, METH_O, "counts(id) -> (received, sent) so far."},
     {"totals", (PyCFunction)Engine_totals, METH_NOARGS, "(received, sent) over the open relays."},
     {"close_relay", (PyCFunction)Engine_close_relay, METH_VARARGS, "close_relay(id, reset=False) -> (received, sent)."},

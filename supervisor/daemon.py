@@ -40,6 +40,7 @@ import contextlib
 import gc
 import os
 import resource
+import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -52,12 +53,13 @@ from supervisor.control import Command, Reply, Request, failure
 from supervisor.errors import BindError, ConfigError, FdBudgetError, Problem
 from supervisor.log import Logger, get_logger
 from supervisor.model import Config, InetAddress, Listen, ListenKind, Unit
-from supervisor.reaper import Reaper, exit_of
+from supervisor.reaper import Reaper, become_subreaper, exit_of, own_children
 from supervisor.registry import Registry
 from supervisor.spawn import Offload
 from supervisor.status import DaemonCounters, DaemonStatus, UnitStatus
 from supervisor.units import ChildCallback, Host
 
+ORPHAN_STOP_TIMEOUT = 10.0  # seconds an adopted orphan gets after SIGTERM at shutdown
 FD_RESERVE = 64  # the daemon's own fds: control, notify, signalfd, log, connections in flight
 EARLY_EXITS_MAX = 4096  # unregistered exits remembered (helper-thread spawns, adopted orphans)
 
@@ -118,6 +120,7 @@ class Daemon:
         self.offload: Offload[Any] = Offload(self.loop)
         self.reaper = Reaper(self.loop, self.reaped)
         self._all_settled = asyncio.Event()
+        self.subreaper = False
         self.host = Host(self.loop, self.log, self.environ, self.watch_child, self.offload, self._settled)
         self.units = Registry(self.host, self.log)
         self.counters = DaemonCounters(reloads={}, last_reload_success=time.time(), reexecs=0)
@@ -187,6 +190,52 @@ class Daemon:
             self._children_gone.set()
         self.units.sweep()
 
+    def _set_subreaper(self, wanted: bool) -> None:
+        """``subreaper: true`` (always as PID 1): orphans of the units' processes are reaped by the daemon."""
+        wanted = wanted or os.getpid() == 1
+        if wanted != self.subreaper:
+            if become_subreaper(wanted):
+                self.subreaper = wanted
+                self.log.info("subreaper", enabled=wanted, pid1=os.getpid() == 1)
+            else:
+                self.log.warning("subreaper_failed", enabled=wanted)
+
+    async def _stop_orphans(self) -> None:
+        """As a subreaper, after every unit stopped: what is left is adopted orphans (a service that
+        double-forked). They get SIGTERM, then SIGKILL after the default stop timeout, so a container's
+        PID 1 leaves nothing behind and a daemon restart finds no stray process holding a port."""
+        pids = [p for p in own_children() if p not in self.children]
+        if not pids:
+            return
+        self.log.info("orphans_stopping", pids=pids)
+        waits: list[asyncio.Future[None]] = []
+        for pid in pids:
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            done: asyncio.Future[None] = self.loop.create_future()
+
+            def gone(fd: int = fd, done: asyncio.Future[None] = done) -> None:
+                self.loop.remove_reader(fd)
+                os.close(fd)
+                if not done.done():
+                    done.set_result(None)
+
+            self.loop.add_reader(fd, gone)
+            waits.append(done)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        _, pending = await asyncio.wait(waits, timeout=ORPHAN_STOP_TIMEOUT)
+        if pending:
+            left = [p for p in own_children() if p not in self.children]
+            self.log.warning("orphans_killed", pids=left)
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            await asyncio.wait(pending, timeout=5)
+        self.reaper.reap()
+
     def _settled(self) -> None:
         """A runtime busy without children (a proxy's connections) is idle now."""
         self.units.sweep()
@@ -212,6 +261,7 @@ class Daemon:
             problem = fd_budget_problem(self.config)
             if problem is not None:
                 raise FdBudgetError(problem)
+            self._set_subreaper(self.config.main.subreaper)
             self._adopt_inherited()
             bound_units: list[tuple[Unit, list[sockets.Bound]]] = []
             try:
@@ -296,6 +346,8 @@ class Daemon:
             await self._children_gone.wait()
         if any(rt.busy() for rt in self.units.everything()):
             await self._all_settled.wait()  # open proxy connections: each drains within its stop_timeout
+        if self.subreaper:
+            await self._stop_orphans()
         for runtime in self.units.everything():
             runtime.close(remove=True)
         if self.control is not None:
@@ -416,6 +468,7 @@ class Daemon:
                     raise
                 await self._commit_metrics(staged)
                 self.config = new
+                self._set_subreaper(new.main.subreaper)
             except ConfigError:
                 self._count_reload("invalid_config")
                 raise

@@ -363,6 +363,8 @@ class MainConfig:
     log_level: str = "info"
     # metrics.listen: host:port (InetAddress) or a unix path; None: no metrics endpoint
     metrics_listen: InetAddress | str | None = None
+    # Become a child subreaper (always as PID 1): orphans of the units' processes are reaped here.
+    subreaper: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -155,7 +155,7 @@ class Reader:
     # -- main config ----------------------------------------------------------
 
     def main(self, doc: Map) -> MainConfig:
-        self.check_keys(doc, "", ("include", "control", "log", "metrics"))
+        self.check_keys(doc, "", ("include", "control", "log", "metrics", "subreaper"))
         include: tuple[str, ...] = schema.DEFAULT_INCLUDE
         if "include" in doc.entries:
             include = self.each(self.sequence(doc, "include", "", "glob patterns"), "include", schema.nonempty_string)
@@ -186,6 +186,7 @@ class Reader:
             log_format=log_format,
             log_level=log_level,
             metrics_listen=metrics_listen,
+            subreaper=self.get(doc, "subreaper", "", schema.bool_value, False),
         )
 
     # -- units ----------------------------------------------------------------

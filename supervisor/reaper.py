@@ -66,3 +66,34 @@ def exit_of(status: int) -> Exit:
     if os.WIFSIGNALED(status):
         return Exit(signal=os.WTERMSIG(status))
     return Exit(code=os.WEXITSTATUS(status))
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper(on: bool = True) -> bool:
+    """Make the daemon a child subreaper (prctl): orphans of its children are reparented to it, not to init.
+
+    Returns whether the kernel accepted it.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1 if on else 0, 0, 0, 0) == 0)
+
+
+def own_children() -> list[int]:
+    """The daemon's live children right now (its own and adopted orphans), from /proc."""
+    pids: list[int] = []
+    task_dir = f"/proc/{os.getpid()}/task"
+    try:
+        tasks = os.listdir(task_dir)
+    except OSError:
+        return pids
+    for task in tasks:
+        try:
+            with open(f"{task_dir}/{task}/children") as f:
+                pids += [int(p) for p in f.read().split()]
+        except OSError:
+            continue
+    return pids
