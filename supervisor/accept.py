@@ -22,9 +22,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import socket
+import time
 from typing import Any, NamedTuple
 
 from supervisor import lifecycle, sockets, spawn
+from supervisor.builtins import Streams
 from supervisor.errors import SpawnError
 from supervisor.lifecycle import Drain, Exit, SlotState
 from supervisor.model import ListenKind, Pass, Stderr, Unit
@@ -58,6 +61,27 @@ class AcceptRuntime(UnitRuntime):
         self._needs_peer = self.policy.needs_peer
         self._addr_env: dict[str, bytes] = {}
         self.spawn_failures = 0
+        self._streams = Streams(host, unit.builtin, self._builtin_done) if unit.builtin else None
+        self._banners()
+
+    def _banners(self) -> None:
+        u = self.unit
+        self._banner = u.banner.content if u.banner is not None and u.banner.content else None
+        ok = u.banner_success
+        self._banner_ok = ok.content if ok is not None and ok.content else None
+        self._banner_fail = u.banner_fail.content if u.banner_fail is not None and u.banner_fail.content else None
+
+    def active(self) -> int:
+        return len(self.conns) + (len(self._streams) if self._streams is not None else 0)
+
+    def _builtin_done(self, peer: object) -> None:
+        """A builtin connection ended: release its admission, accept again if the limit held us."""
+        self.policy.release(peer if isinstance(peer, Peer) else None)
+        if self._drain.deadline is not None and not self.active():
+            self._drain = lifecycle.drain_exited(self._drain, 0)
+            self._kill_deadline.set(self._drain.deadline)
+        if not self._polling and self._resume is None:
+            self._maybe_resume()
 
     def pids(self) -> list[int]:
         return list(self.conns)
@@ -72,6 +96,14 @@ class AcceptRuntime(UnitRuntime):
         self._log_conns = self.unit.log_connections
         self._err = _stderr_slot(self.unit.process.stderr)
         self._needs_peer = self.policy.needs_peer
+        self._banners()
+        if self.unit.builtin is None and self._streams is not None:
+            self._streams.close()
+            self._streams = None
+        elif self.unit.builtin is not None and (self._streams is None or self._streams.kind is not self.unit.builtin):
+            if self._streams is not None:
+                self._streams.close()
+            self._streams = Streams(self.host, self.unit.builtin, self._builtin_done)
 
     def retire(self) -> None:
         # A removed accept unit lets its children finish their connections.
@@ -84,7 +116,7 @@ class AcceptRuntime(UnitRuntime):
             if self._drain.deadline is not None and self.conns:
                 return SlotState.STOPPING.value
             return SlotState.STOPPED.value
-        return SlotState.RUNNING.value if self.conns else SlotState.IDLE.value
+        return SlotState.RUNNING.value if self.active() else SlotState.IDLE.value
 
     def activate(self) -> None:
         if self.unit.enabled:
@@ -111,6 +143,8 @@ class AcceptRuntime(UnitRuntime):
     def _stop_children(self) -> None:
         self._running = False
         self.poll(False)
+        if self._streams is not None:
+            self._streams.end_all()  # the daemon's own connections end with the unit
         if self._resume is not None:
             self._resume.cancel()
             self._resume = None
@@ -133,6 +167,8 @@ class AcceptRuntime(UnitRuntime):
         if self._resume is not None:
             self._resume.cancel()
         self._kill_deadline.cancel()
+        if self._streams is not None:
+            self._streams.close()
         super().close(remove=remove)
 
     def _maybe_resume(self) -> None:
@@ -218,6 +254,8 @@ class AcceptRuntime(UnitRuntime):
         peer: Peer | None = None
         remote = ""
         policy = self.policy
+        if self._banner is not None:
+            _send_banner(fd, self._banner)
         if bound.listen.kind is ListenKind.TCP:
             host: str = addr[0]
             port: int = addr[1]
@@ -240,10 +278,21 @@ class AcceptRuntime(UnitRuntime):
                 peer = Peer(uid=uid)
             if self._log_conns:
                 remote = f"pid={pid},uid={uid}"
-        refusal = policy.admit(peer, now)
+        refusal = policy.admit(peer, now, _local_minute() if policy.windows else None)
         if refusal is not None:
+            if self._banner_fail is not None:
+                _send_banner(fd, self._banner_fail)
             os.close(fd)
             self._refuse(refusal.value, remote or _describe(peer, addr))
+            return None
+        if self._banner_ok is not None:
+            _send_banner(fd, self._banner_ok)
+        if self._streams is not None:
+            self.accepted += 1
+            if self._log_conns:
+                self.log.info("connection_accepted", remote=remote or _describe(peer, addr),
+                              builtin=self._streams.kind.value)
+            self._streams.serve(fd, peer)
             return None
         try:
             prepared = self._prepared or self.prepared()
@@ -331,6 +380,23 @@ class Job(NamedTuple):
     def spawn(self) -> int:
         """Start the child (from the loop thread or the helper thread); raises SpawnError."""
         return spawn.spawn_child(self.prepared, self.fds, self.env, listen_pid=self.listen_pid)
+
+
+def _send_banner(fd: int, data: bytes) -> None:
+    """Send a banner without waiting: what the socket buffer does not take is dropped (a banner is short)."""
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+    except OSError:
+        pass
+    finally:
+        sock.detach()
+
+
+def _local_minute() -> int:
+    """The minute of the local day, for access_times."""
+    t = time.localtime()
+    return t.tm_hour * 60 + t.tm_min
 
 
 def _stderr_slot(stderr: Stderr) -> int:

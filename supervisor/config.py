@@ -30,10 +30,13 @@ import os
 import shlex
 from collections.abc import Mapping
 
+from supervisor import envfile
 from supervisor.errors import ConfigError, Location, Problem
 from supervisor.model import (
     DEFAULT_CONFIG_DIR,
+    RESERVED_ENVIRONMENT,
     Config,
+    FileRef,
     MainConfig,
     Mode,
     Unit,
@@ -88,9 +91,58 @@ def load_config(path: str | None = None, *, environ: Mapping[str, str] | None = 
         if text is not None:
             units.extend(reader.units_from_text(text, display, _stem(file)))
     reader.check_across_units(units)
+    units = [_read_unit_files(u, problems) for u in units]
     if problems:
         raise ConfigError(problems)
     return Config(main=main, units=tuple(_anchor_exec(u, base) for u in units), source=source)
+
+
+FILE_MAX = 1 << 20  # an environment file or banner larger than this is refused
+
+
+def _read_ref(ref: FileRef, key: str, problems: list[Problem]) -> FileRef:
+    """``ref`` with its content read (a missing optional file reads as empty)."""
+    try:
+        with open(ref.path, "rb") as f:
+            content = f.read(FILE_MAX + 1)
+    except FileNotFoundError:
+        if not ref.optional:
+            problems.append(Problem(ref.location, key,
+                                    f"{ref.path}: no such file (prefix it with - to make it optional)"))
+        return ref
+    except OSError as exc:
+        problems.append(Problem(ref.location, key, f"{ref.path}: cannot read: {exc.strerror}"))
+        return ref
+    if len(content) > FILE_MAX:
+        problems.append(Problem(ref.location, key, f"{ref.path}: larger than {FILE_MAX} bytes"))
+        return ref
+    return dataclasses.replace(ref, content=content)
+
+
+def _read_unit_files(unit: Unit, problems: list[Problem]) -> Unit:
+    """Read what the unit's ``environment_files`` and banners name, as the configuration is loaded."""
+    changes: dict[str, object] = {}
+    files = []
+    for index, ref in enumerate(unit.process.environment_files):
+        key = f"environment_files[{index}]"
+        ref = _read_ref(ref, key, problems)
+        try:
+            for name, _ in envfile.parse(ref.content.decode("utf-8")):
+                if name in RESERVED_ENVIRONMENT:
+                    problems.append(Problem(ref.location, key, f"{ref.path}: {name} is set by sockvisor and "
+                                                                "cannot be overridden"))
+        except UnicodeDecodeError:
+            problems.append(Problem(ref.location, key, f"{ref.path}: not UTF-8 text"))
+        except envfile.EnvFileError as exc:
+            problems.append(Problem(Location(ref.path, exc.line, 1), key, str(exc)))
+        files.append(ref)
+    if files:
+        changes["process"] = dataclasses.replace(unit.process, environment_files=tuple(files))
+    for key in ("banner", "banner_success", "banner_fail"):
+        ref = getattr(unit, key)
+        if ref is not None:
+            changes[key] = _read_ref(ref, key, problems)
+    return dataclasses.replace(unit, **changes) if changes else unit  # type: ignore[arg-type]
 
 
 def _anchor_exec(unit: Unit, base: str) -> Unit:

@@ -296,6 +296,30 @@ class Network:
     uid: int | None = None
 
 
+class Builtin(enum.Enum):
+    """Services the daemon answers itself, as xinetd's INTERNAL ones (RFC 862, 863, 867, 864, 868)."""
+
+    ECHO = "echo"
+    DISCARD = "discard"
+    DAYTIME = "daytime"
+    CHARGEN = "chargen"
+    TIME = "time"
+
+
+@dataclass(frozen=True, slots=True)
+class FileRef:
+    """A file the configuration names (``environment_files``, banners), read when it is loaded.
+
+    ``content`` is what was read, so a reload sees a changed file as a changed unit.
+    ``optional``: systemd's ``-PATH``: a missing file is no error.
+    """
+
+    path: str
+    optional: bool = False
+    content: bytes = b""
+    location: Location | None = field(default=None, compare=False, repr=False)
+
+
 @dataclass(frozen=True, slots=True)
 class Process:
     """How a unit's children are executed (all modes)."""
@@ -307,6 +331,8 @@ class Process:
     working_directory: str | None = None
     environment: tuple[tuple[str, str], ...] = ()
     pass_environment: tuple[str, ...] = ()
+    # KEY=VALUE files, applied after pass_environment and before environment
+    environment_files: tuple[FileRef, ...] = ()
     umask: int | None = None
     nice: int | None = None
     # rlimit name ("nofile", ...) -> (soft, hard); -1 means RLIM_INFINITY
@@ -342,6 +368,12 @@ class Unit:
     allow: tuple[Network, ...] = ()
     deny: tuple[Network, ...] = ()
     log_connections: bool = True
+    banner: FileRef | None = None  # sent to every accepted connection first
+    banner_success: FileRef | None = None  # after admission, before the child runs
+    banner_fail: FileRef | None = None  # to a refused connection, before it is closed
+    # local-time windows (minutes of the day, start inclusive, end exclusive; start > end wraps midnight)
+    access_times: tuple[tuple[int, int], ...] = ()
+    builtin: Builtin | None = None  # served by the daemon instead of exec
     # mode: proxy
     backend: InetAddress | str | None = None  # host:port or a unix path ("@name": abstract)
     idle_stop: float | None = None  # stop the backend after this long without a client

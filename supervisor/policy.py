@@ -39,6 +39,7 @@ class Refusal(enum.Enum):
     # The reason words of SPEC section 8: the same in the log, status and metrics.
     DENIED = "deny"  # matched deny, or no allow entry
     PER_SOURCE = "per_source"
+    ACCESS_TIMES = "access_times"  # outside every access_times window
 
 
 class Gate(enum.Enum):
@@ -123,6 +124,12 @@ class _Matcher:
         return any(addr in net for net in self.networks)
 
 
+def in_windows(windows: Sequence[tuple[int, int]], minute: int) -> bool:
+    """Whether ``minute`` of the day falls in a window (start inclusive, end exclusive; start > end wraps midnight)."""
+    return any((start <= minute < end) if start < end else (minute >= start or minute < end)
+               for start, end in windows)
+
+
 @dataclass(slots=True)
 class Policy:
     """Mutable per-unit counters plus the unit's fixed limits; decisions are pure functions of them and ``now``."""
@@ -133,6 +140,7 @@ class Policy:
     burst: float
     allow: _Matcher
     deny: _Matcher
+    windows: tuple[tuple[int, int], ...] = ()  # access_times, minutes of the local day
     active: int = 0
     tokens: float = 0.0
     last_refill: float | None = None
@@ -149,6 +157,7 @@ class Policy:
             burst=burst,
             allow=_Matcher.build(unit.allow),
             deny=_Matcher.build(unit.deny),
+            windows=unit.access_times,
             tokens=burst,
         )
 
@@ -175,15 +184,20 @@ class Policy:
             return Gate.OPEN
         return ReopensAt(now + (1.0 - self.tokens) / self.rate)
 
-    def admit(self, peer: Peer | None, now: float) -> Refusal | None:
-        """Decide one accepted connection: None admits it (and counts it), else the reason to refuse."""
+    def admit(self, peer: Peer | None, now: float, minute: int | None = None) -> Refusal | None:
+        """Decide one accepted connection: None admits it (and counts it), else the reason to refuse.
+
+        ``minute`` is the minute of the local day (0-1439), needed only with ``windows``.
+        """
         if peer is not None:
             if self.deny and self.deny.match(peer):
                 return Refusal.DENIED
             if self.allow and not self.allow.match(peer):
                 return Refusal.DENIED
-            if self.per_source is not None and self.by_source.get(peer.source, 0) >= self.per_source:
-                return Refusal.PER_SOURCE
+        if self.windows and minute is not None and not in_windows(self.windows, minute):
+            return Refusal.ACCESS_TIMES
+        if peer is not None and self.per_source is not None and self.by_source.get(peer.source, 0) >= self.per_source:
+            return Refusal.PER_SOURCE
         if self.rate is not None:
             self._refill(now)
             self.tokens -= 1.0

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from supervisor import lifecycle, sockets, spawn
-from supervisor.accept import RESOURCE_ERRNOS
+from supervisor.accept import RESOURCE_ERRNOS, _local_minute, _send_banner
 from supervisor.lifecycle import SlotState
 from supervisor.model import InetAddress, ListenKind, ProxyProtocol, Start, Unit
 from supervisor.policy import Gate, Peer, Policy, ReopensAt, ResourceBackoff, normalize_host
@@ -401,14 +401,21 @@ class ProxyRuntime(UnitRuntime):
                 peer = Peer(host=normalize_host(addr[0]))
             else:
                 peer = Peer(uid=sockets.peer_credentials(fd)[1])
-        refusal = self.policy.admit(peer, now)
+        refusal = self.policy.admit(peer, now, _local_minute() if self.policy.windows else None)
+        u = self.unit
+        if u.banner is not None and u.banner.content:
+            _send_banner(fd, u.banner.content)
         if refusal is not None:
+            if u.banner_fail is not None and u.banner_fail.content:
+                _send_banner(fd, u.banner_fail.content)
             os.close(fd)
             self.refused += 1
             self.refused_by_reason[refusal.value] += 1
             self.summary.emit("connection_refused", reason=refusal.value, remote=_remote(addr, peer))
             return
         self.accepted += 1
+        if u.banner_success is not None and u.banner_success.content:
+            _send_banner(fd, u.banner_success.content)
         os.set_blocking(fd, False)
         if bound.listen.kind is ListenKind.TCP:
             with contextlib.suppress(OSError):

@@ -17,6 +17,8 @@ from supervisor import addresses, schema, values
 from supervisor.errors import Location, Problem
 from supervisor.model import (
     RESERVED_ENVIRONMENT,
+    Builtin,
+    FileRef,
     InetAddress,
     Listen,
     ListenKind,
@@ -207,6 +209,7 @@ class Reader:
         listen = self._listens(doc, name, mode if mode_known else None)
         process = self._process(doc, mode if mode_known else None)
         backend = self.get(doc, "backend", "", schema.backend_address, None)
+        builtin = self.get(doc, "builtin", "", schema.enum_value(Builtin), None)
 
         default_pass = Pass.STDIO if mode is Mode.ACCEPT else schema.UNIT_DEFAULTS["pass_"]
         pass_ = self.get(doc, "pass", "", schema.enum_value(Pass), default_pass)
@@ -214,6 +217,7 @@ class Reader:
             self._check_mode_keys(doc, mode)
             self._check_pass(doc, mode, pass_, len(listen))
             self._check_proxy(doc, mode, backend, listen)
+            self._check_builtin(doc, mode, builtin, listen)
 
         restart_delay = self.unit_key(doc, "restart_delay", schema.duration(positive=True))
         restart_delay_max = self.unit_key(doc, "restart_delay_max", schema.duration(positive=True))
@@ -252,6 +256,12 @@ class Reader:
             workers=self.unit_key(doc, "workers", schema.int_value(1, schema.MAX_WORKERS)),
             settle=self.unit_key(doc, "settle", schema.duration()),
             max_surge=self.unit_key(doc, "max_surge", schema.int_value(1, schema.MAX_WORKERS)),
+            banner=self._file(doc, "banner"),
+            banner_success=self._file(doc, "banner_success"),
+            banner_fail=self._file(doc, "banner_fail"),
+            access_times=self.each(self.sequence(doc, "access_times", "", "time windows"), "access_times",
+                                   schema.access_window),
+            builtin=builtin,
             backend=backend,
             idle_stop=self.unit_key(doc, "idle_stop", schema.duration(positive=True)),
             proxy_protocol=self.unit_key(doc, "proxy_protocol", schema.enum_value(ProxyProtocol)),
@@ -291,6 +301,49 @@ class Reader:
             names = [m.value for m in Mode if m in modes]
             owners = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
             self.problem(entry.key_location, key, f"only applies to mode: {owners} (this unit is mode: {mode.value})")
+
+    def _file(self, doc: Map, key: str) -> FileRef | None:
+        entry = doc.entries.get(key)
+        if entry is None:
+            return None
+        try:
+            return FileRef(schema.absolute_path(entry.value), location=entry.value.location)
+        except ValueError as exc:
+            self.problem(entry.value.location, key, str(exc))
+            return None
+
+    def _environment_files(self, doc: Map) -> tuple[FileRef, ...]:
+        seq = self.sequence(doc, "environment_files", "", "paths (a leading - makes one optional)")
+        if seq is None:
+            return ()
+        refs = []
+        for index, item in enumerate(seq.items):
+            path = child_path("environment_files", index)
+            try:
+                text = schema.string_value(item)
+                optional = text.startswith("-")
+                name = text[1:] if optional else text
+                if not name.startswith("/"):
+                    raise ValueError(f"expected an absolute path (optionally after -), got {text!r}")
+            except ValueError as exc:
+                self.problem(item.location, path, str(exc))
+                continue
+            refs.append(FileRef(name, optional=optional, location=item.location))
+        return tuple(refs)
+
+    def _check_builtin(self, doc: Map, mode: Mode, builtin: Builtin | None, listen: tuple[Listen, ...]) -> None:
+        """builtin replaces exec: stream listeners in mode: accept, datagram listeners in mode: service."""
+        entry = doc.entries.get("builtin")
+        if entry is None or builtin is None:
+            return
+        if "exec" in doc.entries:
+            self.problem(doc.entries["exec"].key_location, "exec", "a unit has either exec or builtin, not both")
+        if mode is Mode.SERVICE:
+            for index, item in enumerate(listen):
+                if item.kind not in (ListenKind.UDP, ListenKind.UNIX_DGRAM):
+                    self.problem(item.location, child_path(child_path("listen", index), item.kind.value),
+                                 "a builtin in mode: service answers datagrams (udp, unix-dgram); "
+                                 f"for {item.kind.value} use mode: accept")
 
     def _check_proxy(self, doc: Map, mode: Mode, backend: InetAddress | str | None, listen: tuple[Listen, ...]) -> None:
         """mode: proxy: every listen entry has a backend it can forward to; other modes name none."""
@@ -440,8 +493,9 @@ class Reader:
     # -- process --------------------------------------------------------------
 
     def _process(self, doc: Map, mode: Mode | None) -> Process:
-        # A proxy without exec only forwards (to a backend someone else runs).
-        command = () if mode is Mode.PROXY and "exec" not in doc.entries else self._exec(doc)
+        # A proxy without exec only forwards (to a backend someone else runs); a builtin runs nothing.
+        nothing_to_run = mode is Mode.PROXY or "builtin" in doc.entries
+        command = () if nothing_to_run and "exec" not in doc.entries else self._exec(doc)
         stderr = self.get(doc, "stderr", "", schema.enum_value(Stderr), Stderr.INHERIT)
         if stderr is Stderr.CONNECTION and mode is not None and mode is not Mode.ACCEPT:
             self.problem(
@@ -461,6 +515,7 @@ class Reader:
             pass_environment=self.each(
                 self.sequence(doc, "pass_environment", "", "variable names"), "pass_environment", schema.env_name
             ),
+            environment_files=self._environment_files(doc),
             umask=self.get(doc, "umask", "", schema.mode_value("umask", 0o777), None),
             nice=self.get(doc, "nice", "", schema.int_value(-20, 19), None),
             limits=self._limits(doc),

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 from supervisor import sockets
 from supervisor.accept import AcceptRuntime
+from supervisor.builtins import DatagramRuntime
 from supervisor.log import Logger
 from supervisor.model import Mode, Unit
 from supervisor.pool import PoolRuntime
@@ -26,6 +27,13 @@ RUNTIMES: dict[Mode, type[UnitRuntime]] = {
     Mode.ACCEPT: AcceptRuntime,
     Mode.PROXY: ProxyRuntime,
 }
+
+
+def runtime_type(unit: Unit) -> type[UnitRuntime]:
+    """The runtime class a unit runs in: its mode's, or the daemon's own datagram answerer for a builtin service."""
+    if unit.mode is Mode.SERVICE and unit.builtin is not None:
+        return DatagramRuntime
+    return RUNTIMES[unit.mode]
 
 
 class Registry:
@@ -54,7 +62,7 @@ class Registry:
         return [*self._units.values(), *self.retiring]
 
     def add(self, unit: Unit, bound: list[sockets.Bound]) -> UnitRuntime:
-        runtime = RUNTIMES[unit.mode](self._host, unit, bound)
+        runtime = runtime_type(unit)(self._host, unit, bound)
         self._units[unit.name] = runtime
         self._log.info("unit_started", unit=unit.name, mode=unit.mode.value,
                        listen=[b.listen.display for b in bound], enabled=unit.enabled)

@@ -39,7 +39,7 @@ from supervisor import sockets
 from supervisor.errors import BindError
 from supervisor.log import Logger
 from supervisor.model import RETUNABLE_OPTIONS, Config, Listen, Unit
-from supervisor.registry import Registry
+from supervisor.registry import Registry, runtime_type
 from supervisor.units import UnitRuntime
 
 # Options that can change on a bound socket without re-binding it.
@@ -246,7 +246,7 @@ def _commit(registry: Registry, st: _Staged, added: list[str], changed: list[str
         return
     kept = {id(b) for b in new_bound}
     leftovers = [b for b in runtime.bound if id(b) not in kept and not b.closed]
-    if runtime.unit.mode is p.unit.mode:
+    if type(runtime) is runtime_type(p.unit):
         if runtime.reconfigure(p.unit, new_bound, was_polling=st.was_polling):
             _activate(runtime, log)
         for b in leftovers:

@@ -87,17 +87,18 @@ KIND_KEYS = tuple(kind.value for kind in ListenKind)
 
 PROCESS_KEYS = (
     "exec", "user", "group", "supplementary_groups", "working_directory", "environment",
-    "pass_environment", "umask", "nice", "limits", "stderr", "stop_signal", "stop_timeout",
+    "pass_environment", "environment_files", "umask", "nice", "limits", "stderr", "stop_signal", "stop_timeout",
 )  # fmt: skip
 ACCEPT_KEYS = (
     "max_connections", "max_connections_per_source", "rate", "allow", "deny", "log_connections",
+    "banner", "banner_success", "banner_fail", "access_times",
 )  # fmt: skip
 POOL_KEYS = ("workers", "settle", "max_surge")
 PROXY_KEYS = ("backend", "idle_stop", "proxy_protocol", "udp_idle")
 UNIT_KEYS = (
     "name", "description", "enabled", "listen", "mode", "pass", "start", "restart", "restart_delay",
     "restart_delay_max", "restart_reset", "start_limit", "ready", "start_timeout", "watchdog",
-    "fd_store_max", *PROCESS_KEYS, *ACCEPT_KEYS, *POOL_KEYS, *PROXY_KEYS,
+    "fd_store_max", "builtin", *PROCESS_KEYS, *ACCEPT_KEYS, *POOL_KEYS, *PROXY_KEYS,
 )  # fmt: skip
 # Keys that mean something in some modes only (elsewhere they are refused, never ignored).
 PER_CONNECTION = frozenset({Mode.ACCEPT, Mode.PROXY})
@@ -106,6 +107,7 @@ KEY_MODES: dict[str, frozenset[Mode]] = {
     **{key: frozenset({Mode.POOL}) for key in POOL_KEYS},
     **{key: frozenset({Mode.PROXY}) for key in PROXY_KEYS},
     "pass": frozenset({Mode.SERVICE, Mode.ACCEPT, Mode.POOL}),  # a proxy's backend gets no fds
+    "builtin": frozenset({Mode.ACCEPT, Mode.SERVICE}),  # streams per connection, datagrams per datagram
 }
 
 
@@ -242,6 +244,21 @@ def listen_address(kind: ListenKind, value: Value) -> InetAddress | str:
     if kind is ListenKind.FIFO:
         return addresses.parse_fifo_path(to_plain(value))
     return addresses.parse_unix_path(to_plain(value))
+
+
+def access_window(value: Value) -> tuple[int, int]:
+    """``"HH:MM-HH:MM"`` (xinetd's access_times entry) as minutes of the day; the end may be past midnight."""
+    text = string_value(value).strip()
+    match = re.fullmatch(r"(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})", text)
+    if match is None:
+        raise ValueError(f"expected a window like \"08:00-12:30\", got {values.show(text)}")
+    h1, m1, h2, m2 = (int(g) for g in match.groups())
+    if h1 > 23 or h2 > 23 or m1 > 59 or m2 > 59:
+        raise ValueError(f"{text!r}: hours are 0-23 and minutes 0-59")
+    start, end = h1 * 60 + m1, h2 * 60 + m2
+    if start == end:
+        raise ValueError(f"{text!r}: an empty window (start equals end)")
+    return start, end
 
 
 def backend_address(value: Value) -> InetAddress | str:

@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-from supervisor import _spawn
+from supervisor import _spawn, envfile
 from supervisor.errors import SpawnError
 from supervisor.model import DEFAULT_PATH, RESERVED_ENVIRONMENT, Process, Stderr
 
@@ -234,6 +234,14 @@ def prepare(
         value = daemon_environ.get(name)
         if value is not None and name not in RESERVED_ENVIRONMENT:
             env[name] = value
+    for ref in process.environment_files:  # after pass_environment, before environment (SPEC 8)
+        try:
+            pairs = envfile.parse(ref.content.decode("utf-8", "replace"))
+        except envfile.EnvFileError:
+            pairs = []  # the configuration checked it when it read the file
+        for name, value in pairs:
+            if name not in RESERVED_ENVIRONMENT:
+                env[name] = value
     for name, value in process.environment:
         if name not in RESERVED_ENVIRONMENT:
             env[name] = value

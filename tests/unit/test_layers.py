@@ -16,10 +16,10 @@ PACKAGE = Path(__file__).resolve().parents[2] / "supervisor"
 
 LAYERS: list[tuple[str, set[str]]] = [
     ("data", {"errors", "model", "values", "addresses", "yamlload", "config", "schema", "reader", "status",
-              "activation", "_spawn"}),
+              "activation", "_spawn", "envfile"}),
     ("pure", {"lifecycle", "rolling", "policy", "logsummary"}),
     ("effects", {"fsnodes", "sockopts", "sockets", "matching", "spawn", "reaper", "notifyd", "log", "relay"}),
-    ("adapters", {"units", "service", "pool", "accept", "control", "metrics", "proxy"}),
+    ("adapters", {"units", "service", "pool", "accept", "control", "metrics", "proxy", "builtins"}),
     ("wiring", {"registry", "reload", "daemon"}),
     ("entry", {"cli", "activate", "fdsinfo", "__main__", "__init__"}),
 ]
