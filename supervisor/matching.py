@@ -76,6 +76,8 @@ def _socket_matches(sock: socket.socket, listen: Listen) -> bool:
     if domain not in (socket.AF_INET, socket.AF_INET6) or not isinstance(listen.address, InetAddress):
         return False
     want_proto = socket.IPPROTO_TCP if listen.kind is ListenKind.TCP else socket.IPPROTO_UDP
+    if listen.protocol is not None:
+        want_proto = sockopts.PROTOCOLS[listen.protocol]
     if sock.getsockopt(sol, sockopts.SO_PROTOCOL) != want_proto:
         return False
     addr = listen.address

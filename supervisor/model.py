@@ -189,6 +189,12 @@ class Listen:
     priority: int | None = None
     broadcast: bool = False
     pass_credentials: bool = False
+    protocol: str | None = None  # sctp, mptcp (tcp) or udplite (udp): SocketProtocol=
+    pass_security: bool = False  # SO_PASSSEC (unix)
+    pass_packet_info: bool = False  # IP_PKTINFO / IPV6_RECVPKTINFO
+    timestamping: str | None = None  # us (SO_TIMESTAMP), ns (SO_TIMESTAMPNS); None: off
+    tcp_congestion: str | None = None  # TCP_CONGESTION
+    pipe_size: int | None = None  # fifo: F_SETPIPE_SZ
     # unix sockets and fifos
     mode: int = 0o666
     user: str | None = None
@@ -258,6 +264,12 @@ LISTEN_OPTIONS: dict[str, ListenOption] = {
     "priority": ListenOption(_SOCKETS),
     "broadcast": ListenOption(_UDP),
     "pass_credentials": ListenOption(_UNIX),
+    "protocol": ListenOption(_INET, bind_time=True),
+    "pass_security": ListenOption(_UNIX),
+    "pass_packet_info": ListenOption(_INET),
+    "timestamping": ListenOption(_SOCKETS),
+    "tcp_congestion": ListenOption(_TCP),
+    "pipe_size": ListenOption(frozenset({ListenKind.FIFO}), on_socket=False),
     "mode": ListenOption(_LOCAL, on_socket=False),
     "user": ListenOption(_LOCAL),
     "group": ListenOption(_LOCAL),

@@ -488,6 +488,12 @@ class Reader:
                 options[option.field] = option.convert(option_entry.value)
             except ValueError as exc:
                 self.problem(option_entry.value.location, key_path, str(exc))
+                continue
+            if key == "protocol" and (options[key] == "udplite") != (kind is ListenKind.UDP):
+                fits = "udp" if options[key] == "udplite" else "tcp"
+                self.problem(option_entry.value.location, key_path,
+                             f"{options[key]} is for {fits} listeners, not {kind.value}")
+                del options[key]
         return Listen(kind=kind, address=address, location=entry.location, **options)
 
     # -- process --------------------------------------------------------------

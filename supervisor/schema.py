@@ -312,7 +312,29 @@ LISTEN_PARSERS: dict[str, Option] = {
     "remove_on_stop": Option(bool_value, "remove_on_stop"),
     "symlinks": Option(lambda v: v, "symlinks"),  # a list: parsed by _Reader._symlinks
     "backend": Option(backend_address, "backend"),
+    "protocol": Option(lambda v: choice(v, ("sctp", "mptcp", "udplite")), "protocol"),
+    "pass_security": Option(bool_value, "pass_security"),
+    "pass_packet_info": Option(bool_value, "pass_packet_info"),
+    "timestamping": Option(lambda v: None if choice(v, ("off", "us", "ns")) == "off" else choice(v, ("us", "ns")),
+                           "timestamping"),
+    "tcp_congestion": Option(lambda v: congestion(v), "tcp_congestion"),
+    "pipe_size": Option(plain_value(lambda v: values.parse_size(v, maximum=INT_MAX)), "pipe_size"),
 }
+
+
+def choice(value: Value, choices: tuple[str, ...]) -> str:
+    plain = value.value if isinstance(value, Scalar) else None
+    if isinstance(plain, str) and plain in choices:
+        return plain
+    listed = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+    raise ValueError(f"expected {listed}, got {kind_of(value)}" + did_you_mean(plain, choices))
+
+
+def congestion(value: Value) -> str:
+    text = string_value(value)
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,15}", text):  # TCP_CA_NAME_MAX is 16 with the NUL
+        raise ValueError(f"invalid congestion control name {text!r}")
+    return text
 
 
 def positive_number(value: object) -> float:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import grp
 import os
 import pwd
@@ -304,6 +305,8 @@ def retune(bound: Bound, listen: Listen, *, unit: str = "?") -> None:
             sockopts.set_options(bound.sock, listen)
             if listen.backlog != old.backlog:
                 sockopts.listen(bound.sock, listen)
+        if bound.sock is None and listen.pipe_size != old.pipe_size:
+            _pipe_size(bound.fd, listen)
         path = _node_path(listen)
         if path is not None:
             if (listen.mode, listen.user, listen.group) != (old.mode, old.user, old.group):
@@ -369,9 +372,9 @@ def _path_address(listen: Listen) -> str:
 # --- inet ----------------------------------------------------------------------------------
 
 
-def _new_socket(family: int, type_: int) -> socket.socket:
+def _new_socket(family: int, type_: int, proto: int = 0) -> socket.socket:
     """A new socket, CLOEXEC (Python's default, PEP 446) and non-blocking (as systemd passes them)."""
-    sock = socket.socket(family, type_)
+    sock = socket.socket(family, type_, proto)
     sock.setblocking(False)
     return sock
 
@@ -379,18 +382,21 @@ def _new_socket(family: int, type_: int) -> socket.socket:
 def _open_inet(listen: Listen, addr: InetAddress) -> tuple[socket.socket, tuple[str, int] | tuple[str, int, int, int]]:
     """The socket for an inet entry and the address to bind it to."""
     type_ = sockopts.SOCK_TYPE[listen.kind]
+    proto = sockopts.PROTOCOLS[listen.protocol] if listen.protocol is not None else 0
+    no_proto = {errno.EPROTONOSUPPORT: f"the kernel has no {listen.protocol} (module not loaded?)"}
     if addr.any_dual_stack:
         try:
-            return _new_socket(socket.AF_INET6, type_), ("::", addr.port, 0, 0)
+            return _new_socket(socket.AF_INET6, type_, proto), ("::", addr.port, 0, 0)
         except OSError as exc:
             # A kernel without IPv6 serves a bare port on IPv4 alone, as systemd
             # does -- unless the entry asked for IPv6 explicitly.
             if exc.errno != errno.EAFNOSUPPORT or listen.ipv6_only:
-                raise sockopts.Failed(f"cannot create an IPv6 socket: {sockopts.strerror(exc)}") from exc
-        with sockopts.step("cannot create an IPv4 socket"):
-            return _new_socket(socket.AF_INET, type_), ("0.0.0.0", addr.port)
-    with sockopts.step("cannot create socket", {errno.EAFNOSUPPORT: "the kernel has no support for it"}):
-        sock = _new_socket(addr.family, type_)
+                hint = no_proto.get(exc.errno or 0)
+                raise sockopts.Failed(f"cannot create an IPv6 socket: {hint or sockopts.strerror(exc)}") from exc
+        with sockopts.step("cannot create an IPv4 socket", no_proto):
+            return _new_socket(socket.AF_INET, type_, proto), ("0.0.0.0", addr.port)
+    with sockopts.step("cannot create socket", {errno.EAFNOSUPPORT: "the kernel has no support for it", **no_proto}):
+        sock = _new_socket(addr.family, type_, proto)
     if addr.family == socket.AF_INET6:
         return sock, (addr.host, addr.port, 0, addr.scope_id)
     return sock, (addr.host, addr.port)
@@ -540,6 +546,7 @@ def _bind_fifo(listen: Listen) -> Bound:
         bound._node = (st.st_dev, st.st_ino)
         _own_fifo(fd, path, listen, uid, gid)
         _make_symlinks(path, listen)
+        _pipe_size(fd, listen)
     except BaseException:
         if created:
             bound._discard()
@@ -547,6 +554,13 @@ def _bind_fifo(listen: Listen) -> Bound:
             bound.close(remove=False)  # the earlier run's fifo stays, as found
         raise
     return bound
+
+
+def _pipe_size(fd: int, listen: Listen) -> None:
+    if listen.pipe_size is not None:
+        with sockopts.step("cannot set the pipe size (F_SETPIPE_SZ)",
+                           {errno.EPERM: "above /proc/sys/fs/pipe-max-size needs CAP_SYS_RESOURCE"}):
+            fcntl.fcntl(fd, sockopts.F_SETPIPE_SZ, listen.pipe_size)
 
 
 def _own_fifo(fd: int, path: str, listen: Listen, uid: int, gid: int) -> None:
@@ -570,6 +584,7 @@ def _adopt_fifo(fd: int, listen: Listen) -> Bound:
         os.set_blocking(fd, False)
     _own_fifo(fd, path, listen, uid, gid)
     _make_symlinks(path, listen)
+    _pipe_size(fd, listen)
     bound = Bound(listen, fd, None, adopted=True)
     bound._node = (st.st_dev, st.st_ino)
     return bound

@@ -28,6 +28,15 @@ SO_RCVBUFFORCE: int = getattr(socket, "SO_RCVBUFFORCE", 33)
 SO_PASSCRED: int = getattr(socket, "SO_PASSCRED", 16)
 SO_BINDTODEVICE: int = getattr(socket, "SO_BINDTODEVICE", 25)
 SO_MARK: int = getattr(socket, "SO_MARK", 36)
+SO_PASSSEC: int = getattr(socket, "SO_PASSSEC", 34)
+SO_TIMESTAMP: int = getattr(socket, "SO_TIMESTAMP", 29)
+SO_TIMESTAMPNS: int = getattr(socket, "SO_TIMESTAMPNS", 35)
+IP_PKTINFO: int = getattr(socket, "IP_PKTINFO", 8)
+IPV6_RECVPKTINFO: int = getattr(socket, "IPV6_RECVPKTINFO", 49)
+TCP_CONGESTION: int = getattr(socket, "TCP_CONGESTION", 13)
+F_SETPIPE_SZ = 1031
+# SocketProtocol=: the protocol a tcp or udp entry's socket is created with instead.
+PROTOCOLS: dict[str, int] = {"sctp": 132, "mptcp": 262, "udplite": 136}
 SO_DOMAIN: int = getattr(socket, "SO_DOMAIN", 39)
 SO_PROTOCOL: int = getattr(socket, "SO_PROTOCOL", 38)
 TCP_DEFER_ACCEPT: int = getattr(socket, "TCP_DEFER_ACCEPT", 9)  # <linux/tcp.h>
@@ -173,6 +182,20 @@ def set_options(sock: socket.socket, listen: Listen) -> None:
         setopt(sock, sol, socket.SO_BROADCAST, 1, "SO_BROADCAST")
     if listen.pass_credentials:
         setopt(sock, sol, SO_PASSCRED, 1, "SO_PASSCRED")
+    if listen.pass_security:
+        setopt(sock, sol, SO_PASSSEC, 1, "SO_PASSSEC")
+    if listen.pass_packet_info:
+        if family == socket.AF_INET6:
+            setopt(sock, socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1, "IPV6_RECVPKTINFO")
+        setopt(sock, socket.IPPROTO_IP, IP_PKTINFO, 1, "IP_PKTINFO")
+    if listen.timestamping is not None:
+        option, name = (SO_TIMESTAMPNS, "SO_TIMESTAMPNS") if listen.timestamping == "ns" else (SO_TIMESTAMP,
+                                                                                           "SO_TIMESTAMP")
+        setopt(sock, sol, option, 1, name)
+    if listen.tcp_congestion is not None:
+        setopt(sock, tcp, TCP_CONGESTION, listen.tcp_congestion.encode(), "TCP_CONGESTION",
+               {errno.ENOENT: "the kernel has no such congestion control (see "
+                              "/proc/sys/net/ipv4/tcp_available_congestion_control)"})
 
 
 
@@ -230,3 +253,15 @@ def reset_options(sock: socket.socket, old: Listen, new: Listen) -> None:
         setopt(sock, sol, socket.SO_BROADCAST, 0, "SO_BROADCAST")
     if dropped("pass_credentials"):
         setopt(sock, sol, SO_PASSCRED, 0, "SO_PASSCRED")
+    if dropped("pass_security"):
+        setopt(sock, sol, SO_PASSSEC, 0, "SO_PASSSEC")
+    if dropped("pass_packet_info"):
+        if six:
+            setopt(sock, socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 0, "IPV6_RECVPKTINFO")
+        setopt(sock, socket.IPPROTO_IP, IP_PKTINFO, 0, "IP_PKTINFO")
+    if old.timestamping is not None and old.timestamping != new.timestamping:
+        setopt(sock, sol, SO_TIMESTAMPNS if old.timestamping == "ns" else SO_TIMESTAMP, 0, "SO_TIMESTAMP")
+    if dropped("tcp_congestion"):
+        with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+            default = f.read().strip()
+        setopt(sock, tcp, TCP_CONGESTION, default.encode(), "TCP_CONGESTION")

@@ -179,10 +179,10 @@ def test_bare_port_falls_back_to_ipv4_without_ipv6(binder: Any, port: int, monke
     """When socket(AF_INET6) fails with EAFNOSUPPORT a bare port binds 0.0.0.0 instead."""
     real = sockets._new_socket
 
-    def no_ipv6(family: int, type_: int) -> socket.socket:
+    def no_ipv6(family: int, type_: int, proto: int = 0) -> socket.socket:
         if family == socket.AF_INET6:
             raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
-        return real(family, type_)
+        return real(family, type_, proto)
 
     monkeypatch.setattr(sockets, "_new_socket", no_ipv6)
     bound = binder(inet(TCP, "", port))
