@@ -199,3 +199,65 @@ def format_sockaddr(family: int, name: object, *, scope_names: bool = True, unna
         return name or unnamed
     return str(name)
 
+
+
+# netlink(7) families by the names systemd's ListenNetlink= accepts (netlink_family_from_string).
+NETLINK_FAMILIES = {
+    "route": 0, "usersock": 2, "firewall": 3, "sock_diag": 4, "inet-diag": 4, "nflog": 5, "xfrm": 6,
+    "selinux": 7, "iscsi": 8, "audit": 9, "fib-lookup": 10, "connector": 11, "netfilter": 12,
+    "ip6-fw": 13, "dnrtmsg": 14, "kobject-uevent": 15, "generic": 16, "scsitransport": 18,
+    "ecryptfs": 19, "rdma": 20, "crypto": 21, "smc": 22,
+}
+
+
+def netlink_parts(text: str) -> tuple[int, int]:
+    """(protocol, group) of a netlink address as parsed by ``parse_netlink``."""
+    family, _, group = text.partition(" ")
+    proto = NETLINK_FAMILIES[family] if family in NETLINK_FAMILIES else int(family)
+    return proto, int(group or "0")
+
+
+def parse_netlink(text: str) -> str:
+    """``"FAMILY [GROUP]"``: a family name or number (0-31) and an optional multicast group (normalized text)."""
+    parts = text.split()
+    if not 1 <= len(parts) <= 2:
+        raise ValueError(f'expected "FAMILY [GROUP]" like "kobject-uevent 1", got {text!r}')
+    family = parts[0]
+    if family not in NETLINK_FAMILIES and not (family.isdigit() and int(family) <= 31):
+        import difflib
+
+        close = difflib.get_close_matches(family, list(NETLINK_FAMILIES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown netlink family {family!r}{hint}")
+    group = parts[1] if len(parts) == 2 else "0"
+    if not group.isdigit() or len(group) > 10 or int(group) > 2**32 - 1:
+        raise ValueError(f"invalid netlink group {group!r} (0-4294967295)")
+    return f"{family} {int(group)}"
+
+
+def parse_mqueue(text: str) -> str:
+    """A POSIX message queue name: ``/name``, one component, at most 255 bytes (NAME_MAX)."""
+    if not text.startswith("/") or len(text) < 2 or "/" in text[1:]:
+        raise ValueError(f"a message queue name is / and one component, like /myqueue; got {text!r}")
+    if len(text[1:].encode()) > 255:
+        raise ValueError("a message queue name is at most 255 bytes")
+    return text
+
+
+VMADDR_CID_ANY = 0xFFFFFFFF
+
+
+def parse_vsock(text: str) -> str:
+    """``CID:PORT`` (CID empty or "any" for VMADDR_CID_ANY), normalized to ``CID:PORT`` numbers."""
+    cid_text, sep, port_text = text.rpartition(":")
+    if not sep:
+        raise ValueError(f"expected CID:PORT for a vsock address, got {text!r}")
+    if cid_text in ("", "any", "-1"):
+        cid = VMADDR_CID_ANY
+    elif cid_text.isdigit() and len(cid_text) <= 10 and int(cid_text) <= VMADDR_CID_ANY:
+        cid = int(cid_text)
+    else:
+        raise ValueError(f"invalid vsock CID {cid_text!r}")
+    if not port_text.isdigit() or len(port_text) > 10 or int(port_text) > 0xFFFFFFFF:
+        raise ValueError(f"invalid vsock port {port_text!r}")
+    return f"{cid}:{int(port_text)}"

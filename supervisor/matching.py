@@ -12,7 +12,7 @@ import os
 import socket
 import stat
 
-from supervisor import sockopts
+from supervisor import sockopts, specials
 from supervisor.model import InetAddress, Listen, ListenKind
 
 
@@ -27,6 +27,8 @@ def matches(fd: int, listen: Listen) -> bool:
     A fifo matches when the fd is a fifo and the entry's path is that very inode.
     Never raises for an fd that is closed or of another kind: that is False.
     """
+    if listen.kind in specials.KINDS:
+        return specials.matches(fd, listen)
     try:
         st = os.fstat(fd)
     except OSError:

@@ -59,6 +59,10 @@ class ListenKind(enum.Enum):
     UNIX_DGRAM = "unix-dgram"
     UNIX_SEQPACKET = "unix-seqpacket"
     FIFO = "fifo"
+    NETLINK = "netlink"  # ListenNetlink=: "FAMILY [GROUP]"
+    SPECIAL = "special"  # ListenSpecial=: a character device or a /proc or /sys file, opened
+    MQUEUE = "mqueue"  # ListenMessageQueue=: "/name"
+    VSOCK = "vsock"  # ListenStream=vsock:CID:PORT
 
     @property
     def is_inet(self) -> bool:
@@ -71,7 +75,8 @@ class ListenKind(enum.Enum):
     @property
     def is_datagram(self) -> bool:
         """True for kinds that cannot ``accept()`` (mode: accept refuses them)."""
-        return self in (ListenKind.UDP, ListenKind.UNIX_DGRAM, ListenKind.FIFO)
+        return self in (ListenKind.UDP, ListenKind.UNIX_DGRAM, ListenKind.FIFO, ListenKind.NETLINK,
+                        ListenKind.SPECIAL, ListenKind.MQUEUE)
 
 
 class Mode(enum.Enum):
@@ -195,6 +200,9 @@ class Listen:
     timestamping: str | None = None  # us (SO_TIMESTAMP), ns (SO_TIMESTAMPNS); None: off
     tcp_congestion: str | None = None  # TCP_CONGESTION
     pipe_size: int | None = None  # fifo: F_SETPIPE_SZ
+    writable: bool = False  # special: opened read-write
+    mqueue_max_messages: int | None = None  # mqueue: mq_maxmsg
+    mqueue_message_size: int | None = None  # mqueue: mq_msgsize
     # unix sockets and fifos
     mode: int = 0o666
     user: str | None = None
@@ -216,7 +224,7 @@ _ALL_KINDS = frozenset(ListenKind)
 _TCP = frozenset({ListenKind.TCP})
 _UDP = frozenset({ListenKind.UDP})
 _INET = frozenset({ListenKind.TCP, ListenKind.UDP})
-_STREAM = frozenset({ListenKind.TCP, ListenKind.UNIX, ListenKind.UNIX_SEQPACKET})  # the kinds that listen()
+_STREAM = frozenset({ListenKind.TCP, ListenKind.UNIX, ListenKind.UNIX_SEQPACKET, ListenKind.VSOCK})  # listen()
 _UNIX = frozenset({ListenKind.UNIX, ListenKind.UNIX_DGRAM, ListenKind.UNIX_SEQPACKET})
 _SOCKETS = _INET | _UNIX
 _LOCAL = _UNIX | {ListenKind.FIFO}  # a node in the file system (abstract names excepted)
@@ -270,11 +278,14 @@ LISTEN_OPTIONS: dict[str, ListenOption] = {
     "timestamping": ListenOption(_SOCKETS),
     "tcp_congestion": ListenOption(_TCP),
     "pipe_size": ListenOption(frozenset({ListenKind.FIFO}), on_socket=False),
-    "mode": ListenOption(_LOCAL, on_socket=False),
+    "writable": ListenOption(frozenset({ListenKind.SPECIAL}), bind_time=True, on_socket=False),
+    "mqueue_max_messages": ListenOption(frozenset({ListenKind.MQUEUE}), bind_time=True, on_socket=False),
+    "mqueue_message_size": ListenOption(frozenset({ListenKind.MQUEUE}), bind_time=True, on_socket=False),
+    "mode": ListenOption(_LOCAL | {ListenKind.MQUEUE}, on_socket=False),
     "user": ListenOption(_LOCAL),
     "group": ListenOption(_LOCAL),
     "directory_mode": ListenOption(_LOCAL, on_socket=False),
-    "remove_on_stop": ListenOption(_LOCAL, on_socket=False),
+    "remove_on_stop": ListenOption(_LOCAL | {ListenKind.MQUEUE}, on_socket=False),
     "symlinks": ListenOption(_LOCAL),
     "backend": ListenOption(frozenset({ListenKind.TCP, ListenKind.UDP, ListenKind.UNIX}), on_socket=False),
 }

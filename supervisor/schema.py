@@ -72,6 +72,11 @@ KIND_GROUP_NAMES = {
     UNIX: "unix, unix-dgram and unix-seqpacket",
     LOCAL: "unix, unix-dgram, unix-seqpacket and fifo",
     frozenset({K.TCP, K.UDP, K.UNIX}): "tcp, udp and unix",
+    frozenset({K.SPECIAL}): "special",
+    frozenset({K.MQUEUE}): "mqueue",
+    frozenset({K.FIFO}): "fifo",
+    LOCAL | {K.MQUEUE}: "unix, unix-dgram, unix-seqpacket, fifo and mqueue",
+    frozenset({K.TCP, K.UNIX, K.UNIX_SEQPACKET, K.VSOCK}): "tcp, unix, unix-seqpacket and vsock",
 }
 
 # Per-listen options: the kinds each applies to. Their value parsers are in
@@ -243,6 +248,14 @@ def listen_address(kind: ListenKind, value: Value) -> InetAddress | str:
         return addresses.parse_inet(to_plain(value))
     if kind is ListenKind.FIFO:
         return addresses.parse_fifo_path(to_plain(value))
+    if kind is ListenKind.NETLINK:
+        return addresses.parse_netlink(scalar_text(value, 'a netlink family and group, like "kobject-uevent 1"'))
+    if kind is ListenKind.SPECIAL:
+        return absolute_path(value)
+    if kind is ListenKind.MQUEUE:
+        return addresses.parse_mqueue(string_value(value))
+    if kind is ListenKind.VSOCK:
+        return addresses.parse_vsock(scalar_text(value, "CID:PORT"))
     return addresses.parse_unix_path(to_plain(value))
 
 
@@ -319,6 +332,9 @@ LISTEN_PARSERS: dict[str, Option] = {
                            "timestamping"),
     "tcp_congestion": Option(lambda v: congestion(v), "tcp_congestion"),
     "pipe_size": Option(plain_value(lambda v: values.parse_size(v, maximum=INT_MAX)), "pipe_size"),
+    "writable": Option(bool_value, "writable"),
+    "mqueue_max_messages": Option(int_value(1, 65536), "mqueue_max_messages"),
+    "mqueue_message_size": Option(int_value(1, 16 << 20), "mqueue_message_size"),
 }
 
 

@@ -54,7 +54,7 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from supervisor import addresses, fsnodes, sockopts
+from supervisor import addresses, fsnodes, sockopts, specials
 from supervisor.addresses import format_sockaddr
 from supervisor.errors import BindError
 from supervisor.model import BIND_TIME_OPTIONS, LISTEN_OPTIONS, InetAddress, Listen, ListenKind
@@ -145,6 +145,8 @@ class Bound:
             os.close(self.fd)
         if remove and self.listen.remove_on_stop and not self.adopted:
             self._remove_nodes()
+            if self.listen.kind is ListenKind.MQUEUE and isinstance(self.listen.address, str):
+                specials.mq_unlink(self.listen.address)
 
     def _discard(self) -> None:
         """Undo a half-made bind: close and remove what this process created, whatever the config."""
@@ -199,6 +201,9 @@ def bind(listen: Listen, *, unit: str) -> Bound:
         _check_applicable(listen)
         if listen.kind is ListenKind.FIFO:
             return _bind_fifo(listen)
+        if listen.kind in specials.KINDS:
+            fd, sock = specials.bind(listen)
+            return Bound(listen, fd, sock)
         if listen.kind.is_inet:
             return _bind_inet(listen)
         return _bind_unix(listen)
@@ -251,6 +256,11 @@ def adopt(fd: int, listen: Listen, *, unit: str = "?") -> Bound:
         _check_applicable(listen)
         if listen.kind is ListenKind.FIFO:
             return _adopt_fifo(fd, listen)
+        if listen.kind in (ListenKind.SPECIAL, ListenKind.MQUEUE):
+            with sockopts.step("cannot configure the inherited fd"):
+                os.set_inheritable(fd, False)
+                os.set_blocking(fd, False)
+            return Bound(listen, fd, None, adopted=True)
         sock = socket.socket(fileno=fd)
         try:
             sock.set_inheritable(False)
@@ -352,9 +362,9 @@ def _is_abstract(listen: Listen) -> bool:
 
 def _node_path(listen: Listen) -> str | None:
     """The file-system path of the entry's node, or None (inet, abstract)."""
-    if listen.kind.is_inet or _is_abstract(listen) or not isinstance(listen.address, str):
-        return None
-    return listen.address
+    if not (listen.kind.is_unix or listen.kind is ListenKind.FIFO) or _is_abstract(listen):
+        return None  # inet, abstract, and kinds whose path is not ours (special files, queues, netlink)
+    return listen.address if isinstance(listen.address, str) else None
 
 
 def _inet_address(listen: Listen) -> InetAddress:

@@ -114,3 +114,78 @@ def test_pipe_size_of_a_fifo_and_on_reload(tmp_path: Path) -> None:
     finally:
         b.close()
     assert not os.path.exists(tmp_path / "f")
+
+
+# ---------------------------------------------------------------- netlink, special, mqueue, vsock
+
+
+def test_netlink_socket_of_the_family_joined_to_the_group() -> None:
+    """netlink: "kobject-uevent 1" is a raw AF_NETLINK socket of protocol 15 bound to group 1; it is adopted back."""
+    listen = Listen(ListenKind.NETLINK, "kobject-uevent 1", "uevent")
+    b = bind(listen, unit="p")
+    try:
+        assert b.sock is not None and b.sock.family == socket.AF_NETLINK
+        assert b.sock.getsockopt(socket.SOL_SOCKET, sockopts.SO_PROTOCOL) == 15
+        assert b.sock.getsockname()[1] == 1
+        assert matches(b.fd, listen) and not matches(b.fd, Listen(ListenKind.NETLINK, "route 0", "r"))
+    finally:
+        b.close()
+
+
+def test_special_files_open_read_only_or_writable(tmp_path: Path) -> None:
+    """special: a character device opens read-only (writable: read-write); a plain file outside /proc and /sys
+    is refused with why; the device is never removed on stop."""
+    ro = bind(Listen(ListenKind.SPECIAL, "/dev/null", "n"), unit="p")
+    rw = bind(Listen(ListenKind.SPECIAL, "/dev/null", "n", writable=True), unit="p")
+    try:
+        assert fcntl.fcntl(ro.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        assert fcntl.fcntl(rw.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+        assert matches(ro.fd, Listen(ListenKind.SPECIAL, "/dev/null", "n"))
+    finally:
+        ro.close()
+        rw.close()
+    assert os.path.exists("/dev/null")
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    with pytest.raises(BindError, match="neither a character device nor a file under /proc or /sys"):
+        bind(Listen(ListenKind.SPECIAL, str(plain), "x"), unit="p")
+    b = bind(Listen(ListenKind.SPECIAL, "/proc/self/status", "s"), unit="p")
+    b.close()
+
+
+def test_mqueue_with_sizes_and_removed_on_stop() -> None:
+    """mqueue: the queue is created with its mode and sizes (read back with mq_getattr) and unlinked on stop."""
+    from supervisor import specials
+
+    name = f"/sv-test-{os.getpid()}"
+    listen = Listen(ListenKind.MQUEUE, name, "q", mode=0o600, mqueue_max_messages=5, mqueue_message_size=256)
+    try:
+        b = bind(listen, unit="p")
+    except BindError as exc:
+        pytest.skip(f"no POSIX message queues here: {exc}")
+    try:
+        assert specials.mq_attributes(b.fd) == (5, 256)
+        if os.path.isdir("/dev/mqueue"):
+            assert os.stat(f"/dev/mqueue{name}").st_mode & 0o777 == 0o600
+    finally:
+        b.close()
+    b2 = bind(Listen(ListenKind.MQUEUE, name, "q", mqueue_max_messages=3, mqueue_message_size=64), unit="p")
+    try:
+        assert specials.mq_attributes(b2.fd) == (3, 64)  # the first queue was removed: a new one, new sizes
+    finally:
+        b2.close()
+
+
+def test_vsock_listens_or_says_the_kernel_lacks_it() -> None:
+    """vsock: "any:PORT" listens on AF_VSOCK where the kernel has it; elsewhere the error says so."""
+    listen = Listen(ListenKind.VSOCK, f"{0xFFFFFFFF}:{free_port()}", "v")
+    try:
+        b = bind(listen, unit="p")
+    except BindError as exc:
+        assert "vsock" in str(exc)
+        pytest.skip(f"no vsock in this kernel: {exc}")
+    try:
+        assert b.sock is not None and b.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+        assert matches(b.fd, listen)
+    finally:
+        b.close()

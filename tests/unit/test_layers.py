@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("data", {"errors", "model", "values", "addresses", "yamlload", "config", "schema", "reader", "status",
               "activation", "_spawn", "envfile"}),
     ("pure", {"lifecycle", "rolling", "policy", "logsummary"}),
-    ("effects", {"fsnodes", "sockopts", "sockets", "matching", "spawn", "reaper", "notifyd", "log", "relay"}),
+    ("effects", {"fsnodes", "sockopts", "sockets", "matching", "spawn", "reaper", "notifyd", "log", "relay", "specials"}),
     ("adapters", {"units", "service", "pool", "accept", "control", "metrics", "proxy", "builtins"}),
     ("wiring", {"registry", "reload", "daemon"}),
     ("entry", {"cli", "activate", "fdsinfo", "__main__", "__init__"}),

@@ -88,3 +88,53 @@ def test_parity_config_errors_are_located(tmp_path: object, text: str, messages:
     with pytest.raises(ConfigError) as raised:
         load_config(str(root))
     assert sorted(str(p) for p in raised.value.problems) == sorted(messages)
+
+
+@pytest.mark.parametrize(("text", "messages"), [
+    ("listen: [{netlink: kobject-uevnt 1}]\nexec: [/bin/true]\n",
+     ["sockets.d/u.yaml:1:20: listen[0].netlink: unknown netlink family 'kobject-uevnt'; did you mean "
+      "'kobject-uevent'?"]),
+    ("listen: [{mqueue: queue}]\nexec: [/bin/true]\n",
+     ["sockets.d/u.yaml:1:19: listen[0].mqueue: a message queue name is / and one component, like /myqueue; "
+      "got 'queue'"]),
+    ("listen: [{vsock: 'x:5'}]\nexec: [/bin/true]\n",
+     ["sockets.d/u.yaml:1:18: listen[0].vsock: invalid vsock CID 'x'"]),
+    ("mode: accept\nlisten: [{special: /dev/null}]\nexec: [/bin/true]\n",
+     ["sockets.d/u.yaml:2:20: listen[0].special: a special listener has no connections to accept; "
+      "use mode: service"]),
+    ("listen: [{tcp: 127.0.0.1:80, writable: true, protocol: udplite}]\nexec: [/bin/true]\n",
+     ["sockets.d/u.yaml:1:30: listen[0].writable: only applies to special listeners, not tcp",
+      "sockets.d/u.yaml:1:56: listen[0].protocol: udplite is for udp listeners, not tcp"]),
+])
+def test_new_listen_kinds_config_errors(tmp_path: object, text: str, messages: list[str]) -> None:
+    """The new listen kinds and options are checked with located errors like the others."""
+    from pathlib import Path
+
+    from supervisor.config import load_config
+    from supervisor.errors import ConfigError
+
+    root = Path(str(tmp_path))
+    (root / "sockets.d").mkdir()
+    (root / "sockets.d" / "u.yaml").write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(str(root))
+    assert sorted(str(p) for p in raised.value.problems) == sorted(messages)
+
+
+def test_new_listen_kinds_parse() -> None:
+    """netlink, special, mqueue and vsock entries load, with normalized addresses."""
+    import tempfile
+    from pathlib import Path
+
+    from supervisor.config import load_config
+    from supervisor.model import ListenKind
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "sockets.d").mkdir()
+        (Path(d) / "sockets.d" / "u.yaml").write_text(
+            "listen:\n  - netlink: kobject-uevent 1\n  - special: /proc/kmsg\n  - mqueue: /q\n"
+            "    mqueue_max_messages: 4\n  - vsock: ':1024'\nexec: [/bin/true]\n")
+        unit = load_config(d).units[0]
+    assert [(e.kind, e.address) for e in unit.listen] == [
+        (ListenKind.NETLINK, "kobject-uevent 1"), (ListenKind.SPECIAL, "/proc/kmsg"), (ListenKind.MQUEUE, "/q"),
+        (ListenKind.VSOCK, "4294967295:1024")]
