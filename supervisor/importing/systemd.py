@@ -46,6 +46,7 @@ from supervisor.importing import (
     ImportSyntaxError,
     order_unit,
 )
+from supervisor.model import LISTEN_OPTION_KINDS
 
 DEFAULT_UNIT_DIRS = ["/etc/systemd/system", "/run/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system"]
 _SECTION = re.compile(r"\[([^\[\]]+)\]")
@@ -620,6 +621,12 @@ _SOCKET_OPTIONS: dict[str, tuple[str, Parse, frozenset[str]]] = {
     "FileDescriptorName": ("name", _fd_name, _ALL),
     "RemoveOnStop": ("remove_on_stop", parse_bool, _NODES),
     "Writable": ("writable", parse_bool, frozenset({"special", "fifo"})),
+}
+# The kinds each option applies to are the model's, so the importer never writes an
+# option where `sockvisor check` would refuse it.
+_SOCKET_OPTIONS = {
+    directive: (key, parse, frozenset(kind.value for kind in LISTEN_OPTION_KINDS.get(key, ())) or kinds)
+    for directive, (key, parse, kinds) in _SOCKET_OPTIONS.items()
 }
 _SOCKET_STRUCTURAL = frozenset({
     _LISTEN_RESET_GROUP, "Accept", "Service", "Symlinks", "MaxConnections", "MaxConnectionsPerSource",
