@@ -226,7 +226,7 @@ _UDP = frozenset({ListenKind.UDP})
 _INET = frozenset({ListenKind.TCP, ListenKind.UDP})
 _STREAM = frozenset({ListenKind.TCP, ListenKind.UNIX, ListenKind.UNIX_SEQPACKET, ListenKind.VSOCK})  # listen()
 _UNIX = frozenset({ListenKind.UNIX, ListenKind.UNIX_DGRAM, ListenKind.UNIX_SEQPACKET})
-_SOCKETS = _INET | _UNIX
+_SOCKETS = _INET | _UNIX | {ListenKind.NETLINK, ListenKind.VSOCK}  # SOL_SOCKET options
 _LOCAL = _UNIX | {ListenKind.FIFO}  # a node in the file system (abstract names excepted)
 
 # Which listen kinds each per-listen option means something for (systemd's

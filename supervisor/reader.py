@@ -470,7 +470,7 @@ class Reader:
                 self.problem(
                     option_entry.key_location,
                     key_path,
-                    f"only applies to {schema.KIND_GROUP_NAMES[kinds_allowed]} listeners, not {kind.value}",
+                    f"only applies to {schema.kind_group_name(kinds_allowed)} listeners, not {kind.value}",
                 )
                 continue
             if key in schema.FILESYSTEM_OPTIONS and isinstance(address, str) and address.startswith("@"):

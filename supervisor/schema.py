@@ -62,22 +62,12 @@ SOCKETS = ALL_KINDS - {K.FIFO}
 UNIX = frozenset({K.UNIX, K.UNIX_DGRAM, K.UNIX_SEQPACKET})
 LOCAL = UNIX | {K.FIFO}
 
-KIND_GROUP_NAMES = {
-    ALL_KINDS: "any",
-    TCP: "tcp",
-    UDP: "udp",
-    INET: "tcp and udp",
-    STREAM: "tcp, unix and unix-seqpacket",
-    SOCKETS: "socket (not fifo)",
-    UNIX: "unix, unix-dgram and unix-seqpacket",
-    LOCAL: "unix, unix-dgram, unix-seqpacket and fifo",
-    frozenset({K.TCP, K.UDP, K.UNIX}): "tcp, udp and unix",
-    frozenset({K.SPECIAL}): "special",
-    frozenset({K.MQUEUE}): "mqueue",
-    frozenset({K.FIFO}): "fifo",
-    LOCAL | {K.MQUEUE}: "unix, unix-dgram, unix-seqpacket, fifo and mqueue",
-    frozenset({K.TCP, K.UNIX, K.UNIX_SEQPACKET, K.VSOCK}): "tcp, unix, unix-seqpacket and vsock",
-}
+def kind_group_name(kinds: frozenset[ListenKind]) -> str:
+    """How an error names a set of listen kinds: "tcp, unix and vsock" (enum order), or "any"."""
+    if kinds == ALL_KINDS:
+        return "any"
+    names = [kind.value for kind in ListenKind if kind in kinds]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 # Per-listen options: the kinds each applies to. Their value parsers are in
 # _Reader._listen_option; a test checks both tables name the same keys.

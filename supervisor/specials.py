@@ -123,6 +123,7 @@ def bind(listen: Listen) -> tuple[int, socket.socket | None]:
             sock = socket.socket(AF_VSOCK, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
+            sockopts.set_options(sock, listen)
             with sockopts.step("", {errno.EADDRINUSE: "another socket is bound to it",
                                     errno.EADDRNOTAVAIL: "no such local CID"}):
                 sock.bind((cid, port))

@@ -133,8 +133,8 @@ CASES = [
         "mode-option-on-tcp",
         unit('listen:\n  - tcp: 127.0.0.1:80\n    mode: "0600"\n' + OK_EXEC),
         [
-            "sockets.d/web.yaml:3:5: listen[0].mode: only applies to unix, unix-dgram, unix-seqpacket and fifo "
-            "listeners, not tcp"
+            "sockets.d/web.yaml:3:5: listen[0].mode: only applies to unix, unix-dgram, unix-seqpacket, fifo and "
+            "mqueue listeners, not tcp"
         ],
     ),
     Case(
@@ -145,7 +145,20 @@ CASES = [
     Case(
         "backlog-on-udp",
         unit("listen:\n  - udp: 127.0.0.1:53\n    backlog: 5\n" + OK_EXEC),
-        ["sockets.d/web.yaml:3:5: listen[0].backlog: only applies to tcp, unix and unix-seqpacket listeners, not udp"],
+        ["sockets.d/web.yaml:3:5: listen[0].backlog: only applies to tcp, unix, unix-seqpacket and vsock "
+         "listeners, not udp"],
+    ),
+    Case(
+        # Every option's kind set must have a name: a set without one was a KeyError traceback.
+        "buffer-option-on-special",
+        unit("listen:\n  - special: /dev/null\n    receive_buffer: 4096\n" + OK_EXEC),
+        ["sockets.d/web.yaml:3:5: listen[0].receive_buffer: only applies to tcp, udp, unix, unix-dgram, "
+         "unix-seqpacket, netlink and vsock listeners, not special"],
+    ),
+    Case(
+        "writable-on-mqueue",
+        unit("listen:\n  - mqueue: /q\n    writable: true\n" + OK_EXEC),
+        ["sockets.d/web.yaml:3:5: listen[0].writable: only applies to special listeners, not mqueue"],
     ),
     Case(
         "ipv6-only-on-ipv4",
@@ -165,7 +178,8 @@ CASES = [
     Case(
         "no-kind-in-entry",
         unit("listen:\n  - backlog: 5\n" + OK_EXEC),
-        ["sockets.d/web.yaml:2:5: listen[0]: needs one of tcp, udp, unix, unix-dgram, unix-seqpacket, fifo"],
+        ["sockets.d/web.yaml:2:5: listen[0]: needs one of tcp, udp, unix, unix-dgram, unix-seqpacket, fifo, "
+         "netlink, special, mqueue, vsock"],
     ),
     Case(
         "listen-not-a-list",
@@ -485,3 +499,15 @@ def test_recursive_alias_is_a_problem(tmp_path: Path) -> None:
         load_config(str(tmp_path))
     messages = [str(p) for p in raised.value.problems]
     assert "sockets.d/r.yaml:1:9: listen[0]: recursive alias" in messages
+
+
+def test_every_option_kind_set_has_a_name_for_errors() -> None:
+    """Each per-listen option, set on a kind it does not apply to, gets a sentence, not a KeyError."""
+    from supervisor import schema
+    from supervisor.model import ListenKind
+
+    for key, kinds in schema.LISTEN_OPTIONS.items():
+        name = schema.kind_group_name(kinds)
+        assert name and "frozenset" not in name, key
+        for kind in ListenKind:
+            assert (kind.value in name.replace(",", " ").split()) == (kind in kinds) or name == "any", (key, kind)

@@ -80,9 +80,10 @@ EXPECTED: list[tuple[str, dict[str, Any]]] = [
                                   "pass_security": True},
                                  {"fifo": "/run/relay/fifo", "mode": "0620", "pipe_size": 65536},
                                  {"udp": "127.0.0.1:5514", "broadcast": True, "ip_tos": 16, "timestamping": "us"}]}),
-    ("uevent", {"listen": [{"netlink": "kobject-uevent 1"}, {"special": "/proc/kmsg", "writable": True},
+    ("uevent", {"listen": [{"netlink": "kobject-uevent 1", "receive_buffer": 8388608},
+                           {"special": "/proc/kmsg", "writable": True},
                            {"mqueue": "/uevents", "mqueue_max_messages": 16, "mqueue_message_size": 1024},
-                           {"vsock": "2:1234"}]}),
+                           {"vsock": "2:1234", "receive_buffer": 8388608}]}),
 ]  # fmt: skip
 
 
