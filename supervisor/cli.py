@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
         with_control(sp)
     reload = sub.add_parser("reload", help="re-read the configuration (same as SIGHUP)")
     with_control(reload)
+    reexec = sub.add_parser("reexec", help="re-execute the installed daemon in place: same pid, sockets and children")
+    with_control(reexec)
     sub.add_parser("activate", help="bind addresses and run a command with the fds (see `sockvisor activate -h`)",
                    add_help=False)
     sub.add_parser("fds", help="inside a service: describe the inherited fds", add_help=False)
@@ -135,6 +137,13 @@ def _dispatch(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             return EXIT_USAGE if reply.get("reason") == "invalid_config" else EXIT_FAILURE
         print(f"reloaded: added {_names(reply.get('added'))}, changed {_names(reply.get('changed'))}, "
               f"removed {_names(reply.get('removed'))}")
+        return EXIT_OK
+    if cmd == "reexec":
+        reply = control.request(path, {"cmd": "reexec"}, timeout=120)
+        if not reply.get("ok"):
+            _err(str(reply.get("error", "re-exec failed")))
+            return EXIT_FAILURE
+        print(f"re-executed: pid {reply.get('pid')}, version {reply.get('version')}, re-exec {reply.get('reexecs')}")
         return EXIT_OK
     if cmd == "status":
         req: dict[str, str | None] = {"cmd": "status"}
@@ -315,16 +324,19 @@ def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         loop = asyncio.get_running_loop()
         writer.attach(loop)
         try:
-            daemon = Daemon(cfg, environ=env, config_path=config_path)
+            daemon = Daemon(cfg, environ=env, config_path=config_path, log_writer=writer)
             stop = asyncio.Event()
             # Signals only post: SIGTERM/SIGINT complete the daemon's shutdown, SIGHUP asks for a reload.
             loop.add_signal_handler(signal.SIGTERM, stop.set)
             loop.add_signal_handler(signal.SIGINT, stop.set)
             loop.add_signal_handler(signal.SIGHUP, daemon.request_reload)
+            loop.add_signal_handler(signal.SIGUSR2, daemon.request_reexec)
+            # A re-exec blocks these across execve; pending ones are delivered now that they are handled.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2})
             try:
                 await daemon.run(shutdown=stop.wait())
             finally:
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
                     loop.remove_signal_handler(sig)
         finally:
             writer.close()

@@ -7,7 +7,7 @@ The daemon listens on a unix stream socket (``control.socket``, mode
 only root and the daemon's own uid are answered; anybody else gets one error
 reply and a log line. A request is one JSON object on one line::
 
-    {"cmd": "status" | "start" | "stop" | "restart" | "reload", "unit": NAME?}
+    {"cmd": "status" | "start" | "stop" | "restart" | "reload" | "reexec", "unit": NAME?}
 
 and the reply is ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``; a
 failed reload adds ``"errors"`` (every problem, one line each) and ``"reason"``
@@ -36,6 +36,7 @@ event loop, so ``sockvisor status`` starts fast.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import json
 import os
@@ -61,6 +62,7 @@ class Command(enum.Enum):
     STOP = "stop"
     RESTART = "restart"
     RELOAD = "reload"
+    REEXEC = "reexec"
 
 
 COMMANDS = tuple(c.value for c in Command)
@@ -72,10 +74,17 @@ UNIT_COMMANDS = frozenset({Command.START, Command.STOP, Command.RESTART})
 class Request:
     command: Command
     unit: str | None = None
+    # The requesting connection's fd (set by the server, never parsed): a re-exec hands it to the
+    # new image, which answers on it.
+    peer: int = -1
 
 
 class Reply(TypedDict, total=False):
     """One reply line. ``ok`` always; the rest by command (see the module docstring and SPEC)."""
+
+    pid: int  # reexec: the daemon's pid (unchanged), its version and re-exec count
+    version: str
+    reexecs: int
 
     ok: bool
     error: str
@@ -132,8 +141,10 @@ class ControlServer:
         self._node: tuple[int, int] | None = None
         self._refusals: LogSummary | None = None
 
-    async def start(self) -> None:
-        """Bind the control socket; a live daemon already answering on it is an error, a stale node is replaced.
+    async def start(self, adopt: tuple[int, tuple[int, int] | None] | None = None) -> None:
+        """Bind the control socket (or ``adopt`` the (fd, node) a previous image bound).
+
+        A live daemon already answering on it is an error, a stale node is replaced.
 
         The node goes through ``fsnodes`` like every unit socket: parents walked
         from ``/`` without following planted links (and made 0755 where
@@ -142,6 +153,12 @@ class ControlServer:
         very node bound, never more open than ``control.mode`` even for a moment.
         """
         self._refusals = LogSummary(self.log, asyncio.get_running_loop())
+        if adopt is not None:  # the listening socket a previous image of the daemon bound (re-exec)
+            fd, self._node = adopt
+            os.set_inheritable(fd, False)
+            sock = socket.socket(fileno=fd)
+            self._server = await asyncio.start_unix_server(self._client, sock=sock, limit=MAX_REQUEST)
+            return
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             self._node = fsnodes.bind_socket(sock, self.path, mode=self.mode, directory_mode=0o755)
@@ -157,6 +174,13 @@ class ControlServer:
             sock.close()
             fsnodes.remove_node(self.path, self._node)
             raise BindError("control", self.path, exc.strerror or str(exc)) from exc
+
+    def listening(self) -> tuple[int, tuple[int, int] | None] | None:
+        """(fd, node) of the listening socket, for a re-exec to hand over."""
+        sockets_ = getattr(self._server, "sockets", None) if self._server is not None else None
+        if not sockets_:
+            return None
+        return int(sockets_[0].fileno()), self._node
 
     async def close(self) -> None:
         if self._refusals is not None:
@@ -202,7 +226,7 @@ class ControlServer:
                     return
                 if not line.strip():
                     continue
-                reply = await self.handle(line)
+                reply = await self.handle(line, sock.fileno())
                 await self._reply(writer, reply)
         except (ConnectionError, asyncio.CancelledError):
             pass
@@ -215,11 +239,12 @@ class ControlServer:
         writer.write(json.dumps(reply).encode() + b"\n")
         await writer.drain()
 
-    async def handle(self, line: bytes) -> Reply:
+    async def handle(self, line: bytes, peer: int = -1) -> Reply:
         """One request line -> one reply; never raises for anything a client sent."""
         req = parse_request(line)
         if not isinstance(req, Request):
             return req
+        req = dataclasses.replace(req, peer=peer)
         try:
             return await self._handle(req)
         except Exception as exc:  # a bug behind one command must not take the daemon (or the client) down

@@ -42,26 +42,30 @@ import os
 import resource
 import signal
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from supervisor import __version__, _spawn, activation, control, matching, metrics, sockets
+from supervisor import __version__, _spawn, activation, control, handover, matching, metrics, sockets
 from supervisor import config as configuration
 from supervisor import reload as reloading
 from supervisor.control import Command, Reply, Request, failure
 from supervisor.errors import BindError, ConfigError, FdBudgetError, Problem
-from supervisor.log import Logger, get_logger
+from supervisor.log import Logger, LogWriter, get_logger
 from supervisor.model import Config, InetAddress, Listen, ListenKind, Unit
 from supervisor.reaper import Reaper, become_subreaper, exit_of, own_children
 from supervisor.registry import Registry
 from supervisor.spawn import Offload
 from supervisor.status import DaemonCounters, DaemonStatus, UnitStatus
-from supervisor.units import ChildCallback, Host
+from supervisor.units import ChildCallback, Host, kill_group
 
 ORPHAN_STOP_TIMEOUT = 10.0  # seconds an adopted orphan gets after SIGTERM at shutdown
 FD_RESERVE = 64  # the daemon's own fds: control, notify, signalfd, log, connections in flight
 EARLY_EXITS_MAX = 4096  # unregistered exits remembered (helper-thread spawns, adopted orphans)
+# Signals that wait (blocked, pending) across a re-exec's execve until the new image handles them.
+EXEC_BLOCKED = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2, signal.SIGCHLD})
+LISTEN_VARS = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_PIDFDID", "LISTEN_FDNAMES")
 
 def inherited_fds(environ: Mapping[str, str]) -> list[tuple[int, str]]:
     """fds passed to the daemon itself (``LISTEN_FDS`` for its pid), with their names, parsed as libsystemd does.
@@ -101,8 +105,10 @@ class Daemon:
     and the spawn helper belong to that loop from the start.
     """
 
-    def __init__(self, config: Config, *, environ: Mapping[str, str], config_path: str | None = None) -> None:
+    def __init__(self, config: Config, *, environ: Mapping[str, str], config_path: str | None = None,
+                 log_writer: LogWriter | None = None) -> None:
         self.config = config
+        self.log_writer = log_writer
         self.config_path = config_path
         self.environ = dict(environ)
         self.log = _root_logger()
@@ -121,7 +127,11 @@ class Daemon:
         self.reaper = Reaper(self.loop, self.reaped)
         self._all_settled = asyncio.Event()
         self.subreaper = False
-        self.host = Host(self.loop, self.log, self.environ, self.watch_child, self.offload, self._settled)
+        self.handed: handover.State | None = None  # what the previous image left (re-exec), until ready
+        self._unplaced: set[int] = set()  # the previous image's children no unit took back
+        self._fallback_children = False  # the handover was unreadable: stop the children we cannot place
+        self.host = Host(self.loop, self.log, self.environ, self.watch_child, self.offload, self._settled,
+                         self._unit_handover)
         self.units = Registry(self.host, self.log)
         self.counters = DaemonCounters(reloads={}, last_reload_success=time.time(), reexecs=0)
         self.metrics: metrics.MetricsServer | None = None
@@ -139,8 +149,10 @@ class Daemon:
         listen = unit.listen[0] if unit.listen else None
         try:
             for listen in unit.listen:
-                adopted = None
+                adopted = self._handed_listener(unit, listen)
                 for fd, free in self._inherited.items():
+                    if adopted is not None:
+                        break
                     if free and matching.matches(fd, listen):
                         adopted = sockets.adopt(fd, listen)
                         self._inherited[fd] = False
@@ -159,6 +171,29 @@ class Daemon:
             if not isinstance(exc, BindError):  # never a traceback for a listener that cannot be set up
                 exc = BindError(unit.name, listen.display, f"{type(exc).__name__}: {exc}")
             raise (exc if listen.location is None else exc.at(listen.location)) from None
+        return bound
+
+    def _unit_handover(self, name: str) -> handover.UnitHandover | None:
+        return self.handed.units.get(name) if self.handed is not None else None
+
+    def _handed_listener(self, unit: Unit, listen: Listen) -> sockets.Bound | None:
+        """The listening socket the previous image had for this entry (re-exec), when it still fits."""
+        h = self._unit_handover(unit.name)
+        fd = h.listen.pop(listen.display, None) if h is not None else None
+        if fd is None or h is None:
+            return None
+        if not matching.matches(fd, listen):
+            self.log.warning("handover_socket_changed", unit=unit.name, listen=listen.display, fd=fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            return None
+        # O_NONBLOCK belongs to the open file, shared with the running service that may have
+        # changed it: adopting must leave it as it is.
+        blocking = os.get_blocking(fd)
+        bound = sockets.adopt(fd, listen, unit=unit.name)
+        os.set_blocking(fd, blocking)
+        bound.own_node(h.nodes.get(listen.display))
+        self.log.debug("socket_taken_over", unit=unit.name, listen=listen.display, fd=fd)
         return bound
 
     # ------------------------------------------------------------ children
@@ -262,11 +297,18 @@ class Daemon:
             if problem is not None:
                 raise FdBudgetError(problem)
             self._set_subreaper(self.config.main.subreaper)
+            self._take_handover()
             self._adopt_inherited()
             bound_units: list[tuple[Unit, list[sockets.Bound]]] = []
             try:
                 for unit in self.config.units:
-                    bound_units.append((unit, self.bind_unit(unit) if unit.enabled else []))
+                    try:
+                        bound_units.append((unit, self.bind_unit(unit) if unit.enabled else []))
+                    except BindError as exc:
+                        if self.handed is None:
+                            raise
+                        # After a re-exec the other units must keep running whatever this one does.
+                        self.log.error("unit_bind_failed", unit=unit.name, error=str(exc))
             except BindError:
                 for _, bound in bound_units:
                     for b in bound:
@@ -278,11 +320,18 @@ class Daemon:
             await self._start_control()
             await self._set_metrics(self.config.main.metrics_listen)
             for runtime in self.units:
-                runtime.activate()
+                if self.handed is not None:
+                    runtime.resume()
+                else:
+                    runtime.activate()
+            requester = self._finish_handover()
             gc.collect()
             _spawn.trim()
             self.log.info("daemon_ready", units=len(self.units), pid=os.getpid())
             _sd_notify("READY=1", f"STATUS={self.summary()}")
+            if requester is not None:
+                _answer(requester, control.Reply(ok=True, pid=os.getpid(), version=__version__,
+                                                 reexecs=self.counters["reexecs"]))
             if started is not None:
                 started()
             async with asyncio.TaskGroup() as tasks:
@@ -339,6 +388,11 @@ class Daemon:
         self._stopping = True
         for runtime in self.units.everything():
             runtime.shutdown()
+            runtime.stop_strays(signal.SIGTERM)
+        for pid in self._unplaced:
+            kill_group(pid, signal.SIGTERM)
+        if any(rt.strays for rt in self.units.everything()) or self._unplaced:
+            self.loop.call_later(ORPHAN_STOP_TIMEOUT, self._kill_leftovers)
         # A spawn still in flight on the helper thread comes back stopped
         # (its unit is no longer running) and joins the children waited for.
         await self.offload.idle.wait()
@@ -395,7 +449,8 @@ class Daemon:
         main = self.config.main
         self.control = control.ControlServer(main.control_socket, main.control_mode, self.log, self.handle,
                                              idle_timeout=control.IDLE_TIMEOUT)
-        await self.control.start()
+        handed = self.handed.control if self.handed is not None else None
+        await self.control.start(adopt=handed)
 
     # ------------------------------------------------------------ control
 
@@ -414,6 +469,8 @@ class Daemon:
             if "failed" in summary:
                 reply["failed"] = summary["failed"]
             return reply
+        if req.command is Command.REEXEC:
+            return await self.reexec(req.peer)
         if req.command is Command.STATUS and req.unit is None:
             counters = self.counters
             return Reply(ok=True, units=[rt.status() for rt in self.units],
@@ -435,6 +492,179 @@ class Daemon:
             rt.operator_restart()
         self.log.info(f"unit_{req.command.value}_requested", unit=req.unit)
         return Reply(ok=True, unit=rt.status())
+
+    # ------------------------------------------------------------ re-exec (SPEC 12)
+
+    def request_reexec(self) -> None:
+        """SIGUSR2: re-exec with no one to answer (the outcome is logged)."""
+        task = self.loop.create_task(self.reexec(-1))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def reexec(self, requester: int) -> Reply:
+        """Replace this image with the installed program, same pid, keeping listeners, children and state.
+
+        On success this never returns: the new image answers ``requester``. On failure the old image
+        goes on exactly as before and the reply says why.
+        """
+        async with self._reload_lock:
+            if self._stopping:
+                return Reply(ok=False, error="the daemon is stopping", reason="reexec_failed")
+            blockers = [b for b in (rt.handover_blocker() for rt in self.units.everything()) if b]
+            if blockers:
+                return Reply(ok=False, error=f"cannot re-exec now: {blockers[0]}", reason="busy")
+            try:  # the new image re-reads the configuration: it must be readable now
+                configuration.load_config(self.config_path, environ=self.environ)
+            except ConfigError as exc:
+                return Reply(ok=False, error=f"cannot re-exec: the configuration is invalid: {exc.problems[0]}",
+                             reason="invalid_config", errors=[str(p) for p in exc.problems])
+            program = self.environ.get("SOCKVISOR_EXEC") or sys.executable
+            argv = [program, "-m", "supervisor", *sys.argv[1:]]
+            self.log.info("reexec", program=program, argv=argv[1:])
+            _sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            was_polling = [rt for rt in self.units.everything() if rt.polling]
+            for rt in self.units.everything():
+                rt.poll(False)
+                rt.endpoint.pause()
+            await self.offload.idle.wait()  # a spawn in flight on the helper thread comes back first
+            await self._set_metrics(None)  # the new image binds it again (a scrape in between fails)
+            error = self._exec(program, argv, requester)
+            # Only on failure: everything goes on as before.
+            for rt in self.units.everything():
+                rt.endpoint.resume()
+            for rt in was_polling:
+                rt.poll(True)
+            with contextlib.suppress(BindError):
+                await self._set_metrics(self.config.main.metrics_listen)
+            _sd_notify("READY=1", f"STATUS={self.summary()}")
+            self.log.error("reexec_failed", error=error)
+            return Reply(ok=False, error=f"re-exec failed; still running the old image: {error}",
+                         reason="reexec_failed")
+
+    def _handover_state(self, requester: int) -> handover.State:
+        state = handover.State(started_at=self.started_at, children=sorted(self.children),
+                               counters={"reloads": dict(self.counters["reloads"]),
+                                         "last_reload_success": self.counters["last_reload_success"],
+                                         "reexecs": self.counters["reexecs"]})
+        for rt in self.units:
+            state.units[rt.unit.name] = rt.hand_over()
+        if self.control is not None:
+            state.control = self.control.listening()
+        if requester >= 0:
+            with contextlib.suppress(OSError):
+                state.requester = os.dup(requester)
+        return state
+
+    def _exec(self, program: str, argv: list[str], requester: int) -> str:
+        """execve the new image with the state; returns why it failed (on success it does not return)."""
+        state = self._handover_state(requester)
+        kept = state.fds()
+        memfd = -1
+        mask: set[int | signal.Signals] | None = None
+        try:
+            memfd = handover.write_memfd(state)
+            for fd in kept:
+                os.set_inheritable(fd, True)
+            env = {k: v for k, v in os.environ.items() if k not in LISTEN_VARS}
+            env[handover.ENV] = str(memfd)
+            if self.log_writer is not None:
+                self.log_writer.close(1.0)  # every line so far reaches stderr before the image goes
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, EXEC_BLOCKED)
+            os.execve(program, argv, env)
+        except (OSError, ValueError) as exc:
+            why = f"{program}: {exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if self.log_writer is not None:
+            self.log_writer.attach(self.loop)
+        for fd in kept:
+            with contextlib.suppress(OSError):
+                os.set_inheritable(fd, False)
+        for leftover in (memfd, state.requester):
+            if leftover is not None and leftover >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(leftover)
+        return why
+
+    def _take_handover(self) -> None:
+        """A re-exec's new image: read what the previous one left; unreadable, adopt what can be found."""
+        try:
+            self.handed = handover.take(self.environ)
+        except handover.HandoverError as exc:
+            # Fall back to a fresh start that keeps every listener: the inherited listening
+            # sockets are adopted by address, as LISTEN_FDS would be; old children are stopped.
+            self.log.error("handover_unreadable", error=str(exc))
+            self.handed = None
+            for fd in _inheritable_sockets():
+                self._inherited.setdefault(fd, True)
+            self._fallback_children = True
+            return
+        if self.handed is None:
+            return
+        state = self.handed
+        self.started_at = state.started_at or self.started_at
+        reloads = state.counters.get("reloads")
+        if isinstance(reloads, dict):
+            self.counters["reloads"] = {k: v for k, v in reloads.items() if isinstance(v, int)}
+        last = state.counters.get("last_reload_success")
+        if isinstance(last, int | float):
+            self.counters["last_reload_success"] = float(last)
+        count = state.counters.get("reexecs")
+        self.counters["reexecs"] = (count if isinstance(count, int) else 0) + 1
+        for fd in state.fds():
+            with contextlib.suppress(OSError):
+                os.set_inheritable(fd, False)
+        self.log.info("reexec_resumed", units=len(state.units), children=len(state.children),
+                      reexecs=self.counters["reexecs"])
+
+    def _finish_handover(self) -> int | None:
+        """After every unit resumed: place what is left, reap what exited meanwhile; the requester's fd."""
+        state, self.handed = self.handed, None
+        if self._fallback_children:
+            self._fallback_children = False
+            for pid in own_children():
+                if pid not in self.children:
+                    self._adopt_unplaced(pid)
+        if state is None:
+            self.reaper.reap()
+            return None
+        for h in state.units.values():
+            rt = self.units.get(h.name)
+            taken = {b.fd for b in rt.bound} if rt is not None else set()
+            if rt is not None and rt.resumed is not None:
+                taken |= {fd for fds in h.extras.values() for fd in fds}  # the pool took or closed them
+            for fd in list(h.listen.values()) + [fd for fds in h.extras.values() for fd in fds]:
+                if fd not in taken:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)  # a listener no unit took back (the configuration changed)
+            if rt is None or rt.resumed is None:
+                if h.notify is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(h.notify[1])
+                for _, fd in h.fd_store:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+        for pid in state.children:
+            if pid not in self.children:
+                self._adopt_unplaced(pid)
+        self.reaper.reap()  # exits while no image was watching
+        return state.requester
+
+    def _adopt_unplaced(self, pid: int) -> None:
+        """A child of the previous image that no unit took back: stopped, reaped, forgotten."""
+        self._unplaced.add(pid)
+        self.watch_child(pid, self._unplaced_exited)
+        self.log.info("child_unplaced_stopping", pid=pid)
+        kill_group(pid, signal.SIGTERM)
+
+    def _unplaced_exited(self, pid: int, ex: Any) -> None:
+        self._unplaced.discard(pid)
+        self.log.info("child_unplaced_exited", pid=pid, status=str(ex))
+
+    def _kill_leftovers(self) -> None:
+        for rt in self.units.everything():
+            rt.stop_strays(signal.SIGKILL)
+        for pid in self._unplaced:
+            kill_group(pid, signal.SIGKILL)
 
     # ------------------------------------------------------------ reload
 
@@ -490,6 +720,38 @@ def _describe_fd(fd: int) -> str:
             return sockets.format_sockaddr(s.family, s.getsockname())
     except OSError:
         return "?"
+
+
+def _inheritable_sockets() -> list[int]:
+    """fds above 2 without FD_CLOEXEC that are sockets: a previous image's listeners when its state is lost."""
+    import fcntl
+    import stat
+
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2:
+            continue
+        try:
+            if fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
+                continue
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                found.append(fd)
+        except OSError:
+            continue
+    return found
+
+
+def _answer(fd: int, reply: Reply) -> None:
+    """Write ``reply`` to the control connection the previous image handed over, then close it."""
+    import json
+
+    try:
+        with socket.socket(fileno=fd) as conn:
+            conn.settimeout(5)
+            conn.sendall(json.dumps(reply).encode() + b"\n")
+    except OSError:
+        pass
 
 
 def _root_logger() -> Logger:

@@ -120,16 +120,25 @@ class Endpoint:
     """
 
     def __init__(self, unit: str, on_message: Callable[[Message], None],
-                 on_drop: Callable[[str, int], None], on_pause: Callable[[float], None] | None = None) -> None:
-        self.address = f"@sockvisor/{os.getpid()}/{os.urandom(4).hex()}/{unit}"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+                 on_drop: Callable[[str, int], None], on_pause: Callable[[float], None] | None = None,
+                 *, adopt: tuple[str, int] | None = None) -> None:
+        """``adopt``: (address, fd) of the socket a previous image of the daemon bound (re-exec)."""
+        if adopt is not None:
+            self.address = adopt[0]
+            self.sock = socket.socket(fileno=adopt[1])
+            os.set_inheritable(adopt[1], False)
+            self.sock.setblocking(False)
+        else:
+            self.address = f"@sockvisor/{os.getpid()}/{os.urandom(4).hex()}/{unit}"
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, SO_PASSPIDFD, 1)
             self.pidfds = True
         except OSError:
             self.pidfds = False  # before Linux 6.5: pidfd_open(credential pid) instead
-        self.sock.bind("\0" + self.address[1:])
+        if adopt is None:
+            self.sock.bind("\0" + self.address[1:])
         # Room for a message up to MAX_MESSAGE; larger ones are truncated
         # (MSG_TRUNC tells) and dropped.
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
@@ -161,6 +170,13 @@ class Endpoint:
             self._loop.add_reader(self.fileno(), self.readable)
         else:
             self._loop.remove_reader(self.fileno())
+
+    def pause(self) -> None:
+        """Leave datagrams queued in the socket (a re-exec: the next image reads them)."""
+        self._watch(False)
+
+    def resume(self) -> None:
+        self._watch(True)
 
     def close(self) -> None:
         if self._resume is not None:

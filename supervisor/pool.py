@@ -31,10 +31,12 @@ slot, and follows the same slot rules as a service (the functions of
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import os
 from collections.abc import Iterator, Mapping
 
-from supervisor import lifecycle, rolling, sockets
+from supervisor import handover, lifecycle, rolling, sockets
 from supervisor.errors import BindError
 from supervisor.lifecycle import ALIVE, SlotState
 from supervisor.model import ListenKind, Start, Unit
@@ -106,18 +108,29 @@ class PoolRuntime(SlotGroup):
             for e in extras:
                 if e.listen != b.listen:
                     sockets.retune(e, b.listen, unit=self.unit.name)
+            handed = list(self.resumed.extras.get(b.listen.display, [])) if self.resumed is not None else []
             while len(extras) < count - 1:
                 try:
+                    if handed:  # the previous image's per-slot socket: its worker still accepts on it
+                        fd = handed.pop(0)
+                        blocking = os.get_blocking(fd)  # the worker's open file: left as it is
+                        extras.append(sockets.adopt(fd, b.listen, unit=self.unit.name))
+                        os.set_blocking(fd, blocking)
+                        continue
                     extras.append(sockets.bind(b.listen, unit=self.unit.name))
                 except BindError as exc:
                     # The slot falls back to the shared socket; it still serves.
                     self.log.warning("slot_bind_failed", listen=b.listen.display, slot=len(extras) + 1,
                                      error=str(exc))
                     break
+            for fd in handed:  # more than the slots now: not needed
+                with contextlib.suppress(OSError):
+                    os.close(fd)
             while len(extras) > max(count - 1, 0):
                 extras.pop().close()
             for e in extras:
-                sockets.set_blocking(e.fd, False)
+                if not e.adopted:
+                    sockets.set_blocking(e.fd, False)
             table.append((b, extras))
         for extras in old.values():
             for e in extras:
@@ -290,6 +303,18 @@ class PoolRuntime(SlotGroup):
             e.close()
         self._slot_socks = []
         super().close(remove=remove)
+
+    # ------------------------------------------------------------ re-exec
+
+    def handover_blocker(self) -> str | None:
+        if self.roll is not None or self.surges or self.retiring:
+            return f"unit {self.unit.name} is in a rolling restart; re-exec when it has finished"
+        return None
+
+    def hand_over(self) -> handover.UnitHandover:
+        h = super().hand_over()
+        h.extras = {base.listen.display: [e.fd for e in extras] for base, extras in self._slot_socks}
+        return h
 
     # ------------------------------------------------------------ status
 

@@ -51,7 +51,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from supervisor import lifecycle, sockets, spawn
+from supervisor import handover, lifecycle, sockets, spawn
 from supervisor.accept import RESOURCE_ERRNOS, _local_minute, _send_banner
 from supervisor.lifecycle import SlotState
 from supervisor.model import InetAddress, ListenKind, ProxyProtocol, Start, Unit
@@ -59,7 +59,7 @@ from supervisor.policy import Gate, Peer, Policy, ReopensAt, ResourceBackoff, no
 from supervisor.relay import Poller, Relays
 from supervisor.service import SlotDriver
 from supervisor.status import ProxyStatus, UnitStatus
-from supervisor.units import Deadline, Host, UnitRuntime, UnitState
+from supervisor.units import Deadline, Host, UnitRuntime, UnitState, kill_group
 
 ACCEPT_BATCH = 32
 RETRY_FIRST = 0.001  # first wait before connecting to a starting backend again
@@ -272,6 +272,22 @@ class ProxyRuntime(UnitRuntime):
     def retire(self) -> None:
         self.life = UnitState.RETIRING
         self._wind_down(lifecycle.After.NOTHING)
+
+    def handover_slots(self) -> list[lifecycle.Slot]:
+        return [d.slot for d in self.slots]
+
+    def resume_slots(self, h: handover.UnitHandover) -> None:
+        for d, slot in zip(self.slots, h.slots, strict=False):
+            d.adopt(slot)
+        for slot in h.slots[len(self.slots):]:  # no backend to start any more: it winds down
+            if slot.pid is not None:
+                self.adopt_stray(slot.pid)
+                kill_group(slot.pid, self.unit.process.stop_signal)
+
+    def handover_blocker(self) -> str | None:
+        if self.relays or self.waiting or any(self.flows.values()):
+            return f"unit {self.unit.name} has {self.active()} open proxied connections"
+        return None
 
     def notified(self, pid: int, fields: Mapping[str, str]) -> None:
         for d in self.slots:

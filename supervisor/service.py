@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
-from supervisor import lifecycle, sockets, spawn
+from supervisor import handover, lifecycle, sockets, spawn
 from supervisor.errors import SpawnError
 from supervisor.lifecycle import Exit, SlotState
 from supervisor.model import Mode, Pass, Start, Unit
@@ -92,6 +92,13 @@ class SlotDriver:
 
     def cancel(self) -> None:
         self._deadline.cancel()
+
+    def adopt(self, slot: lifecycle.Slot) -> None:
+        """Take over ``slot`` as a previous image of the daemon left it (re-exec): its pid, timer and counts."""
+        self.slot = slot
+        if slot.pid is not None:
+            self.runtime.host.watch_child(slot.pid, self._exited)
+        self._deadline.set(slot.deadline)
 
 
 # ------------------------------------------------------------ rules shared by service and pool
@@ -209,6 +216,23 @@ class SlotGroup(UnitRuntime):
 
     def operator_start(self) -> None:
         start_for_operator(self, self.slots, self._slots_changed)
+
+    def handover_slots(self) -> list[lifecycle.Slot]:
+        return [d.slot for d in self.slots]
+
+    def resume_slots(self, h: handover.UnitHandover) -> None:
+        for d, slot in zip(self.slots, h.slots, strict=False):
+            d.adopt(slot)
+        for slot in h.slots[len(self.slots):]:  # fewer workers now: the rest wind down
+            if slot.pid is not None:
+                self.adopt_stray(slot.pid)
+                kill_group(slot.pid, self.unit.process.stop_signal)
+
+    def resume_activate(self) -> None:
+        if any(d.slot.pid is not None or d.slot.state is not lifecycle.SlotState.IDLE for d in self.slots):
+            self._slots_changed()  # carry on from where the slots were
+        else:
+            self.activate()
 
 
 class ServiceRuntime(SlotGroup):

@@ -122,6 +122,16 @@ class Bound:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def node(self) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of the file-system node this process made for it (removed at close), if any."""
+        return self._node
+
+    def own_node(self, node: tuple[int, int] | None) -> None:
+        """Take over removing the node at ``close`` (a previous image of the daemon made it: re-exec)."""
+        self.adopted = False
+        self._node = node
+
     def close(self, *, remove: bool = True) -> None:
         """Close the fd; with ``remove`` and ``listen.remove_on_stop``, unlink the node and symlinks.
 

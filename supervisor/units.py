@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from supervisor import notifyd, sockets, spawn
+from supervisor import handover, notifyd, sockets, spawn
 from supervisor.errors import SpawnError
 from supervisor.lifecycle import Exit
 from supervisor.log import Logger
@@ -65,6 +65,8 @@ class Host:
     offload: spawn.Offload[Any]  # the helper spawn thread (accept mode)
     # A runtime that was busy without children (a proxy's open connections) is not any more.
     settled: Callable[[], None] = lambda: None
+    # After a re-exec: what the previous image handed over for the unit of this name (None: start fresh).
+    handover: Callable[[str], handover.UnitHandover | None] = lambda _name: None
 
 
 class Deadline:
@@ -151,14 +153,105 @@ class UnitRuntime:
         # Dropped notify messages by reason, for status (the log only summarizes them).
         self.notify_dropped: collections.Counter[str] = collections.Counter()
         self.summary = LogSummary(self.log, host.loop)
-        self.endpoint = notifyd.Endpoint(unit.name, self._on_notify, self._on_notify_drop, self._on_notify_pause)
+        taken = host.handover(unit.name)
+        # What the previous image handed over, when it ran this unit in this mode (see resume()).
+        self.resumed = taken if taken is not None and taken.mode == unit.mode.value else None
+        self.strays: set[int] = set()  # children without a slot, adopted from the previous image
+        self.endpoint = notifyd.Endpoint(unit.name, self._on_notify, self._on_notify_drop, self._on_notify_pause,
+                                         adopt=self.resumed.notify if self.resumed is not None else None)
         self.endpoint.start(host.loop)
         self._prepared: spawn.Prepared | None = None
         self._polling = False
         self.life = UnitState.ENABLED if unit.enabled else UnitState.STOPPED
         # The last child exit (pid, exit, wall time), kept raw: formatted only when status asks.
         self.last_exit: tuple[int, Exit, float] | None = None
-        self.set_blocking()
+        if self.resumed is not None:
+            self._restore(self.resumed)  # fds as the previous image (and a running child) left them
+        else:
+            self.set_blocking()
+
+    # ------------------------------------------------------------ re-exec (supervisor.handover)
+
+    _COUNTERS = ("accepted", "refused", "spawns", "spawn_failures", "started_at")
+    _COUNTERS_BY = ("refused_by_reason", "exits", "pauses", "notify_dropped")
+
+    def hand_over(self) -> handover.UnitHandover:
+        """This unit's part of the state the next image takes over (fds stay open and owned here)."""
+        counters: dict[str, Any] = {key: getattr(self, key) for key in self._COUNTERS}
+        counters.update({key: dict(getattr(self, key)) for key in self._COUNTERS_BY})
+        counters["status_text"] = self.status_text
+        if self.last_exit is not None:
+            pid, ex, at = self.last_exit
+            counters["last_exit"] = [pid, ex.code, ex.signal, at]
+        return handover.UnitHandover(
+            name=self.unit.name, mode=self.unit.mode.value, life=self.life.value,
+            listen={b.listen.display: b.fd for b in self.bound if not b.closed},
+            nodes={b.listen.display: b.node for b in self.bound if not b.closed and b.node is not None},
+            notify=(self.endpoint.address, self.endpoint.fileno()),
+            fd_store=list(self.fd_store), counters=counters, slots=self.handover_slots(),
+            strays=sorted(set(self.pids()) - set(self.handover_slot_pids()) | self.strays),
+        )  # fmt: skip
+
+    def handover_blocker(self) -> str | None:
+        """Why this unit cannot be handed over right now (None: it can)."""
+        return None
+
+    def handover_slots(self) -> list[Any]:
+        """The lifecycle slots to hand over (service, pool and proxy mode)."""
+        return []
+
+    def handover_slot_pids(self) -> list[int]:
+        return [s.pid for s in self.handover_slots() if s.pid is not None]
+
+    def _restore(self, h: handover.UnitHandover) -> None:
+        c = h.counters
+        for key in self._COUNTERS:
+            value = c.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                setattr(self, key, type(getattr(self, key))(value))
+        for key in self._COUNTERS_BY:
+            value = c.get(key)
+            if isinstance(value, dict):
+                getattr(self, key).update({k: v for k, v in value.items() if isinstance(v, int)})
+        if isinstance(c.get("status_text"), str):
+            self.status_text = c["status_text"]
+        last = c.get("last_exit")
+        if isinstance(last, list) and len(last) == 4 and isinstance(last[0], int):
+            self.last_exit = (last[0], Exit(code=last[1], signal=last[2]), float(last[3]))
+        self.fd_store = list(h.fd_store)
+        if h.life == UnitState.STOPPED.value and self.unit.enabled:
+            self.life = UnitState.STOPPED
+
+    def resume(self) -> None:
+        """Instead of ``activate`` after a re-exec: take the handed-over processes back, then carry on."""
+        h = self.resumed
+        if h is not None:
+            self.resume_slots(h)
+            for pid in h.strays:
+                self.adopt_stray(pid)
+        if self.life is UnitState.ENABLED:
+            self.resume_activate()
+
+    def resume_slots(self, h: handover.UnitHandover) -> None:
+        """Put the handed-over slots back (modes with slots)."""
+
+    def resume_activate(self) -> None:
+        self.activate()
+
+    def adopt_stray(self, pid: int) -> None:
+        """A child of the previous image with no slot here: reaped and counted, stopped with the unit."""
+        self.strays.add(pid)
+        self.host.watch_child(pid, self._stray_exited)
+
+    def _stray_exited(self, pid: int, ex: Exit) -> None:
+        self.strays.discard(pid)
+        self.exited(pid, ex)
+        if not self.busy():
+            self.host.settled()
+
+    def stop_strays(self, sig: int) -> None:
+        for pid in list(self.strays):
+            kill_group(pid, sig)
 
     # ------------------------------------------------------------ plumbing
 
@@ -355,7 +448,7 @@ class UnitRuntime:
 
     def busy(self) -> bool:
         """Whether anything of the unit still runs (a retiring unit's sockets close when nothing does)."""
-        return bool(self.pids())
+        return bool(self.pids() or self.strays)
 
     def activate(self) -> None:
         """Begin: poll, or start at once (eager)."""
