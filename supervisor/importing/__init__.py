@@ -80,10 +80,18 @@ class ImportedUnit:
 
 @dataclass(slots=True)
 class ImportResult:
-    """Every unit translated from the inputs, and every setting that was not carried over."""
+    """Every unit translated from the inputs, and every setting that was not carried over.
+
+    ``settings`` counts the source settings read (assignment lines, each once however many
+    units it applies to); ``carried`` is how many of them were translated without a warning
+    (a setting that a later one overrides counts as honoured). The rest are named in
+    ``dropped``, or belong to a service that was not imported at all.
+    """
 
     units: list[ImportedUnit] = field(default_factory=list)
     dropped: list[Dropped] = field(default_factory=list)
+    settings: int = 0
+    carried: int = 0
 
 
 class ImportSyntaxError(SockvisorError):
@@ -111,6 +119,8 @@ class Collector:
     def __init__(self) -> None:
         self.result = ImportResult()
         self._seen: set[Dropped] = set()
+        self._read: set[tuple[str, int]] = set()  # (file, line) of every setting read
+        self._discarded: set[tuple[str, int]] = set()  # settings of services not imported at all
 
     def drop(self, unit: ImportedUnit | None, dropped: Dropped) -> None:
         """Record ``dropped``: a comment in ``unit`` (when there is one), a warning once."""
@@ -119,6 +129,21 @@ class Collector:
         if dropped not in self._seen:
             self._seen.add(dropped)
             self.result.dropped.append(dropped)
+
+    def read(self, file: str, line: int) -> None:
+        """Count the setting at ``file:line`` as read."""
+        self._read.add((file, line))
+
+    def discard(self, file: str, line: int) -> None:
+        """The setting at ``file:line`` belongs to a service that is not imported: it is not carried over."""
+        self._discarded.add((file, line))
+
+    def finish(self) -> ImportResult:
+        """The result, with ``settings`` and ``carried`` counted."""
+        warned = {(d.file, d.line) for d in self.result.dropped}
+        self.result.settings = len(self._read)
+        self.result.carried = len(self._read - warned - self._discarded)
+        return self.result
 
 
 # The order keys are written in: identity, listeners, how it runs, the process,

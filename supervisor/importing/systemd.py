@@ -261,11 +261,69 @@ def _load(path: str, name: UnitName, dirs: list[str]) -> _Loaded:
 
 
 def _find_unit(unit: str, dirs: list[str]) -> str | None:
+    """The first ``DIR/unit`` that exists (a link to /dev/null, a masked unit, included)."""
     for directory in dirs:
         path = os.path.join(directory, unit)
-        if os.path.isfile(path):
+        if os.path.isfile(path) or _masked(path):
             return path
     return None
+
+
+def _masked(path: str) -> bool:
+    return os.path.islink(path) and os.path.realpath(path) == os.devnull
+
+
+def _find_alias(unit: str, dirs: list[str]) -> str | None:
+    """The unit file that names ``unit`` in its ``[Install] Alias=``: what ``systemctl enable`` links it to.
+
+    syslog.socket activates syslog.service, which exists only as that link
+    (rsyslog.service has ``Alias=syslog.service``). Files that cannot be read or
+    parsed are not candidates: they are not the input, and the search goes on.
+    """
+    suffix = "." + UnitName(unit).suffix
+    for directory in dirs:
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            continue
+        for name in names:
+            path = os.path.join(directory, name)
+            if not name.endswith(suffix) or name == unit or not os.path.isfile(path):
+                continue
+            try:
+                text = _read(path)
+                if unit not in text:
+                    continue
+                assignments = parse_unit_text(text, path)
+            except (ImportReadError, ImportSyntaxError):
+                continue
+            aliases = [w for a in assignments if a.section == "Install" and a.key == "Alias" for w in a.value.split()]
+            if unit in aliases:
+                return path
+    return None
+
+
+def _service_file(ctx: _Context, socket_path: str, service: str, dirs: list[str]) -> tuple[str, str]:
+    """The file of the service a socket activates, and the name it is loaded under.
+
+    Raises:
+        ImportReadError: the service is not in ``dirs`` (by name or ``Alias=``), or it is masked.
+    """
+    path = _find_unit(service, dirs)
+    if path is None:
+        path = _find_alias(service, dirs)
+        if path is None:
+            raise ImportReadError(socket_path, f"its service {service} is not in {', '.join(dirs)}")
+        ctx.note(f"{service} is {path}, which names it in Alias= (the link systemctl enable makes)")
+        return path, os.path.basename(path)
+    if _masked(path):
+        raise ImportReadError(socket_path, f"its service {service} is masked ({path} is a link to /dev/null)")
+    target = os.path.basename(os.path.realpath(path))
+    if os.path.islink(path) and target.endswith("." + UnitName(service).suffix) and "@" not in target:
+        # An alias link (/etc/systemd/system/syslog.service -> rsyslog.service): systemd
+        # loads the unit under the name of the file the link points to.
+        return path, target
+    return path, service
 
 
 # ----------------------------------------------------------------------------
@@ -279,6 +337,7 @@ class _Setting:
     values: list[str] = field(default_factory=list)
     origins: list[Assignment] = field(default_factory=list)  # one per value
     reset: Assignment | None = None  # the empty assignment that last cleared the list
+    every: list[Assignment] = field(default_factory=list)  # each line that wrote it, resets and all
 
     @property
     def last(self) -> Assignment:
@@ -302,6 +361,7 @@ def _fold(assignments: list[Assignment], section: str, lists: frozenset[str]) ->
         key = _LISTEN_RESET_GROUP if a.key in _LISTEN_KEYS else a.key
         if key in lists or key == _LISTEN_RESET_GROUP:
             current = out.setdefault(key, _Setting())
+            current.every.append(a)
             if a.value == "":
                 current.values.clear()
                 current.origins.clear()
@@ -310,7 +370,8 @@ def _fold(assignments: list[Assignment], section: str, lists: frozenset[str]) ->
             current.values.append(a.value)
             current.origins.append(a)
         else:
-            out[key] = _Setting([a.value], [a])
+            every = out[key].every if key in out else []
+            out[key] = _Setting([a.value], [a], every=[*every, a])
     return out
 
 
@@ -523,6 +584,17 @@ def _choice(table: dict[str, Any]) -> Parse:
     return parse
 
 
+def _bind_ipv6_only(text: str) -> bool | None:
+    # systemd takes a boolean too: yes is ipv6-only, no is both (gpsd.socket says "yes").
+    word = text.strip()
+    if word.lower() in _TRUE + _FALSE:
+        return parse_bool(word)
+    table: dict[str, bool | None] = {"ipv6-only": True, "both": False, "default": None}
+    if word not in table:
+        raise BadValue("expected ipv6-only, both, default or a boolean")
+    return table[word]
+
+
 def _ip_tos(text: str) -> int:
     names = {"low-delay": 0x10, "throughput": 0x08, "reliability": 0x04, "low-cost": 0x02}
     return names[text.strip()] if text.strip() in names else parse_int(text, 0, 255)
@@ -587,7 +659,7 @@ _TIMESTAMPING = {"off": "off", "us": "us", "usec": "us", "µs": "us", "ns": "ns"
 # [Socket] directive -> (listen key, value parser, the listen kinds it applies to)
 _SOCKET_OPTIONS: dict[str, tuple[str, Parse, frozenset[str]]] = {
     "Backlog": ("backlog", _int(1, _INT_MAX), _STREAM),
-    "BindIPv6Only": ("ipv6_only", _choice({"ipv6-only": True, "both": False, "default": None}), _INET),
+    "BindIPv6Only": ("ipv6_only", _bind_ipv6_only, _INET),
     "BindToDevice": ("bind_to_device", _interface, _INET),
     "SocketUser": ("user", _principal, _NODES),
     "SocketGroup": ("group", _principal, _NODES),
@@ -802,7 +874,9 @@ def _socket(ctx: _Context, settings: dict[str, _Setting]) -> str | None:
         option = _SOCKET_OPTIONS.get(key)
         a = setting.last
         if option is None:
-            ctx.drop(a, _SOCKET_WHY.get(key, "no sockvisor equivalent"))
+            # A directive with no equivalent is warned about on every line that sets it.
+            for each in setting.every:
+                ctx.drop(each, _SOCKET_WHY.get(key, "no sockvisor equivalent"))
             continue
         listen_key, parse, kinds = option
         try:
@@ -895,12 +969,12 @@ def _service(ctx: _Context, settings: dict[str, _Setting]) -> None:
                 handler(ctx, setting)
             elif key in ("ExecStart", "StandardInput", "StandardOutput", "StandardError"):
                 continue
-            elif _SANDBOXING.fullmatch(key):
-                ctx.drop(a, _SANDBOX_WHY)
-            elif _RESOURCE.fullmatch(key):
-                ctx.drop(a, _RESOURCE_WHY)
             else:
-                ctx.drop(a, _SERVICE_WHY.get(key, "no sockvisor equivalent"))
+                # Not carried over at all: every line that sets it gets its warning.
+                why = (_SANDBOX_WHY if _SANDBOXING.fullmatch(key) else _RESOURCE_WHY if _RESOURCE.fullmatch(key)
+                       else _SERVICE_WHY.get(key, "no sockvisor equivalent"))  # fmt: skip
+                for each in setting.every:
+                    ctx.drop(each, why)
         except BadValue as exc:
             ctx.drop(a, str(exc))
     if stdio:
@@ -1069,17 +1143,35 @@ def _handle_restart(ctx: _Context, setting: _Setting) -> None:
     ctx.unit.data["restart"] = mode
 
 
+# A zero means something else in each directive: RestartSec=0 restarts at once,
+# where sockvisor's restart_delay must be greater than 0; for the timeouts and
+# the watchdog, 0 turns them off, which sockvisor has no value for.
+_ZERO_WHY = {
+    "restart_delay": "0 (restart at once): sockvisor's restart_delay must be greater than 0, its default is kept",
+    "watchdog": "0 turns the watchdog off, as leaving watchdog out does",
+}
+_TIMEOUT_ZERO_WHY = "0 turns systemd's timeout off: sockvisor has no unlimited {key}, its default is kept"
+
+
+def _nonzero_duration(text: str, key: str) -> str:
+    """``text`` as a sockvisor duration for ``key``; raises BadValue for 0, which sockvisor cannot say."""
+    seconds = parse_timespan(text)
+    if round(seconds * 1e6) == 0:
+        raise BadValue(_ZERO_WHY.get(key, _TIMEOUT_ZERO_WHY.format(key=key)))
+    return format_duration(seconds)
+
+
 def _duration_key(key: str, service_only: bool = False) -> Callable[[_Context, _Setting], None]:
     def handle(ctx: _Context, setting: _Setting) -> None:
         if service_only and ctx.accept:
             raise BadValue("only applies with Accept=no")
-        ctx.unit.data[key] = format_duration(parse_timespan(setting.value))
+        ctx.unit.data[key] = _nonzero_duration(setting.value, key)
 
     return handle
 
 
 def _handle_timeout(ctx: _Context, setting: _Setting) -> None:
-    value = format_duration(parse_timespan(setting.value))
+    value = _nonzero_duration(setting.value, "start_timeout and stop_timeout")
     ctx.unit.data.setdefault("stop_timeout", value)
     if not ctx.accept:
         ctx.unit.data.setdefault("start_timeout", value)
@@ -1224,6 +1316,8 @@ def import_systemd(paths: list[str], unit_dirs: list[str] | None = None) -> Impo
         dirs = [os.path.dirname(path) or ".", *dirs_after]
         socket_name = UnitName(base)
         socket_unit = _load(path, socket_name, dirs)
+        for a in socket_unit.assignments:
+            collector.read(a.file, a.line)
         name = _unit_name(socket_name.stem)
         while name in names:
             name = _unit_name(name + "-2")
@@ -1231,6 +1325,8 @@ def import_systemd(paths: list[str], unit_dirs: list[str] | None = None) -> Impo
         first = next((a.line for a in socket_unit.assignments if a.file == path and a.section == "Socket"), 1)
         unit = ImportedUnit(name, path, first, {"name": name})
         ctx = _Context(unit, collector)
+        if "@" in socket_name.stem and not socket_name.instance:
+            ctx.note(f"{base} is a template: imported with an empty instance name (%i and %I are empty)")
         for a, spec in socket_unit.unexpanded:
             ctx.drop(a, f"specifier {spec} is not known at import time: left as written")
         socket_settings = _fold(socket_unit.assignments, "Socket", _SOCKET_LISTS)
@@ -1252,10 +1348,10 @@ def import_systemd(paths: list[str], unit_dirs: list[str] | None = None) -> Impo
         elif ctx.accept:
             ctx.drop(socket_settings["Service"].last, "systemd refuses Service= with Accept=yes", key="Service")
             service_name = f"{socket_name.prefix}@.service"
-        service_path = _find_unit(service_name, dirs)
-        if service_path is None:
-            raise ImportReadError(path, f"its service {service_name} is not in {', '.join(dirs)}")
-        service_unit = _load(service_path, UnitName(service_name), dirs)
+        service_path, loaded_as = _service_file(ctx, path, service_name, dirs)
+        service_unit = _load(service_path, UnitName(loaded_as), dirs)
+        for a in service_unit.assignments:
+            collector.read(a.file, a.line)
         for a, spec in service_unit.unexpanded:
             ctx.drop(a, f"specifier {spec} is not known at import time: left as written")
         if ctx.accept:
@@ -1267,7 +1363,7 @@ def import_systemd(paths: list[str], unit_dirs: list[str] | None = None) -> Impo
         _description(unit, socket_unit, service_unit)
         unit.data = order_unit(unit.data)
         collector.result.units.append(unit)
-    return collector.result
+    return collector.finish()
 
 
 def _description(unit: ImportedUnit, *loaded: _Loaded) -> None:
@@ -1293,4 +1389,5 @@ def _sections(ctx: _Context, loaded: _Loaded, main: str) -> None:
                 why = _INSTALL_WHY
             else:
                 why = f"a [{section}] section does not belong in a .{loaded.name.suffix} unit"
-            ctx.drop(setting.last, why)
+            for each in setting.every:
+                ctx.drop(each, why)

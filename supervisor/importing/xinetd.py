@@ -11,7 +11,8 @@ Theory of operation: two passes, as xinetd itself works.
    character is ``#`` are comments. ``includedir`` reads the directory's
    files in name order, skipping names that contain a ``.`` or end in ``~``,
    as xinetd does. Relative include paths are taken from the including file's
-   directory. Anything else is an ``ImportSyntaxError`` with file and line.
+   directory; absolute ones under ``root`` when one is given (an unpacked or
+   mounted system, such as the test corpus). Anything else is an ``ImportSyntaxError`` with file and line.
 
 2. *Translate* (``_Translator``): each service's attributes are resolved
    against ``defaults`` (``=`` replaces a default, ``+=`` adds to it, ``-=``
@@ -123,8 +124,9 @@ def _read(path: str) -> list[str]:
 class _Parser:
     """Reads xinetd configuration files into blocks, following include and includedir."""
 
-    def __init__(self) -> None:
+    def __init__(self, root: str | None = None) -> None:
         self.blocks: list[_Block] = []
+        self.root = root
         self._open: list[str] = []  # files being read, to refuse an include loop
 
     def parse_file(self, path: str, *, via: tuple[str, int] | None = None) -> None:
@@ -168,7 +170,7 @@ class _Parser:
             elif keyword == "service" and len(words) == 2 and words[1] != "{":
                 header = _Block("service", words[1], path, number)
             elif keyword in ("include", "includedir") and len(words) == 2 and not opens:
-                target = os.path.join(os.path.dirname(path), words[1])
+                target = self._include_path(path, words[1])
                 if keyword == "include":
                     self.parse_file(target, via=(path, number))
                 else:
@@ -185,6 +187,12 @@ class _Parser:
             opened = block if block is not None else pending
             assert opened is not None
             raise ImportSyntaxError(path, opened.line, f"{_what(opened)} is never closed with '}}'")
+
+    def _include_path(self, path: str, name: str) -> str:
+        """An include's path: relative to the including file's directory, an absolute one under ``root``."""
+        if self.root is not None and name.startswith("/"):
+            return os.path.join(self.root, name.lstrip("/"))
+        return os.path.join(os.path.dirname(path), name)
 
     def _parse_dir(self, directory: str, via: tuple[str, int]) -> None:
         try:
@@ -300,6 +308,8 @@ class _Translator:
         if ident in self.ids:
             file, line = self.ids[ident]
             self._drop_service(block, "id", ident, f"a service with id {ident!r} is already defined at {file}:{line}")
+            for a in block.assignments:
+                self.collector.discard(a.file, a.line)
             return
         self.ids[ident] = (block.file, block.line)
         unit = ImportedUnit(self._unit_name(ident), block.file, block.line, {})
@@ -308,6 +318,8 @@ class _Translator:
             key, value, why = reason
             self._drop_service(block, key, value, why, attrs.get(key))
             self.names.discard(unit.name)
+            for a in block.assignments:
+                self.collector.discard(a.file, a.line)
             return
         if enabled is not None and ident not in enabled.values and block.name not in enabled.values:
             unit.data["enabled"] = False
@@ -826,6 +838,7 @@ def import_xinetd(
     paths: list[str],
     services_file: str = "/etc/services",
     resolve: Resolver = resolve_host,
+    root: str | None = None,
 ) -> ImportResult:
     """Translate xinetd configuration files (following include and includedir) into units.
 
@@ -834,13 +847,16 @@ def import_xinetd(
         services_file: the ``/etc/services`` that maps service names and aliases to ports.
         resolve: maps a host name in only_from, no_access, bind or redirect to its addresses
             (raising OSError when it does not resolve); called at import time.
+        root: where an absolute ``include``/``includedir`` path is looked for, for the files of
+            another system mounted or unpacked there (``includedir /etc/xinetd.d`` is read as
+            ``ROOT/etc/xinetd.d``); by default the path is taken as written.
     Returns:
         The units in file order, and every setting that was not carried over.
     Raises:
         ImportSyntaxError: a file is not valid xinetd syntax (with its file and line).
         ImportReadError: a file, or one it includes, cannot be read.
     """
-    parser = _Parser()
+    parser = _Parser(root)
     for path in paths:
         parser.parse_file(path)
     collector = Collector()
@@ -853,6 +869,8 @@ def import_xinetd(
     enabled = defaults.pop("enabled", None)
     disabled = defaults.pop("disabled", None)
     for block in parser.blocks:
+        for a in block.assignments:
+            collector.read(a.file, a.line)
         if block.kind == "service":
             translator.service(block, defaults, enabled, disabled)
-    return collector.result
+    return collector.finish()
