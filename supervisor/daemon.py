@@ -365,8 +365,8 @@ class Daemon:
         except ValueError as exc:
             self.log.warning("inherited_fds_invalid", error=str(exc))
             passed = []
-        self._inherited = {fd: True for fd, _ in passed}
-        self._inherited_names = {fd: name for fd, name in passed if name != "unknown"}
+        self._inherited.update({fd: True for fd, _ in passed})
+        self._inherited_names.update({fd: name for fd, name in passed if name != "unknown"})
         for fd, _ in passed:
             os.set_inheritable(fd, False)
         for var in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_PIDFDID", "LISTEN_FDNAMES"):

@@ -119,7 +119,7 @@ class Sockvisor:
 
     def cli(self, *args: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         cmd = [sys.executable, "-m", "supervisor", *args]
-        if args and args[0] in ("status", "start", "stop", "restart", "reload"):
+        if args and args[0] in ("status", "start", "stop", "restart", "reload", "reexec"):
             cmd += ["--control", str(self.control)]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if check and res.returncode != 0:
