@@ -4,20 +4,26 @@ Theory of operation
 -------------------
 ``Relays`` holds a proxy unit's open connections. Each relay joins a client
 connection and a backend connection: two directions, each moving data with
-``splice(2)``, socket -> pipe -> socket, so the bytes never enter user space.
-The moving is done by ``supervisor._relay`` (C): one epoll set of its own,
-watched by the loop as a single fd; on each wake-up the engine handles every
-ready fd and tells Python only which relays ended and how many bytes each
-carried. No thread, no task, no Python call per event.
+``splice(2)``, socket -> pipe -> socket, so bulk bytes never enter user space.
+The moving is done by ``supervisor._relay`` (C): an engine with an epoll set
+and one thread of its own (per unit, never per connection) that waits on it and
+moves the bytes without the GIL and without waking the event loop. The loop
+watches one eventfd, readable only when relays ended; then the engine tells
+Python which ones and how many bytes each carried. No task, no Python call,
+no loop wake-up per event.
 
 The rules the engine keeps (``_relay.c`` says how):
 
-- A direction is *reading* (waiting for its source) or *flushing* (bytes wait
-  in its pipe because the destination is full: it waits for the destination
-  instead). A pipe is held only while it holds bytes; empty pipes go back to a
-  small pool, so a thousand idle connections hold no pipe at all.
-- A read shorter than the smallest pipe (64 KiB) emptied the socket: no read
-  is made only to see EAGAIN (the poll is level-triggered).
+- Both fds of a relay are registered once, edge-triggered, for reading and
+  writing; each side keeps "may be readable" and "may be writable" flags that
+  events set and EAGAIN clears, so no ``epoll_ctl`` is made while bytes flow.
+- Small reads (requests, replies) are copied once through a shared 16 KiB
+  buffer (one read, one write: cheaper than two splices), and a short read
+  emptied the socket, so no read is made only to see EAGAIN; a read that fills
+  the buffer switches the direction to splice, a short splice read back.
+- A direction is *reading* or *flushing* (bytes wait, in its pipe or buffer,
+  for a full destination). A pipe is held only while it holds bytes; empty
+  pipes go back to a small pool, so a thousand idle connections hold no pipe.
 - End of stream on one side is passed on as ``shutdown(SHUT_WR)`` on the
   other: half-closes go through. A reset or an error on either side closes
   both, the other with a reset too, so a client sees the backend die rather
@@ -26,6 +32,8 @@ The rules the engine keeps (``_relay.c`` says how):
   EPOLLERR and never calls its reader; the engine's own epoll set sees them.
 - Where no pipe can be had (out of fds) or splice is refused, that direction
   copies through a 64 KiB buffer.
+- A relay that ended keeps its id until Python heard of it (``done``, or
+  ``close_one`` if that came first), so ids are never confused.
 
 ``Poller`` is the same idea for the few fds the proxy handles in Python
 (connects in flight, udp flows): an epoll set watched as one fd, so EPOLLERR
@@ -42,7 +50,7 @@ from typing import Generic, TypeVar
 
 from supervisor import _relay
 
-PIPE_SIZE = 1 << 18  # 256 KiB pipes (F_SETPIPE_SZ); the default 64 KiB costs 4x the syscalls on bulk data
+PIPE_SIZE = 1 << 20  # 1 MiB pipes (F_SETPIPE_SZ; the default pipe-max-size); 64 KiB costs 16x the splices on bulk
 POOL_KEEP = 64  # empty pipes kept for reuse
 T = TypeVar("T")
 
@@ -61,7 +69,7 @@ class Relays(Generic[T]):
         self._loop = loop
         self._done = done
         self._open: dict[int, T] = {}
-        loop.add_reader(self._engine.fileno(), self._engine.run)  # C all the way: no Python frame per wake-up
+        loop.add_reader(self._engine.fileno(), self._engine.run)  # readable only when relays ended
 
     def add(self, client: int, backend: int, token: T) -> int:
         """Relay between two connected non-blocking fds, which the engine owns (and closes) from now on."""
@@ -95,7 +103,7 @@ class Relays(Generic[T]):
         return len(self._open)
 
     def close(self) -> None:
-        """Close every relay (without calling ``done``), the pipes and the engine."""
+        """Close every relay (without calling ``done``), the pipes and the engine (its thread is joined)."""
         self._loop.remove_reader(self._engine.fileno())
         self._engine.close()
         self._open.clear()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import select
 import socket
 import struct
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -39,7 +41,7 @@ class _Setup:
         self.backend, backend_inner = _pair()
         self.finished = asyncio.Event()
         self.result: tuple[int, int, bool] | None = None
-        self.relays = relays or Relays(loop, _Setup._done, splice=splice)
+        self.relays = relays if relays is not None else Relays(loop, _Setup._done, splice=splice)
         self.relays.add(client_inner.detach(), backend_inner.detach(), self)
 
     @staticmethod
@@ -181,3 +183,150 @@ def test_idle_relays_hold_no_pipe() -> None:
         first.relays.close()
 
     _run(body)
+
+
+def test_bytes_and_end_sent_before_the_relay_began_are_delivered() -> None:
+    """What the client sent (and its end of stream) while the backend was starting is delivered: the
+    edge-triggered set reports data already waiting, and an end seen with it is read, not lost."""
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        client, client_inner = _pair()
+        backend, backend_inner = _pair()
+        client.sendall(b"early request")
+        client.shutdown(socket.SHUT_WR)
+        await loop.run_in_executor(None, _wait_readable, client_inner)
+        finished = asyncio.Event()
+        result: list[tuple[int, int, bool]] = []
+
+        def done(_: None, received: int, sent: int, reset: bool) -> None:
+            result.append((received, sent, reset))
+            finished.set()
+
+        relays: Relays[None] = Relays(loop, done)
+        relays.add(client_inner.detach(), backend_inner.detach(), None)
+        assert await loop.run_in_executor(None, _read_to_end, backend) == b"early request"
+        backend.sendall(b"late answer")
+        backend.close()
+        assert await loop.run_in_executor(None, _read_to_end, client) == b"late answer"
+        await asyncio.wait_for(finished.wait(), 10)
+        assert result == [(len(b"early request"), len(b"late answer"), False)]
+        client.close()
+        relays.close()
+
+    _run(body)
+
+
+def _wait_readable(sock: socket.socket) -> None:
+    select.select([sock], [], [], 5)
+
+
+def test_request_response_across_the_copy_and_splice_sizes() -> None:
+    """Round trips of sizes on both sides of the copy/splice switch (1 byte to 200 KiB) come back whole and in
+    order: a direction that went to splice for a big message copies small ones again."""
+    sizes = [1, 64, 16383, 16384, 16385, 4095, 200_000, 10, 65536, 3, 1 << 17, 7] * 20
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        s = _Setup(loop)
+
+        def echo() -> None:
+            while data := s.backend.recv(1 << 18):
+                s.backend.sendall(data)
+            s.backend.close()
+
+        echoing = loop.run_in_executor(None, echo)
+
+        def drive() -> int:
+            total = 0
+            for i, size in enumerate(sizes):
+                message = bytes([i % 251]) * size
+                s.client.sendall(message)
+                got = b""
+                while len(got) < size:
+                    chunk = s.client.recv(size - len(got))
+                    assert chunk
+                    got += chunk
+                assert got == message
+                total += size
+            s.client.shutdown(socket.SHUT_WR)
+            assert s.client.recv(1) == b""
+            return total
+
+        total = await loop.run_in_executor(None, drive)
+        await echoing
+        await asyncio.wait_for(s.finished.wait(), 10)
+        assert s.result == (total, total, False)
+        s.client.close()
+        s.relays.close()
+
+    _run(body)
+
+
+def test_a_relay_that_ended_unreported_is_reported_once_by_close_one() -> None:
+    """A relay that ended in the engine's thread before the loop heard of it is reported once, by close_one,
+    and not again when the loop gets round to it (its id is not reused before it is reported)."""
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        calls: list[tuple[str, int, int, bool]] = []
+        second = asyncio.Event()
+
+        def done(name: str, received: int, sent: int, reset: bool) -> None:
+            calls.append((name, received, sent, reset))
+            if name == "second":
+                second.set()
+
+        relays: Relays[str] = Relays(loop, done)
+        engine = relays._engine
+        loop.remove_reader(engine.fileno())  # the loop does not hear of the end until told
+        client, client_inner = _pair()
+        backend, backend_inner = _pair()
+        rid = relays.add(client_inner.detach(), backend_inner.detach(), "first")
+        client.sendall(b"abc")
+        assert await loop.run_in_executor(None, backend.recv, 10) == b"abc"
+        client.close()
+        backend.close()
+        await loop.run_in_executor(None, _wait_fd, engine.fileno())  # the thread says a relay ended
+        assert engine.open == 0 and len(relays) == 1
+        relays.close_one(rid)
+        assert calls == [("first", 3, 0, False)]
+        client, client_inner = _pair()
+        backend, backend_inner = _pair()
+        assert relays.add(client_inner.detach(), backend_inner.detach(), "second") == rid  # the slot, free again
+        engine.run()
+        assert calls == [("first", 3, 0, False)]
+        loop.add_reader(engine.fileno(), engine.run)
+        client.close()
+        backend.close()
+        await asyncio.wait_for(second.wait(), 10)
+        assert calls == [("first", 3, 0, False), ("second", 0, 0, False)]
+        relays.close()
+
+    _run(body)
+
+
+def _wait_fd(fd: int) -> None:
+    select.select([fd], [], [], 5)
+
+
+def test_closing_the_engine_leaves_no_fd_and_no_thread() -> None:
+    """Closing the relays stops the engine's thread and closes its epoll set, its eventfds, its pipes and the
+    open connections: the process has the fds and threads it had before."""
+
+    def counts() -> tuple[int, int]:
+        return len(os.listdir("/proc/self/fd")), len(os.listdir("/proc/self/task"))
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        relays: Relays[_Setup] = Relays(loop, _Setup._done)
+        setups = [_Setup(loop, relays) for _ in range(20)]
+        for s in setups:
+            s.client.sendall(b"x" * 100_000)
+        for s in setups:
+            await loop.run_in_executor(None, s.backend.recv, 10)
+        relays.close()
+        for s in setups:
+            s.client.close()
+            s.backend.close()
+
+    before = counts()
+    threads = threading.active_count()
+    _run(body)
+    assert counts() == before and threading.active_count() == threads
