@@ -411,7 +411,8 @@ class _Translator:
         data["mode"] = "accept" if per_connection else "service"
         if "INTERNAL" in types:
             if block.name not in BUILTINS:
-                return "type", attrs["type"].text, f"internal service {block.name} has no sockvisor builtin"
+                why = _INTERNAL_WHY.get(block.name, f"internal service {block.name} has no sockvisor builtin")
+                return "type", attrs["type"].text, why
             data["builtin"] = block.name
             for key in ("server", "server_args"):
                 if key in attrs:
@@ -823,6 +824,11 @@ _WHY = {
     "disabled": "only valid in defaults",
     "rpc_version": "RPC services have no sockvisor equivalent",
     "rpc_number": "RPC services have no sockvisor equivalent",
+}
+_INTERNAL_WHY = {
+    "tcpmux": "xinetd's internal TCPMUX multiplexer has no sockvisor equivalent",
+    "servers": "xinetd's internal list of its running servers has no sockvisor equivalent (see sockvisor status)",
+    "services": "xinetd's internal list of its services has no sockvisor equivalent (see sockvisor status)",
 }
 _FLAG_WHY = {
     "INTERCEPT": "sockvisor does not intercept connections",

@@ -269,6 +269,8 @@ CASES: list[tuple[str, str, str, dict[str, Any]]] = [
     ("accept without stdin socket passes fds", SOCK + "Accept=yes\n", "", {"mode": "accept", "pass": "fds"}),
     ("ipv6-only", "[Socket]\nListenStream=[::]:80\nBindIPv6Only=ipv6-only\n", "",
      {"listen": [{"tcp": "[::]:80", "ipv6_only": True}]}),
+    ("BindIPv6Only takes a boolean", "[Socket]\nListenStream=[::]:80\nBindIPv6Only=no\n", "",
+     {"listen": [{"tcp": "[::]:80", "ipv6_only": False}]}),
     ("socket options", SOCK + "DeferAcceptSec=3\nMark=7\nIPTTL=9\nFreeBind=yes\nTransparent=on\nPriority=2\n"
      "SendBuffer=1M\nTCPCongestion=bbr\nSocketProtocol=mptcp\nBindToDevice=eth0\nKeepAliveIntervalSec=5\n"
      "KeepAliveProbes=3\n", "",
@@ -341,6 +343,10 @@ DROPS = [
     ("unknown specifier", "[Socket]\nListenStream=/run/%H.sock\n", "", "ListenStream", "specifier %H"),
     ("install", SOCK + "[Install]\nWantedBy=sockets.target\n", "", "WantedBy", "[Install]"),
     ("limit data", SOCK, "LimitDATA=1G\n", "LimitDATA", "data-segment"),
+    ("restart at once", SOCK, "RestartSec=0\n", "RestartSec", "restart_delay must be greater than 0"),
+    ("no start timeout", SOCK, "TimeoutStartSec=0\n", "TimeoutStartSec", "turns systemd's timeout off"),
+    ("no timeouts", SOCK, "TimeoutSec=0\n", "TimeoutSec", "no unlimited start_timeout and stop_timeout"),
+    ("watchdog off", SOCK, "WatchdogSec=0\n", "WatchdogSec", "turns the watchdog off"),
 ]  # fmt: skip
 
 
@@ -355,6 +361,44 @@ def test_directive_dropped(tmp_path: Path, why: str, socket: str, service: str, 
     matching = [d for d in result.dropped if d.key == key and message in d.why]
     assert len(matching) == 1, result.dropped
     assert matching[0].line >= 2 and matching[0].comment in unit.comments
+
+
+def test_each_line_of_a_dropped_directive_is_warned(tmp_path: Path) -> None:
+    """A directive set on several lines (After=, ExecStartPre=) that is not carried over is warned on each line."""
+    write_units(tmp_path, {
+        "svc.socket": "[Unit]\nAfter=a.target\nAfter=b.target\n" + SOCK,
+        "svc.service": "[Service]\nExecStartPre=/bin/one\nExecStartPre=/bin/two\nExecStart=/bin/srv\n",
+    })  # fmt: skip
+    dropped = run([str(tmp_path / "svc.socket")], dirs=[]).dropped
+    assert [(d.key, d.line) for d in dropped if d.key in ("After", "ExecStartPre")] == [
+        ("After", 2), ("After", 3), ("ExecStartPre", 2), ("ExecStartPre", 3)]  # fmt: skip
+
+
+def test_service_found_through_alias(tmp_path: Path) -> None:
+    """A service that exists only as another unit's Alias= (syslog.service) is that unit, with a comment."""
+    write_units(tmp_path, {
+        "syslog.socket": "[Socket]\nListenDatagram=/run/log\n",
+        "lib/other.service": "[Service]\nExecStart=/bin/other\n[Install]\nAlias=syslog-ng.service\n",
+        "lib/rsyslog.service": "[Service]\nExecStart=/usr/sbin/rsyslogd -n\n[Install]\nAlias=syslog.service\n",
+    })  # fmt: skip
+    (unit,) = run([str(tmp_path / "syslog.socket")], dirs=[str(tmp_path / "lib")]).units
+    assert unit.data["exec"] == ["/usr/sbin/rsyslogd", "-n"]
+    assert any("names it in Alias=" in c for c in unit.comments)
+
+
+def test_masked_service_is_a_read_error(tmp_path: Path) -> None:
+    """A service linked to /dev/null (masked) is not run: a read error that says so."""
+    write_units(tmp_path, {"x.socket": SOCK})
+    (tmp_path / "x.service").symlink_to("/dev/null")
+    with pytest.raises(ImportReadError, match="masked"):
+        run([str(tmp_path / "x.socket")], dirs=[])
+
+
+def test_settings_are_counted(tmp_path: Path) -> None:
+    """ImportResult counts the settings read and those carried over without a warning."""
+    write_units(tmp_path, {"svc.socket": SOCK + "FlushPending=yes\n", "svc.service": "[Service]\nExecStart=/x\nUser=u\n"})
+    result = run([str(tmp_path / "svc.socket")], dirs=[])
+    assert (result.settings, result.carried, len(result.dropped)) == (4, 3, 1)
 
 
 # -- fuzz ----------------------------------------------------------------------------

@@ -174,6 +174,23 @@ def test_syntax_error_in_an_included_file_names_that_file(tmp_path: Path) -> Non
         import_text(tmp_path, "include inc\n")
 
 
+def test_absolute_includes_are_taken_under_root(tmp_path: Path) -> None:
+    """With root, "includedir /etc/xinetd.d" reads ROOT/etc/xinetd.d (an unpacked system, such as the corpus)."""
+    (tmp_path / "etc" / "xinetd.d").mkdir(parents=True)
+    (tmp_path / "etc" / "xinetd.d" / "svc").write_text("service svc\n{\n" + STREAM + "}\n")
+    (tmp_path / "etc" / "xinetd.conf").write_text("includedir /etc/xinetd.d\n")
+    conf = str(tmp_path / "etc" / "xinetd.conf")
+    result = import_xinetd([conf], services_file=SERVICES, resolve=fake_resolve, root=str(tmp_path))
+    assert [u.name for u in result.units] == ["svc"]
+
+
+def test_settings_are_counted(tmp_path: Path) -> None:
+    """Settings read are counted once each; a dropped service's settings are not carried over."""
+    result = import_text(tmp_path, "defaults\n{\nmax_load = 2\n}\nservice svc\n{\n" + STREAM + "}\n"
+                         "service r\n{\ntype = RPC\nsocket_type = dgram\nwait = yes\nserver = /r\n}\n")
+    assert (result.settings, result.carried) == (9, 4)
+
+
 def test_include_loop_is_an_error(tmp_path: Path) -> None:
     """A file that includes itself is refused instead of recursing forever."""
     with pytest.raises(ImportSyntaxError, match="include loop"):
