@@ -396,7 +396,7 @@ def test_masked_service_is_a_read_error(tmp_path: Path) -> None:
 
 def test_settings_are_counted(tmp_path: Path) -> None:
     """ImportResult counts the settings read and those carried over without a warning."""
-    write_units(tmp_path, {"svc.socket": SOCK + "FlushPending=yes\n", "svc.service": "[Service]\nExecStart=/x\nUser=u\n"})
+    write_units(tmp_path, {"svc.socket": SOCK + "FlushPending=yes\n", "svc.service": "[Service]\nExecStart=/x\nUser=u"})
     result = run([str(tmp_path / "svc.socket")], dirs=[])
     assert (result.settings, result.carried, len(result.dropped)) == (4, 3, 1)
 
