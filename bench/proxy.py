@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Proxy benchmark: sockvisor's mode: proxy side by side with a direct connection, systemd-socket-proxyd and socat.
 
-    python3 bench/proxy.py                   # 3 interleaved repetitions, table on stdout
+    python3 bench/proxy.py                   # 5 interleaved repetitions, table on stdout
     python3 bench/proxy.py --reps 5 --bytes 1073741824 --seconds 3
     python3 bench/proxy.py --sockvisor-cmd "/path/to/venv/bin/sockvisor"
 
@@ -259,7 +259,7 @@ def med(values: list[float]) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--bytes", type=int, default=1 << 30)
     parser.add_argument("--seconds", type=float, default=3.0, help="per request-rate run")
     parser.add_argument("--contenders", default="direct,sockvisor,systemd-socket-proxyd,socat")
@@ -318,6 +318,12 @@ def main() -> int:
     return 0
 
 
+def ratios(ours: list[float], theirs: list[float]) -> str:
+    """The ratio of the medians, and the median of the per-repetition ratios."""
+    paired = [a / b for a, b in zip(ours, theirs, strict=True) if b]
+    return f"{med(ours) / med(theirs):.2f}x ({med(paired):.2f}x)"
+
+
 def report(contenders: list[Contender], args: argparse.Namespace,
            cold: tuple[list[float], list[float], str] | None) -> str:
     cpus = os.cpu_count()
@@ -339,13 +345,15 @@ def report(contenders: list[Contender], args: argparse.Namespace,
     by = {c.name: c for c in contenders if not c.skipped}
     sv = by.get("sockvisor")
     if sv is not None:
-        lines += ["", "Ratios, sockvisor / peer (same run; > 1 means sockvisor is faster):", ""]
+        lines += ["", "Ratios, sockvisor / peer (same run; > 1 means sockvisor is faster): of the medians, and in "
+                  "brackets the median of the ratios within each repetition (the contenders ran next to each "
+                  "other then, so load from elsewhere on the machine cancels out better):", ""]
         for peer in ("systemd-socket-proxyd", "socat", "direct"):
             p = by.get(peer)
             if p is None:
                 continue
-            lines.append(f"- vs {peer}: bulk {med(sv.mib_s) / med(p.mib_s):.2f}x, "
-                         f"c=1 {med(sv.rr[1]) / med(p.rr[1]):.2f}x, c=64 {med(sv.rr[64]) / med(p.rr[64]):.2f}x")
+            lines.append(f"- vs {peer}: bulk {ratios(sv.mib_s, p.mib_s)}, c=1 {ratios(sv.rr[1], p.rr[1])}, "
+                         f"c=64 {ratios(sv.rr[64], p.rr[64])}")
     if cold is not None:
         sv_cold, own, answer = cold
         lines += ["", "Cold start (backend down; connect to first byte):", "",

@@ -357,9 +357,6 @@ static void ready(Engine *e, Py_ssize_t id, int side, uint32_t events) {
 static void *engine_thread(void *arg) {
     Engine *e = arg;
     struct epoll_event evs[BATCH];
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, NULL);  /* signals are the main thread's */
     pthread_mutex_lock(&e->lock);
     while (!e->stop) {
         int timeout = e->nagain ? 0 : -1;
@@ -425,7 +422,12 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
         Py_DECREF(e);
         return NULL;
     }
+    /* The thread starts with every signal blocked: signals are the main thread's (Python's handlers). */
+    sigset_t all, was;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &was);
     int err = pthread_create(&e->thread, NULL, engine_thread, e);
+    pthread_sigmask(SIG_SETMASK, &was, NULL);
     if (err) { errno = err; PyErr_SetFromErrno(PyExc_OSError); Py_DECREF(e); return NULL; }
     e->running = 1;
     return (PyObject *)e;
