@@ -48,6 +48,18 @@ def one_line(text: str, limit: int = _SHOWN) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def decimal(text: str, low: int, high: int) -> int | None:
+    """``text`` as a number when it is ASCII digits only and within ``low``..``high``, else None.
+
+    Not ``str.isdigit()`` and ``int()``: "²" is a digit to Python but not a number, and a
+    number of thousands of digits is a ValueError from ``int()``; neither is one to xinetd or systemd.
+    """
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
+        return None
+    number = int(text)
+    return number if low <= number <= high else None
+
+
 @dataclass(frozen=True, slots=True)
 class Dropped:
     """One source setting that was not carried over: where it was written, what it was, and why."""
@@ -124,8 +136,10 @@ class Collector:
 
     def drop(self, unit: ImportedUnit | None, dropped: Dropped) -> None:
         """Record ``dropped``: a comment in ``unit`` (when there is one), a warning once."""
-        if unit is not None and dropped.comment not in unit.comments:
-            unit.comments.append(dropped.comment)
+        if unit is not None:
+            comment = dropped.comment
+            if comment not in unit.comments:
+                unit.comments.append(comment)
         if dropped not in self._seen:
             self._seen.add(dropped)
             self.result.dropped.append(dropped)
@@ -177,8 +191,13 @@ def order_unit(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class _Dumper(yaml.SafeDumper):
-    """SafeDumper that writes strings YAML would read as something else in double quotes ("0660", "yes")."""
+# libyaml's emitter when PyYAML has it (as supervisor.yamlload reads with libyaml's parser):
+# the same documents, several times faster. The representer is Python either way.
+_SafeDumper: type[yaml.SafeDumper] | type[yaml.CSafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+class _Dumper(_SafeDumper):  # type: ignore[valid-type,misc]  # a base chosen at import time
+    """A safe dumper that writes strings YAML would read as something else in double quotes ("0660", "yes")."""
 
 
 def _represent_str(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:

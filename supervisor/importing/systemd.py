@@ -44,6 +44,7 @@ from supervisor.importing import (
     ImportReadError,
     ImportResult,
     ImportSyntaxError,
+    decimal,
     order_unit,
 )
 from supervisor.model import LISTEN_OPTION_KINDS
@@ -183,6 +184,9 @@ _FIXED_SPECIFIERS = {
 }  # fmt: skip
 
 
+_SPECIFIER = re.compile(r"%(.)", re.DOTALL)
+
+
 def expand_specifiers(text: str, name: UnitName) -> tuple[str, list[str]]:
     """``text`` with ``%n %N %p %P %i %I %j %J %f %t %T %V %h %u %%`` ... expanded for unit ``name``.
 
@@ -199,22 +203,17 @@ def expand_specifiers(text: str, name: UnitName) -> tuple[str, list[str]]:
         "I": unescape(name.instance), "j": prefix_last, "J": unescape(prefix_last),
         "f": "/" + unescape(name.instance or name.prefix).lstrip("/"),
     }  # fmt: skip
-    out: list[str] = []
     unknown: list[str] = []
-    i = 0
-    while i < len(text):
-        if text[i] == "%" and i + 1 < len(text):
-            letter = text[i + 1]
-            if letter in values:
-                out.append(values[letter])
-            else:
-                out.append(text[i : i + 2])
-                unknown.append("%" + letter)
-            i += 2
-            continue
-        out.append(text[i])
-        i += 1
-    return "".join(out), unknown
+
+    def expand(match: re.Match[str]) -> str:
+        letter = match.group(1)
+        if letter in values:
+            return values[letter]
+        unknown.append(match.group(0))
+        return match.group(0)
+
+    # Left to right, two characters at a time: "%%i" is "%" then "i"; a "%" at the end stays.
+    return _SPECIFIER.sub(expand, text), unknown
 
 
 @dataclass(slots=True)
@@ -389,8 +388,8 @@ _TIME_UNITS = {
     "weeks": 604800.0, "M": 2629800.0, "month": 2629800.0, "months": 2629800.0, "y": 31557600.0,
     "year": 31557600.0, "years": 31557600.0,
 }  # fmt: skip
-_TIME_PART = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*([A-Za-z]*)")
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGTPE]?)(?:i?B)?")
+_TIME_PART = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*([A-Za-z]*)", re.ASCII)
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGTPE]?)(?:i?B)?", re.ASCII)
 _SIZE_FACTOR = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60}
 
 
@@ -453,9 +452,21 @@ def parse_size(text: str) -> int:
     return size
 
 
+_HEX = re.compile(r"-?0[xX][0-9a-fA-F]{1,16}")
+_OCTAL = re.compile(r"-?0[0-7]{1,22}")
+_DECIMAL = re.compile(r"-?(?:0|[1-9][0-9]{0,18})")
+
+
 def parse_int(text: str, low: int, high: int) -> int:
+    """A number as systemd's strtol(base 0) reads it: ``0x1f`` hex, ``017`` octal, else decimal."""
     stripped = text.strip()
-    number = int(stripped, 0) if re.fullmatch(r"-?(?:0[xX][0-9a-fA-F]+|\d{1,19})", stripped) else None
+    number: int | None = None
+    if _HEX.fullmatch(stripped):
+        number = int(stripped, 16)
+    elif _OCTAL.fullmatch(stripped):
+        number = int(stripped, 8)
+    elif _DECIMAL.fullmatch(stripped):
+        number = int(stripped, 10)
     if number is None or not low <= number <= high:
         raise BadValue(f"expected a number {low}-{high}")
     return number
@@ -772,7 +783,7 @@ def _listen_entry(directive: str, value: str) -> dict[str, Any]:
         return {"mqueue": text}
     if directive == "ListenNetlink":
         words = text.split()
-        if not 1 <= len(words) <= 2 or (len(words) == 2 and not words[1].isdigit()):
+        if not 1 <= len(words) <= 2 or (len(words) == 2 and decimal(words[1], 0, 2**32 - 1) is None):
             raise BadValue("expected 'FAMILY [GROUP]'")
         return {"netlink": " ".join(words)}
     if directive == "ListenUSBFunction":
@@ -790,7 +801,7 @@ def _listen_entry(directive: str, value: str) -> dict[str, Any]:
         if directive != "ListenStream":
             raise BadValue("sockvisor has vsock stream listeners only")
         cid, sep, port = text[6:].rpartition(":")
-        if not sep or not port.isdigit():
+        if not sep or decimal(port, 0, 2**32 - 1) is None:
             raise BadValue("expected vsock:CID:PORT")
         return {"vsock": f"{cid}:{port}"}
     if inet is None:
@@ -806,8 +817,8 @@ def _absolute(text: str) -> str:
 
 def _inet(text: str) -> str:
     """``PORT``, ``ADDR:PORT`` or ``[ADDR]:PORT`` in the form sockvisor writes."""
-    if text.isdigit():
-        if not 1 <= int(text) <= 65535:
+    if text.isascii() and text.isdigit():
+        if decimal(text, 1, 65535) is None:
             raise BadValue("port out of range (1-65535)")
         return text
     if text.startswith("["):
@@ -828,9 +839,10 @@ def _inet(text: str) -> str:
             shown = str(ipaddress.IPv4Address(host))
         except ValueError:
             raise BadValue(f"{host!r} is not an IPv4 address (systemd does not resolve names)") from None
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    number = decimal(port, 1, 65535)
+    if number is None:
         raise BadValue("port out of range (1-65535)")
-    return f"{shown}:{int(port)}"
+    return f"{shown}:{number}"
 
 
 def _kind(entry: dict[str, Any]) -> str:
@@ -1180,9 +1192,10 @@ def _handle_timeout(ctx: _Context, setting: _Setting) -> None:
 def _handle_kill_signal(ctx: _Context, setting: _Setting) -> None:
     name = setting.value.strip().upper()
     if name.isdigit():
-        if not 1 <= int(name) <= int(signal.SIGRTMAX):
+        number = decimal(name, 1, int(signal.SIGRTMAX))
+        if number is None:
             raise BadValue("signal out of range")
-        ctx.unit.data["stop_signal"] = int(name)
+        ctx.unit.data["stop_signal"] = number
         return
     if not name.startswith("SIG"):
         name = "SIG" + name

@@ -45,6 +45,7 @@ from supervisor.importing import (
     ImportReadError,
     ImportResult,
     ImportSyntaxError,
+    decimal,
     order_unit,
 )
 
@@ -56,9 +57,9 @@ BUILTINS = ("echo", "discard", "daytime", "chargen", "time")
 PER_CONNECTION_ONLY = "only applies to per-connection (wait = no, stream) services"
 _NAME_BAD = re.compile(r"[^A-Za-z0-9_.@-]")
 _ATTRIBUTE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(\+=|-=|=)(.*)")
-_TIME_RANGE = re.compile(r"(\d{1,2}):(\d{1,2})-(\d{1,2}):(\d{1,2})")
-_FACTORIZED = re.compile(r"((?:\d{1,3}\.){0,3})\{([\d,]+)\}")
-_SIZE = re.compile(r"(\d+)([KkMm]?)")
+_TIME_RANGE = re.compile(r"(\d{1,2}):(\d{1,2})-(\d{1,2}):(\d{1,2})", re.ASCII)
+_FACTORIZED = re.compile(r"((?:\d{1,3}\.){0,3})\{([\d,]+)\}", re.ASCII)
+_SIZE = re.compile(r"(\d+)([KkMm]?)", re.ASCII)
 
 
 def resolve_host(name: str) -> list[str]:
@@ -282,10 +283,11 @@ class _Services:
                 if len(words) < 2 or "/" not in words[1]:
                     continue
                 port_text, _, proto = words[1].partition("/")
-                if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+                number = decimal(port_text, 1, 65535)
+                if number is None:
                     continue
                 for alias in [words[0], *words[2:]]:
-                    self._table.setdefault((alias, proto), int(port_text))
+                    self._table.setdefault((alias, proto), number)
         return self._table.get((name, protocol))
 
 
@@ -370,9 +372,8 @@ class _Translator:
         port: int | None = None
         if "port" in attrs:
             text = attrs["port"].text
-            if text.isdigit() and 1 <= int(text) <= 65535:
-                port = int(text)
-            else:
+            port = decimal(text, 1, 65535)
+            if port is None:
                 self.drop(unit, "port", attrs["port"], "not a port number 1-65535")
         if port is None:
             if "UNLISTED" in types:
@@ -466,7 +467,7 @@ class _Translator:
         self, unit: ImportedUnit, attrs: dict[str, _Value], per_connection: bool
     ) -> tuple[str, str, str] | None:
         value = attrs["redirect"]
-        if len(value.values) != 2 or not value.values[1].isdigit() or not 1 <= int(value.values[1]) <= 65535:
+        if len(value.values) != 2 or decimal(value.values[1], 1, 65535) is None:
             return "redirect", value.text, "expected 'redirect = HOST PORT'"
         if not per_connection:
             return "redirect", value.text, "redirect needs a stream service with wait = no"
@@ -475,7 +476,8 @@ class _Translator:
             return "redirect", value.text, f"{value.values[0]} does not resolve"
         host = found[0]
         unit.data["mode"] = "proxy"
-        unit.data["backend"] = f"[{host}]:{value.values[1]}" if ":" in host else f"{host}:{value.values[1]}"
+        port = decimal(value.values[1], 1, 65535)
+        unit.data["backend"] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         for key in ("server", "server_args"):
             if key in attrs:
                 self.drop(unit, key, attrs[key], "xinetd ignores the server of a redirected service")
@@ -629,8 +631,8 @@ def _instances(t: _Translator, unit: ImportedUnit, value: _Value) -> None:
     text = value.text
     if text.upper() == "UNLIMITED":
         unit.data["max_connections"] = UNLIMITED_CONNECTIONS
-    elif text.isdigit() and 1 <= int(text) <= 2**31 - 1:
-        unit.data["max_connections"] = int(text)
+    elif (count := decimal(text, 1, 2**31 - 1)) is not None:
+        unit.data["max_connections"] = count
     else:
         t.drop(unit, "instances", value, "expected a number or UNLIMITED")
         return
@@ -642,17 +644,17 @@ def _per_source(t: _Translator, unit: ImportedUnit, value: _Value) -> None:
     text = value.text
     if text.upper() == "UNLIMITED":
         return
-    if text.isdigit() and 1 <= int(text) <= 2**31 - 1:
-        unit.data["max_connections_per_source"] = int(text)
+    if (count := decimal(text, 1, 2**31 - 1)) is not None:
+        unit.data["max_connections_per_source"] = count
     else:
         t.drop(unit, "per_source", value, "expected a number or UNLIMITED")
 
 
 def _cps(t: _Translator, unit: ImportedUnit, value: _Value) -> None:
-    if len(value.values) != 2 or not all(v.isdigit() for v in value.values) or not 1 <= int(value.values[0]) <= 10**9:
+    rate = decimal(value.values[0], 1, 10**9) if len(value.values) == 2 else None
+    if rate is None or decimal(value.values[1], 0, 2**31 - 1) is None:
         t.drop(unit, "cps", value, "expected 'cps = RATE WAIT'")
         return
-    rate = int(value.values[0])
     unit.data["rate"] = {"per_second": rate, "burst": rate}
     unit.comments.append(f"cps: over {rate} connections a second sockvisor pauses accepting, where xinetd "
                          f"disables the service for {value.values[1]} seconds")
@@ -733,7 +735,7 @@ def _umask(t: _Translator, unit: ImportedUnit, value: _Value) -> None:
 
 
 def _nice(t: _Translator, unit: ImportedUnit, value: _Value) -> None:
-    if re.fullmatch(r"-?\d{1,3}", value.text) and -20 <= int(value.text) <= 19:
+    if re.fullmatch(r"-?\d{1,3}", value.text, re.ASCII) and -20 <= int(value.text) <= 19:
         unit.data["nice"] = int(value.text)
     else:
         t.drop(unit, "nice", value, "expected a number -20 to 19")
