@@ -47,7 +47,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from supervisor import __version__, _spawn, activation, control, handover, matching, metrics, sockets
+from supervisor import __version__, _spawn, activation, control, handover, matching, metrics, recovery, sockets
 from supervisor import config as configuration
 from supervisor import reload as reloading
 from supervisor.control import Command, Reply, Request, failure
@@ -65,6 +65,7 @@ FD_RESERVE = 64  # the daemon's own fds: control, notify, signalfd, log, connect
 EARLY_EXITS_MAX = 4096  # unregistered exits remembered (helper-thread spawns, adopted orphans)
 # Signals that wait (blocked, pending) across a re-exec's execve until the new image handles them.
 EXEC_BLOCKED = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2, signal.SIGCHLD})
+STATE_INTERVAL = 1.0  # seconds between rewrites of the children state file (when it changed)
 LISTEN_VARS = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_PIDFDID", "LISTEN_FDNAMES")
 
 def inherited_fds(environ: Mapping[str, str]) -> list[tuple[int, str]]:
@@ -130,6 +131,11 @@ class Daemon:
         self.handed: handover.State | None = None  # what the previous image left (re-exec), until ready
         self._unplaced: set[int] = set()  # the previous image's children no unit took back
         self._fallback_children = False  # the handover was unreadable: stop the children we cannot place
+        self._survivors: dict[int, recovery.Survivor] = {}  # a killed previous run's children, by pid
+        self._survivors_gone = asyncio.Event()
+        self._state_timer: asyncio.TimerHandle | None = None  # the children state file is due
+        self._start_times: dict[int, int] = {}
+        self._state_warned = False
         self.host = Host(self.loop, self.log, self.environ, self.watch_child, self.offload, self._settled,
                          self._unit_handover)
         self.units = Registry(self.host, self.log)
@@ -201,6 +207,8 @@ class Daemon:
     def watch_child(self, pid: int, callback: ChildCallback) -> None:
         """Call ``callback(pid, exit)`` on the loop when ``pid`` exits."""
         self.children[pid] = callback
+        if self._state_timer is None:
+            self._state_timer = self.loop.call_later(STATE_INTERVAL, self._write_state)
         if self._early_exits:
             status = self._early_exits.pop(pid, None)
             if status is not None:
@@ -298,6 +306,8 @@ class Daemon:
                 raise FdBudgetError(problem)
             self._set_subreaper(self.config.main.subreaper)
             self._take_handover()
+            if self.handed is None and not self._fallback_children:
+                self._recover_previous_run()
             self._adopt_inherited()
             bound_units: list[tuple[Unit, list[sockets.Bound]]] = []
             try:
@@ -325,6 +335,8 @@ class Daemon:
                 else:
                     runtime.activate()
             requester = self._finish_handover()
+            self._stop_survivors()
+            self._store_listeners()
             gc.collect()
             _spawn.trim()
             self.log.info("daemon_ready", units=len(self.units), pid=os.getpid())
@@ -402,6 +414,11 @@ class Daemon:
             await self._all_settled.wait()  # open proxy connections: each drains within its stop_timeout
         if self.subreaper:
             await self._stop_orphans()
+        await self._wait_survivors()
+        if self._state_timer is not None:
+            self._state_timer.cancel()
+            self._state_timer = None
+        recovery.remove(recovery.path_for(self.config.main.control_socket))
         for runtime in self.units.everything():
             runtime.close(remove=True)
         if self.control is not None:
@@ -492,6 +509,95 @@ class Daemon:
             rt.operator_restart()
         self.log.info(f"unit_{req.command.value}_requested", unit=req.unit)
         return Reply(ok=True, unit=rt.status())
+
+    # ------------------------------------------------------------ surviving a crash (SPEC 12)
+
+    def _write_state(self) -> None:
+        """Record every child (unit, role, pid, start time) for the next run should this one be killed."""
+        self._state_timer = None
+        entries = []
+        live: dict[int, int] = {}
+        for rt in self.units.everything():
+            slots = set(rt.handover_slot_pids())
+            for pid in {*rt.pids(), *rt.strays}:
+                start = self._start_times.get(pid) or recovery.start_time(pid)
+                if start is None:
+                    continue
+                live[pid] = start
+                entries.append(recovery.Entry(rt.unit.name, "slot" if pid in slots else "child", pid, start))
+        self._start_times = live
+        try:
+            recovery.write(recovery.path_for(self.config.main.control_socket), entries)
+        except OSError as exc:
+            if not self._state_warned:
+                self._state_warned = True
+                self.log.warning("state_file_failed", error=f"{exc.filename}: {exc.strerror}")
+
+    def _recover_previous_run(self) -> None:
+        """A previous run was killed: take its listeners back from the children it left."""
+        entries, why = recovery.read(recovery.path_for(self.config.main.control_socket))
+        if why is not None:
+            self.log.warning("state_file_ignored", reason=why)
+        if not entries:
+            return
+        fds, survivors, problems = recovery.recover(entries)
+        for problem in problems:
+            self.log.warning("recovery_incomplete", error=problem)
+        for fd in fds:
+            self._inherited.setdefault(fd, True)
+        self._survivors = {s.entry.pid: s for s in survivors}
+        self.log.info("previous_run_found", children=len(entries), alive=len(survivors), listeners=len(fds))
+
+    def _stop_survivors(self) -> None:
+        """The previous run's services and workers stop (their units start afresh); per-connection ones finish."""
+        units = {u.name: u for u in self.config.units}
+        for pid, survivor in self._survivors.items():
+            self.loop.add_reader(survivor.pidfd, self._survivor_gone, pid)
+            if survivor.entry.role == "slot":
+                unit = units.get(survivor.entry.unit)
+                sig = unit.process.stop_signal if unit is not None else signal.SIGTERM
+                timeout = unit.process.stop_timeout if unit is not None else ORPHAN_STOP_TIMEOUT
+                self.log.info("previous_child_stopping", unit=survivor.entry.unit, pid=pid)
+                kill_group(pid, sig)
+                self.loop.call_later(timeout, self._kill_survivor, pid)
+            else:
+                self.log.info("previous_child_watched", unit=survivor.entry.unit, pid=pid)
+
+    def _kill_survivor(self, pid: int) -> None:
+        if pid in self._survivors:
+            self.log.warning("previous_child_killed", unit=self._survivors[pid].entry.unit, pid=pid)
+            kill_group(pid, signal.SIGKILL)
+
+    def _survivor_gone(self, pid: int) -> None:
+        survivor = self._survivors.pop(pid, None)
+        if survivor is None:
+            return
+        self.loop.remove_reader(survivor.pidfd)
+        os.close(survivor.pidfd)
+        self.log.info("previous_child_exited", unit=survivor.entry.unit, pid=pid)
+        if not self._survivors:
+            self._survivors_gone.set()
+
+    async def _wait_survivors(self) -> None:
+        if not self._survivors:
+            return
+        for pid in list(self._survivors):
+            kill_group(pid, signal.SIGTERM)
+        self._survivors_gone.clear()
+        try:
+            await asyncio.wait_for(self._survivors_gone.wait(), ORPHAN_STOP_TIMEOUT)  # set by their pidfds
+        except TimeoutError:
+            for pid in list(self._survivors):
+                kill_group(pid, signal.SIGKILL)
+
+    def _store_listeners(self) -> None:
+        """Under systemd: keep every unit's listeners in its fd store too (FDSTORE=1, FDNAME=unit)."""
+        if not self.environ.get("NOTIFY_SOCKET") and not os.environ.get("NOTIFY_SOCKET"):
+            return
+        for rt in self.units:
+            fds = [b.fd for b in rt.bound if not b.closed]
+            if fds:
+                _sd_notify("FDSTORE=1", f"FDNAME={rt.unit.name}", fds=fds)
 
     # ------------------------------------------------------------ re-exec (SPEC 12)
 
@@ -699,6 +805,9 @@ class Daemon:
                 await self._commit_metrics(staged)
                 self.config = new
                 self._set_subreaper(new.main.subreaper)
+                for name in summary["removed"]:
+                    _sd_notify("FDSTOREREMOVE=1", f"FDNAME={name}")
+                self._store_listeners()
             except ConfigError:
                 self._count_reload("invalid_config")
                 raise
@@ -758,7 +867,7 @@ def _root_logger() -> Logger:
     return get_logger()
 
 
-def _sd_notify(*assignments: str) -> None:
+def _sd_notify(*assignments: str, fds: list[int] | None = None) -> None:
     """Tell our own service manager (if any); failures are not ours to act on."""
     with contextlib.suppress(OSError):
-        activation.notify(*assignments)
+        activation.notify(*assignments, fds=fds or ())
