@@ -47,7 +47,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from supervisor import __version__, _spawn, activation, control, handover, matching, metrics, recovery, sockets
+from supervisor import __version__, _spawn, activation, cgroups, control, handover, matching, metrics, recovery, sockets
 from supervisor import config as configuration
 from supervisor import reload as reloading
 from supervisor.control import Command, Reply, Request, failure
@@ -136,8 +136,9 @@ class Daemon:
         self._state_timer: asyncio.TimerHandle | None = None  # the children state file is due
         self._start_times: dict[int, int] = {}
         self._state_warned = False
+        self.cgroup_base: str | None = None
         self.host = Host(self.loop, self.log, self.environ, self.watch_child, self.offload, self._settled,
-                         self._unit_handover)
+                         self._unit_handover, lambda: self.cgroup_base)
         self.units = Registry(self.host, self.log)
         self.counters = DaemonCounters(reloads={}, last_reload_success=time.time(), reexecs=0)
         self.metrics: metrics.MetricsServer | None = None
@@ -279,6 +280,41 @@ class Daemon:
             await asyncio.wait(pending, timeout=5)
         self.reaper.reap()
 
+    def _set_cgroups(self, wanted: bool) -> None:
+        """``cgroups: true`` (the default): a cgroup v2 per slot process where a hierarchy is writable."""
+        if not wanted:
+            if self.cgroup_base is not None:
+                self.log.info("cgroups", enabled=False)
+            self.cgroup_base = None
+            return
+        if self.cgroup_base is not None:
+            return
+        base, where = cgroups.find_base()
+        self.cgroup_base = base
+        if base is not None:
+            self.log.info("cgroups", enabled=True, base=base)
+        else:
+            self.log.info("cgroups", enabled=False, reason=where)
+
+    async def _stop_cgroups(self) -> None:
+        """At shutdown, after every unit's processes exited: what they left in their cgroups stops too."""
+        groups = [g for rt in self.units.everything() for g in rt.cgroups]
+        if not groups:
+            return
+        deadline = self.loop.time() + ORPHAN_STOP_TIMEOUT
+        while any(g.pids() for g in groups) and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)  # leftovers were signalled when their slot's process exited
+        for g in groups:
+            if g.pids():
+                self.log.warning("leftovers_killed", pids=g.pids(), cgroup=g.path)
+                g.kill()
+        for _ in range(40):
+            if not any(g.pids() for g in groups):
+                break
+            await asyncio.sleep(0.05)
+        if self.cgroup_base is not None:
+            cgroups.remove_base(self.cgroup_base)
+
     def _settled(self) -> None:
         """A runtime busy without children (a proxy's connections) is idle now."""
         self.units.sweep()
@@ -305,6 +341,7 @@ class Daemon:
             if problem is not None:
                 raise FdBudgetError(problem)
             self._set_subreaper(self.config.main.subreaper)
+            self._set_cgroups(self.config.main.cgroups)
             self._take_handover()
             if self.handed is None and not self._fallback_children:
                 self._recover_previous_run()
@@ -415,6 +452,7 @@ class Daemon:
         if self.subreaper:
             await self._stop_orphans()
         await self._wait_survivors()
+        await self._stop_cgroups()
         if self._state_timer is not None:
             self._state_timer.cancel()
             self._state_timer = None
@@ -805,6 +843,7 @@ class Daemon:
                 await self._commit_metrics(staged)
                 self.config = new
                 self._set_subreaper(new.main.subreaper)
+                self._set_cgroups(new.main.cgroups)
                 for name in summary["removed"]:
                     _sd_notify("FDSTOREREMOVE=1", f"FDNAME={name}")
                 self._store_listeners()

@@ -420,6 +420,8 @@ class MainConfig:
     metrics_listen: InetAddress | str | None = None
     # Become a child subreaper (always as PID 1): orphans of the units' processes are reaped here.
     subreaper: bool = False
+    # Give each service, pool worker and proxy backend its own cgroup v2 where one is writable.
+    cgroups: bool = True
 
 
 @dataclass(frozen=True, slots=True)

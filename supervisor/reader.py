@@ -157,7 +157,7 @@ class Reader:
     # -- main config ----------------------------------------------------------
 
     def main(self, doc: Map) -> MainConfig:
-        self.check_keys(doc, "", ("include", "control", "log", "metrics", "subreaper"))
+        self.check_keys(doc, "", ("include", "control", "log", "metrics", "subreaper", "cgroups"))
         include: tuple[str, ...] = schema.DEFAULT_INCLUDE
         if "include" in doc.entries:
             include = self.each(self.sequence(doc, "include", "", "glob patterns"), "include", schema.nonempty_string)
@@ -189,6 +189,7 @@ class Reader:
             log_level=log_level,
             metrics_listen=metrics_listen,
             subreaper=self.get(doc, "subreaper", "", schema.bool_value, False),
+            cgroups=self.get(doc, "cgroups", "", schema.bool_value, True),
         )
 
     # -- units ----------------------------------------------------------------

@@ -15,9 +15,10 @@ The sockets are polled only while every slot waits for readiness.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 
-from supervisor import handover, lifecycle, sockets, spawn
+from supervisor import cgroups, handover, lifecycle, sockets, spawn
 from supervisor.errors import SpawnError
 from supervisor.lifecycle import Exit, SlotState
 from supervisor.model import Mode, Pass, Start, Unit
@@ -38,6 +39,7 @@ class SlotDriver:
         # A pool's second process for a slot during a rolling restart, until it takes the slot over.
         self.surge = surge
         self.slot, _ = lifecycle.initial(runtime.unit)
+        self._group: cgroups.Group | None = None  # the cgroup of the slot's current process
         self._deadline = Deadline(runtime.host.loop,
                                   lambda: self.feed(lifecycle.Timer(stored=bool(runtime.fd_store))))
 
@@ -81,10 +83,58 @@ class SlotDriver:
             return
         rt.spawns += 1
         rt.host.watch_child(pid, self._exited)
+        self._contain(pid)
         self.feed(lifecycle.Spawned(pid))
+
+    def _contain(self, pid: int) -> None:
+        """Put the new process in a cgroup of its own (where cgroups are in use)."""
+        rt = self.runtime
+        base = rt.host.cgroup_base()
+        if base is None:
+            return
+        group = cgroups.Group(base, rt.unit.name, pid)
+        if group.add(pid):
+            rt.cgroups.append(group)
+            self._group = group
+        else:
+            rt.log.warning("cgroup_failed", pid=pid, error=group.failed)
+
+    def _stop_leftovers(self) -> None:
+        """The slot's process exited: what it left in its cgroup stops too (systemd's KillMode=control-group)."""
+        group, self._group = self._group, None
+        if group is None:
+            return
+        rt = self.runtime
+        left = group.signal(rt.unit.process.stop_signal)
+        if not left:
+            group.remove()
+            with contextlib.suppress(ValueError):
+                rt.cgroups.remove(group)
+            return
+        rt.log.info("leftovers_stopping", pids=left, cgroup=group.path)
+        loop = rt.host.loop
+
+        def kill() -> None:
+            if group.pids():
+                rt.log.warning("leftovers_killed", pids=group.pids(), cgroup=group.path)
+                group.kill()
+            loop.call_later(0.2, sweep, 10)
+
+        def sweep(tries: int) -> None:
+            if not group.pids():
+                group.remove()
+                with contextlib.suppress(ValueError):
+                    rt.cgroups.remove(group)
+            elif tries > 0:
+                loop.call_later(0.5, sweep, tries - 1)
+
+        loop.call_later(rt.unit.process.stop_timeout, kill)
+        loop.call_later(0.1, sweep, int(rt.unit.process.stop_timeout / 0.5) + 1)
 
     def _exited(self, pid: int, ex: Exit) -> None:
         self.runtime.exited(pid, ex)
+        if self._group is not None:
+            self._stop_leftovers()  # before a restart can spawn again
         # What the process said before it died (STOPPING=1, STATUS=) is read
         # while it is still ours, as systemd reads notify before SIGCHLD.
         self.runtime.drain_notify()
@@ -98,6 +148,12 @@ class SlotDriver:
         self.slot = slot
         if slot.pid is not None:
             self.runtime.host.watch_child(slot.pid, self._exited)
+            base = self.runtime.host.cgroup_base()
+            if base is not None:
+                group = cgroups.Group(base, self.runtime.unit.name, slot.pid)
+                if group.pids():
+                    self._group = group
+                    self.runtime.cgroups.append(group)
         self._deadline.set(slot.deadline)
 
 

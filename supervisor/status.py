@@ -95,6 +95,7 @@ class UnitStatus(TypedDict):
     workers: NotRequired[list[WorkerStatus]]  # pool mode
     roll: NotRequired[RollStatus]  # pool mode, during and after a rolling restart
     proxy: NotRequired[ProxyStatus]  # proxy mode
+    processes: NotRequired[int]  # every process in the unit's cgroups (where cgroups are in use)
 
 
 class DaemonStatus(TypedDict):

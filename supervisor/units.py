@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from supervisor import handover, notifyd, sockets, spawn
+from supervisor import cgroups, handover, notifyd, sockets, spawn
 from supervisor.errors import SpawnError
 from supervisor.lifecycle import Exit
 from supervisor.log import Logger
@@ -67,6 +67,8 @@ class Host:
     settled: Callable[[], None] = lambda: None
     # After a re-exec: what the previous image handed over for the unit of this name (None: start fresh).
     handover: Callable[[str], handover.UnitHandover | None] = lambda _name: None
+    # Where slot processes get their own cgroups (supervisor.cgroups), or None: not in use.
+    cgroup_base: Callable[[], str | None] = lambda: None
 
 
 class Deadline:
@@ -157,6 +159,7 @@ class UnitRuntime:
         # What the previous image handed over, when it ran this unit in this mode (see resume()).
         self.resumed = taken if taken is not None and taken.mode == unit.mode.value else None
         self.strays: set[int] = set()  # children without a slot, adopted from the previous image
+        self.cgroups: list[cgroups.Group] = []  # its slot processes' cgroups, and leftovers being stopped
         self.endpoint = notifyd.Endpoint(unit.name, self._on_notify, self._on_notify_drop, self._on_notify_pause,
                                          adopt=self.resumed.notify if self.resumed is not None else None)
         self.endpoint.start(host.loop)
@@ -474,6 +477,9 @@ class UnitRuntime:
         return 0
 
     def status(self) -> UnitStatus:
+        return self.with_processes(self.base_status())
+
+    def base_status(self) -> UnitStatus:
         return UnitStatus(
             name=self.unit.name,
             mode=self.unit.mode.value,
@@ -495,6 +501,11 @@ class UnitRuntime:
             paused=self.paused,
             started_at=round(self.started_at, 3),
         )
+
+    def with_processes(self, status: UnitStatus) -> UnitStatus:
+        if self.cgroups:
+            status["processes"] = sum(len(g.pids()) for g in self.cgroups)
+        return status
 
     def _last_exit_status(self) -> LastExit | None:
         if self.last_exit is None:

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, set[str]]] = [
               "activation", "_spawn", "envfile"}),
     ("pure", {"lifecycle", "rolling", "policy", "logsummary"}),
     ("effects", {"fsnodes", "sockopts", "sockets", "matching", "spawn", "reaper", "notifyd", "log", "relay",
-                 "specials", "handover", "recovery"}),
+                 "specials", "handover", "recovery", "cgroups"}),
     ("adapters", {"units", "service", "pool", "accept", "control", "metrics", "proxy", "builtins"}),
     ("wiring", {"registry", "reload", "daemon"}),
     ("entry", {"cli", "activate", "fdsinfo", "__main__", "__init__"}),
