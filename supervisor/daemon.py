@@ -373,11 +373,11 @@ class Daemon:
                     runtime.activate()
             requester = self._finish_handover()
             self._stop_survivors()
-            self._store_listeners()
             gc.collect()
             _spawn.trim()
             self.log.info("daemon_ready", units=len(self.units), pid=os.getpid())
             _sd_notify("READY=1", f"STATUS={self.summary()}")
+            self._store_listeners()
             if requester is not None:
                 _answer(requester, control.Reply(ok=True, pid=os.getpid(), version=__version__,
                                                  reexecs=self.counters["reexecs"]))
@@ -844,9 +844,6 @@ class Daemon:
                 self.config = new
                 self._set_subreaper(new.main.subreaper)
                 self._set_cgroups(new.main.cgroups)
-                for name in summary["removed"]:
-                    _sd_notify("FDSTOREREMOVE=1", f"FDNAME={name}")
-                self._store_listeners()
             except ConfigError:
                 self._count_reload("invalid_config")
                 raise
@@ -856,9 +853,12 @@ class Daemon:
             else:
                 self._count_reload("success")
                 self.counters["last_reload_success"] = time.time()
-                return summary
             finally:
                 _sd_notify("READY=1", f"STATUS={self.summary()}")
+            for name in summary["removed"]:
+                _sd_notify("FDSTOREREMOVE=1", f"FDNAME={name}")
+            self._store_listeners()
+            return summary
 
 
 def _describe_fd(fd: int) -> str:
