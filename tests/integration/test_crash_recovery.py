@@ -89,7 +89,9 @@ def test_kill_9_then_start_again_brings_every_unit_back(sockvisor: Sockvisor) ->
     assert int(first_line(ports["svc"]).split()[0]) > 0
     assert first_line(ports["pool"])
     assert roundtrip(ports["acc"], b"new\n") == b"got new\n"
-    assert time.monotonic() - ready < 1.0 + 2.0  # within a second of readiness (plus this machine's slack)
+    served = time.monotonic() - ready
+    print(f"every unit served {served * 1000:.0f} ms after the new daemon's readiness")
+    assert served < 1.0 + 2.0  # within a second of readiness (plus slack for a loaded CI machine)
     # The old service and workers were stopped; nothing of theirs runs unsupervised.
     wait_for(lambda: not alive(old_svc) and not any(alive(p) for p in old_pool), what="old slots stopped")
     assert sockvisor.find("previous_child_stopping", pid=old_svc)
