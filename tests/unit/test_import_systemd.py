@@ -17,6 +17,7 @@ from supervisor.importing.systemd import (
     expand_specifiers,
     import_systemd,
     parse_command,
+    parse_int,
     parse_timespan,
     parse_unit_text,
     split_quoted,
@@ -248,6 +249,22 @@ def test_unknown_specifier_is_kept_and_reported() -> None:
     assert expand_specifiers("%H/x", UnitName("a.service")) == ("%H/x", ["%H"])
 
 
+INTEGERS = [("12", 12), ("06", 6), ("010", 8), ("0x1F", 31), ("-0x10", -16), ("0", 0)]
+
+
+@pytest.mark.parametrize(("text", "number"), INTEGERS)
+def test_integers_read_as_strtol_base_0(text: str, number: int) -> None:
+    """Integers are read as systemd reads them: decimal, 0x hex, a leading 0 octal."""
+    assert parse_int(text, -100, 100) == number
+
+
+@pytest.mark.parametrize("text", ["08", "9" * 5000, "\u00b2", "\u0663", "1e3", "0x", ""])
+def test_integers_refused(text: str) -> None:
+    """Not a number to systemd (a bad octal, thousands of digits, Unicode digits): a BadValue, never a ValueError."""
+    with pytest.raises(BadValue):
+        parse_int(text, 0, 2**63)
+
+
 @pytest.mark.parametrize(("text", "seconds"), [("5min 20s", 320.0), ("250ms", 0.25), ("2", 2.0), ("1h30m", 5400.0)])
 def test_timespans(text: str, seconds: float) -> None:
     """systemd time spans convert to seconds."""
@@ -343,6 +360,11 @@ DROPS = [
     ("unknown specifier", "[Socket]\nListenStream=/run/%H.sock\n", "", "ListenStream", "specifier %H"),
     ("install", SOCK + "[Install]\nWantedBy=sockets.target\n", "", "WantedBy", "[Install]"),
     ("limit data", SOCK, "LimitDATA=1G\n", "LimitDATA", "data-segment"),
+    ("a port of 5,000 digits", "[Socket]\nListenStream=" + "9" * 5000 + "\nListenStream=1\n", "", "ListenStream",
+     "port out of range"),
+    ("a Unicode digit port", "[Socket]\nListenStream=127.0.0.1:\u00b2\nListenStream=1\n", "", "ListenStream",
+     "port out of range"),
+    ("a Unicode digit signal", SOCK, "KillSignal=\u00b2\n", "KillSignal", "signal out of range"),
     ("restart at once", SOCK, "RestartSec=0\n", "RestartSec", "restart_delay must be greater than 0"),
     ("no start timeout", SOCK, "TimeoutStartSec=0\n", "TimeoutStartSec", "turns systemd's timeout off"),
     ("no timeouts", SOCK, "TimeoutSec=0\n", "TimeoutSec", "no unlimited start_timeout and stop_timeout"),

@@ -305,6 +305,14 @@ def test_service_name_through_services_and_aliases(tmp_path: Path) -> None:
     assert [u.data["listen"] for u in result.units] == [[{"tcp": "0.0.0.0:25"}], [{"udp": "0.0.0.0:9"}]]
 
 
+def test_a_port_of_unicode_digits_is_not_a_port(tmp_path: Path) -> None:
+    """Arabic-Indic digits are digits to Python, not to xinetd: a warning, and the service name's port."""
+    result = import_text(tmp_path, "service telnet\n{\nsocket_type = stream\nwait = no\nport = \u0664\u0660\n"
+                         "server = /t\n}\n")
+    assert result.units[0].data["listen"] == [{"tcp": "0.0.0.0:23"}]
+    assert [d.why for d in result.dropped] == ["not a port number 1-65535"]
+
+
 def test_explicit_port_wins(tmp_path: Path) -> None:
     """An explicit port wins over the service name's port in /etc/services."""
     result = import_text(tmp_path, "service telnet\n{\nsocket_type = stream\nwait = no\nport = 2323\nserver = /t\n}\n")
@@ -355,6 +363,8 @@ DROPS = [
     ("log USERID", STREAM + "log_on_failure = USERID\n", "log_on_failure", "USERID"),
     ("dgram nowait", "socket_type = dgram\nwait = no\nport = 4000\nserver = /s\n", "wait", "per-datagram"),
     ("enabled in a service", STREAM + "enabled = yes\n", "enabled", "only valid in defaults"),
+    ("instances of 5,000 digits", STREAM + "instances = " + "9" * 5000 + "\n", "instances", "expected a number"),
+    ("a Unicode digit cps", STREAM + "cps = \u00b2 10\n", "cps", "expected 'cps = RATE WAIT'"),
 ]
 
 
