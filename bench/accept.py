@@ -54,14 +54,22 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
+# The physical limit (a C accept4 + posix_spawn loop, nothing else) lives with the shared peer
+# benchmark; measured when that source is found, skipped otherwise.
+MINISUP_SOURCES = (SRC / "minisup.c", REPO.parent / "shared" / "bench" / "src" / "minisup.c")
+
+
 def build() -> None:
     BUILD.mkdir(exist_ok=True)
     jobs = [
-        (["-static"], "hello"),
-        ([], "loadgen"),
+        (["-static"], SRC / "hello.c", "hello"),
+        ([], SRC / "loadgen.c", "loadgen"),
     ]
-    for extra, name in jobs:
-        out, src = BUILD / name, SRC / f"{name}.c"
+    minisup = next((src for src in MINISUP_SOURCES if src.exists()), None)
+    if minisup is not None:
+        jobs.append((["-pthread"], minisup, "minisup"))
+    for extra, src, name in jobs:
+        out = BUILD / name
         if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
             continue
         subprocess.run(["gcc", "-O2", "-Wall", *extra, "-o", str(out), str(src)], check=True)
@@ -131,6 +139,13 @@ def tcpserver_starter(port: int, work: Path, service: list[str]) -> list[str] | 
     return [binary, "-HRl0", "-c", "10000", "-b", str(BACKLOG), "127.0.0.1", str(port), *service]
 
 
+def limit_starter(port: int, work: Path, service: list[str]) -> list[str] | None:
+    binary = BUILD / "minisup"
+    if not binary.exists():
+        return None
+    return [str(binary), "-p", str(port), "-b", str(BACKLOG), "-m", "spawn", "--", *service]
+
+
 DESCRIPTIONS = {
     "sockvisor": "sockvisor, mode: accept, pass: stdio, log_connections: false, max_connections: 10000",
     "sockvisor-log": "as sockvisor, with log_connections: true (2 JSON log lines per connection, to a file)",
@@ -138,6 +153,7 @@ DESCRIPTIONS = {
     "sockvisor-baseline": "as sockvisor, run by --baseline-cmd (another checkout: the before of a before/after)",
     "xinetd": "xinetd -dontfork; wait = no, instances/per_source UNLIMITED, cps 1000000, NOLIBWRAP, no logging",
     "tcpserver": "ucspi-tcp tcpserver -HRl0 -c 10000 -b 128 (no DNS, no ident)",
+    "limit": "the physical limit: shared/bench/src/minisup.c -m spawn (accept4 + posix_spawn + waitpid, 1 thread)",
 }
 
 
@@ -156,6 +172,12 @@ def cpu_ns(pid: int) -> int:
         with contextlib.suppress(OSError):
             total += int((task / "schedstat").read_text().split()[0])
     return total
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of the whole machine from /proc/stat (busy: all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return sum(fields) - fields[3] - fields[4], sum(fields)
 
 
 def rss_kib(pid: int) -> int:
@@ -202,6 +224,7 @@ class Result:
     p99: dict[int, list[float]] = field(default_factory=dict)
     cpu_stat: dict[int, list[float]] = field(default_factory=dict)  # us/conn from /proc/PID/stat
     cpu_exact: dict[int, list[float]] = field(default_factory=dict)  # us/conn from schedstat
+    busy: dict[int, list[float]] = field(default_factory=dict)  # % of the whole machine busy during the run
     failed: int = 0
     skipped: str = ""
 
@@ -228,18 +251,20 @@ def run_one(name: str, starter: Starter, args: argparse.Namespace, result: Resul
         loadgen(port, 8, args.warmup, 5)
         for conc in args.concurrency:
             n = args.n1 if conc == 1 else args.n
-            t0, e0 = cpu_ticks(proc.pid), cpu_ns(proc.pid)
+            t0, e0, m0 = cpu_ticks(proc.pid), cpu_ns(proc.pid), machine_ticks()
             line = loadgen(port, conc, n, args.tmax)
-            t1, e1 = cpu_ticks(proc.pid), cpu_ns(proc.pid)
+            t1, e1, m1 = cpu_ticks(proc.pid), cpu_ns(proc.pid), machine_ticks()
             done = max(int(line.get("completed", 0)), 1)
             result.cps.setdefault(conc, []).append(line.get("cps", 0.0))
             result.p50.setdefault(conc, []).append(line.get("p50_us", 0.0))
             result.p99.setdefault(conc, []).append(line.get("p99_us", 0.0))
             result.cpu_stat.setdefault(conc, []).append((t1 - t0) * 1e6 / CLK_TCK / done)
             result.cpu_exact.setdefault(conc, []).append((e1 - e0) / 1e3 / done)
+            result.busy.setdefault(conc, []).append(100 * (m1[0] - m0[0]) / max(m1[1] - m0[1], 1))
             result.failed += int(line.get("failed", 0)) + max(n - int(line.get("completed", 0)), 0)
             log(f"{name} c={conc}: {line.get('cps', 0):.0f} conn/s, p50 {line.get('p50_us', 0) / 1000:.2f} ms, "
-                f"supervisor CPU {(e1 - e0) / 1e3 / done:.1f} us/conn, failed {int(line.get('failed', 0))}")
+                f"supervisor CPU {(e1 - e0) / 1e3 / done:.1f} us/conn, busy {result.busy[conc][-1]:.0f} %, "
+                f"failed {int(line.get('failed', 0))}")
     finally:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
@@ -268,8 +293,9 @@ def report(results: dict[str, Result], args: argparse.Namespace) -> str:
     head = "| contender | idle RSS MiB |"
     sep = "|---|---:|"
     for c in args.concurrency:
-        head += f" c={c} conn/s | c={c} p50 ms | c={c} p99 ms | c={c} CPU us/conn (stat) | c={c} CPU us/conn (exact) |"
-        sep += "---:|---:|---:|---:|---:|"
+        head += (f" c={c} conn/s | c={c} p50 ms | c={c} p99 ms | c={c} CPU us/conn (stat) |"
+                 f" c={c} CPU us/conn (exact) | c={c} busy % |")
+        sep += "---:|---:|---:|---:|---:|---:|"
     lines += [head + " failed |", sep + "---:|"]
     for name, r in results.items():
         if r.skipped and not r.rss:
@@ -279,7 +305,7 @@ def report(results: dict[str, Result], args: argparse.Namespace) -> str:
         for c in args.concurrency:
             row += (f" {med(r.cps.get(c, [])):.0f} | {med(r.p50.get(c, [])) / 1000:.2f} |"
                     f" {med(r.p99.get(c, [])) / 1000:.2f} | {med(r.cpu_stat.get(c, [])):.0f} |"
-                    f" {med(r.cpu_exact.get(c, [])):.0f} |")
+                    f" {med(r.cpu_exact.get(c, [])):.0f} | {med(r.busy.get(c, [])):.0f} |")
         lines.append(row + f" {r.failed} |")
     ours = results.get("sockvisor")
     if ours is not None and ours.cps:
@@ -289,7 +315,7 @@ def report(results: dict[str, Result], args: argparse.Namespace) -> str:
             parts = [f"c={c}: {med(on.cps[c]) / med(ours.cps[c]):.2f}x" for c in args.concurrency
                      if on.cps.get(c) and ours.cps.get(c)]
             lines.append("- metrics on / off (sockvisor-metrics / sockvisor): " + ", ".join(parts))
-        for peer in ("sockvisor-baseline", "tcpserver", "xinetd"):
+        for peer in ("sockvisor-baseline", "tcpserver", "xinetd", "limit"):
             other = results.get(peer)
             if other is None or not other.cps:
                 continue
@@ -309,7 +335,7 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=3000, help="connections per run at c>1")
     parser.add_argument("--tmax", type=float, default=8.0, help="seconds: no new connection after this, per run")
     parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--contenders", default="sockvisor,sockvisor-log,xinetd,tcpserver")
+    parser.add_argument("--contenders", default="sockvisor,sockvisor-log,xinetd,tcpserver,limit")
     parser.add_argument("--sockvisor-cmd", default=f"{shlex.quote(sys.executable)} -m supervisor",
                         help="how to run the daemon (default: this Python, from the repo)")
     parser.add_argument("--baseline-cmd", default=None,
@@ -327,6 +353,7 @@ def main() -> int:
         "sockvisor-metrics": sockvisor_starter(cmd, log_connections=False, metrics=True),
         "xinetd": xinetd_starter,
         "tcpserver": tcpserver_starter,
+        "limit": limit_starter,
     }
     names = [n for n in args.contenders.split(",") if n]
     if args.baseline_cmd:

@@ -57,7 +57,10 @@
 #include <stdint.h>
 #include <string.h>
 #include <malloc.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -779,6 +782,575 @@ done:
     return result;
 }
 
+/* ---------------------------------------------------------------- accept mode: batches */
+
+/*
+ * accept_spawn() is mode: accept's hot path in one call, run without the GIL: accept every
+ * queued connection (up to a count the caller grants), start one child per connection with
+ * its REMOTE_* variables, close the daemon's copy, and return the pids. Nothing is decided
+ * here: the caller's pure policy (supervisor.policy) says how many connections may be admitted
+ * without looking at each one; units whose policy must look at each peer (allow/deny, per-source
+ * limits, access times) or that send banners take the per-connection path in Python, which
+ * uses spawn() above. C does only the mechanics: accept4, the variables, vfork, close.
+ *
+ * Why one call: per connection the Python path paid a readiness callback, an accept() that
+ * raised BlockingIOError at the end of the queue, the argument conversions of spawn() and a GIL
+ * hand-off to a helper thread; here a Template holds the converted arguments once per unit and
+ * the trailing EAGAIN costs one system call.
+ *
+ * Why two threads: vfork() suspends the calling thread until the child has exec'ed, which is
+ * most of a connection's latency. When a batch holds two or more connections, a helper pthread
+ * (started once, every signal blocked, never touches Python) takes connections from the same
+ * batch while the calling thread does too (an atomic index), so two children exec at once on two
+ * cores; the call returns only when both are done, so every pid is known before the loop can
+ * reap it. A second concurrent batch (another interpreter thread) simply runs alone.
+ */
+
+#define BATCH_MAX 64
+#define FD_CONN (-2) /* in a template's fds: the accepted connection */
+#define REMOTE_NONE 0
+#define REMOTE_INET 1 /* REMOTE_ADDR, REMOTE_PORT */
+#define REMOTE_UNIX 2 /* REMOTE_PID, REMOTE_UID, REMOTE_GID (SO_PEERCRED) */
+#define REMOTE_VAR 64 /* "REMOTE_ADDR=" + the longest IPv6 text fits */
+#define LISTEN_PID_PREFIX LISTEN_PID_NAME "="
+
+typedef struct {
+    PyObject_HEAD
+    struct prepared p; /* argv, envp (the base environment), fds, groups, rlimits */
+    PyObject *keep;    /* (path, cwd): they own path and cwd */
+    const char *path, *cwd;
+    Py_ssize_t nenv;
+    int nfds, listen_pid, remote;
+    int set_uid, set_gid, set_groups;
+    uid_t uid;
+    gid_t gid;
+    size_t ngroups, nrlimits;
+    int umask, nice, setsid;
+} Template;
+
+static void
+template_dealloc(Template *t)
+{
+    cleanup(&t->p);
+    Py_XDECREF(t->keep);
+    PyObject_Free(t);
+}
+
+static PyTypeObject TemplateType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "supervisor._spawn.Template",
+    .tp_basicsize = sizeof(Template),
+    .tp_dealloc = (destructor)template_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A unit's spawn arguments, converted once for accept_spawn().",
+};
+
+PyDoc_STRVAR(template_doc,
+"template(path, argv, envp, fds, listen_pid, remote, uid, gid, groups, cwd, umask, nice, rlimits, setsid, /)\n"
+"--\n\n"
+"Convert a unit's spawn arguments once, for accept_spawn(). As spawn(), except: in fds, -2 stands\n"
+"for the accepted connection; listen_pid adds LISTEN_PID; remote 1 adds REMOTE_ADDR and\n"
+"REMOTE_PORT, 2 REMOTE_PID, REMOTE_UID and REMOTE_GID (from SO_PEERCRED), 0 nothing.");
+
+static PyObject *
+template_new(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Template *t;
+    Py_ssize_t nfds = 0;
+    long long v;
+    int flag;
+
+    (void)module;
+    if (nargs != 14) {
+        PyErr_Format(PyExc_TypeError, "template() takes exactly 14 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    t = PyObject_New(Template, &TemplateType);
+    if (t == NULL)
+        return NULL;
+    memset(&t->p, 0, sizeof(t->p));
+    t->keep = NULL;
+    t->cwd = NULL;
+    t->set_groups = 0;
+    t->ngroups = t->nrlimits = 0;
+    if ((t->path = c_string(args[0], "path")) == NULL)
+        goto fail;
+    if (string_array(args[1], "argv items", 0, &t->p.argv_tuple, &t->p.argv) < 0)
+        goto fail;
+    if (t->p.argv[0] == NULL) {
+        PyErr_SetString(PyExc_ValueError, "argv must not be empty");
+        goto fail;
+    }
+    if (string_array(args[2], "envp items", 0, &t->p.envp_tuple, &t->p.envp) < 0)
+        goto fail;
+    t->nenv = PyTuple_GET_SIZE(t->p.envp_tuple);
+    if (int_array(args[3], "fd", FD_CONN, INT_MAX, &t->p.fds, &nfds) < 0)
+        goto fail;
+    t->nfds = (int)nfds;
+    if ((flag = PyObject_IsTrue(args[4])) < 0)
+        goto fail;
+    t->listen_pid = flag;
+    if ((v = int_in_range(args[5], "remote", REMOTE_NONE, REMOTE_UNIX)) == -1 && PyErr_Occurred())
+        goto fail;
+    t->remote = (int)v;
+    if ((v = int_in_range(args[6], "uid", -1, (uid_t)-2)) == -1 && PyErr_Occurred())
+        goto fail;
+    t->set_uid = v != -1;
+    t->uid = (uid_t)v;
+    if ((v = int_in_range(args[7], "gid", -1, (gid_t)-2)) == -1 && PyErr_Occurred())
+        goto fail;
+    t->set_gid = v != -1;
+    t->gid = (gid_t)v;
+    if (args[8] != Py_None) {
+        if (groups_array(args[8], &t->p.groups, &t->ngroups) < 0)
+            goto fail;
+        t->set_groups = 1;
+    }
+    if (args[9] != Py_None && (t->cwd = c_string(args[9], "cwd")) == NULL)
+        goto fail;
+    if ((v = int_in_range(args[10], "umask", -1, 0777)) == -1 && PyErr_Occurred())
+        goto fail;
+    t->umask = (int)v;
+    if ((v = int_in_range(args[11], "nice", -20, 19)) == -1 && PyErr_Occurred())
+        goto fail;
+    t->nice = (int)v;
+    if (rlimits_array(args[12], &t->p.rlimits, &t->nrlimits) < 0)
+        goto fail;
+    if ((flag = PyObject_IsTrue(args[13])) < 0)
+        goto fail;
+    t->setsid = flag;
+    if ((t->keep = PyTuple_Pack(2, args[0], args[9])) == NULL)
+        goto fail;
+    return (PyObject *)t;
+fail:
+    Py_DECREF(t);
+    return NULL;
+}
+
+/* One accepted connection of a batch, and what became of it. */
+struct conn {
+    int fd;
+    pid_t pid;      /* > 0: its child */
+    int stage, err; /* else why not (enum stage, errno) */
+    socklen_t len;
+    struct sockaddr_storage addr;
+    char remote[INET6_ADDRSTRLEN + 16]; /* for the log: host:port, [v6]:port, pid=N,uid=N */
+};
+
+struct batch {
+    Template *t;
+    struct conn *conns;
+    int n;
+    int next; /* the next connection to spawn, taken with an atomic add by both threads */
+};
+
+/* One spawning thread's buffers: its own envp (the per-connection variables in front of the
+ * template's base environment), fds and scratch, since two children may be set up at once. */
+struct worker {
+    char **envp;
+    int *fds, *scratch;
+    char pid_var[sizeof(LISTEN_PID_PREFIX) + PID_DIGITS];
+    char vars[3][REMOTE_VAR];
+};
+
+static int
+worker_init(struct worker *w, const Template *t)
+{
+    int front = 0, nvars = t->remote == REMOTE_INET ? 2 : t->remote == REMOTE_UNIX ? 3 : 0, i;
+
+    w->envp = malloc(sizeof(char *) * (size_t)(1 + nvars + t->nenv + 1));
+    w->fds = malloc(sizeof(int) * (size_t)(t->nfds > 0 ? t->nfds : 1));
+    w->scratch = malloc(sizeof(int) * (size_t)(t->nfds > 0 ? t->nfds : 1));
+    if (w->envp == NULL || w->fds == NULL || w->scratch == NULL)
+        return -1;
+    if (t->listen_pid) {
+        memcpy(w->pid_var, LISTEN_PID_PREFIX, sizeof(LISTEN_PID_PREFIX));
+        w->envp[front++] = w->pid_var;
+    }
+    for (i = 0; i < nvars; i++) {
+        w->vars[i][0] = '\0';
+        w->envp[front++] = w->vars[i];
+    }
+    memcpy(w->envp + front, t->p.envp, sizeof(char *) * (size_t)t->nenv);
+    w->envp[front + t->nenv] = NULL;
+    return 0;
+}
+
+static void
+worker_free(struct worker *w)
+{
+    free(w->envp);
+    free(w->fds);
+    free(w->scratch);
+}
+
+/* The peer's variables and log text; -1 with errno set if the peer cannot be read. */
+static int
+remote_vars(const Template *t, struct worker *w, struct conn *c)
+{
+    c->remote[0] = '\0';
+    if (t->remote == REMOTE_INET) {
+        char host[INET6_ADDRSTRLEN] = "";
+        int port = 0;
+        if (c->addr.ss_family == AF_INET) {
+            const struct sockaddr_in *sin = (const struct sockaddr_in *)&c->addr;
+            inet_ntop(AF_INET, &sin->sin_addr, host, sizeof(host));
+            port = ntohs(sin->sin_port);
+        }
+        else if (c->addr.ss_family == AF_INET6) {
+            const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)&c->addr;
+            /* A dual-stack listener's IPv4 peer (::ffff:a.b.c.d) is printed as IPv4 (SPEC 3). */
+            if (IN6_IS_ADDR_V4MAPPED(&sin6->sin6_addr))
+                inet_ntop(AF_INET, &sin6->sin6_addr.s6_addr[12], host, sizeof(host));
+            else
+                inet_ntop(AF_INET6, &sin6->sin6_addr, host, sizeof(host));
+            port = ntohs(sin6->sin6_port);
+        }
+        snprintf(w->vars[0], REMOTE_VAR, "REMOTE_ADDR=%s", host);
+        snprintf(w->vars[1], REMOTE_VAR, "REMOTE_PORT=%d", port);
+        snprintf(c->remote, sizeof(c->remote), strchr(host, ':') ? "[%s]:%d" : "%s:%d", host, port);
+    }
+    else if (t->remote == REMOTE_UNIX) {
+        struct ucred cred;
+        socklen_t len = sizeof(cred);
+        if (getsockopt(c->fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0)
+            return -1;
+        snprintf(w->vars[0], REMOTE_VAR, "REMOTE_PID=%d", (int)cred.pid);
+        snprintf(w->vars[1], REMOTE_VAR, "REMOTE_UID=%u", (unsigned)cred.uid);
+        snprintf(w->vars[2], REMOTE_VAR, "REMOTE_GID=%u", (unsigned)cred.gid);
+        snprintf(c->remote, sizeof(c->remote), "pid=%d,uid=%u", (int)cred.pid, (unsigned)cred.uid);
+    }
+    return 0;
+}
+
+/* Start the child of one connection (signals are blocked by the caller), then close the
+ * daemon's copy of the connection. No GIL: only the template (read-only) and our buffers. */
+static void
+spawn_conn(const Template *t, struct worker *w, struct conn *c)
+{
+    struct spawn_args a;
+    pid_t pid;
+    int i;
+
+    memset(&a, 0, sizeof(a));
+    c->pid = 0;
+    c->stage = STAGE_NONE;
+    if (remote_vars(t, w, c) < 0) {
+        c->err = errno;
+        c->stage = STAGE_DUP; /* the connection is unusable: reported like a failed dup */
+        goto done;
+    }
+    if (t->listen_pid) {
+        a.pid_digits[0] = w->pid_var + sizeof(LISTEN_PID_PREFIX) - 1;
+        a.pid_digits[0][0] = '\0';
+        a.npid_vars = 1;
+    }
+    for (i = 0; i < t->nfds; i++)
+        w->fds[i] = t->p.fds[i] == FD_CONN ? c->fd : t->p.fds[i];
+    a.path = t->path;
+    a.argv = t->p.argv;
+    a.envp = w->envp;
+    a.fds = w->fds;
+    a.nfds = t->nfds;
+    a.scratch = w->scratch;
+    a.set_uid = t->set_uid;
+    a.set_gid = t->set_gid;
+    a.set_groups = t->set_groups;
+    a.uid = t->uid;
+    a.gid = t->gid;
+    a.groups = t->p.groups;
+    a.ngroups = t->ngroups;
+    a.cwd = t->cwd;
+    a.umask = t->umask;
+    a.nice = t->nice;
+    a.rlimits = t->p.rlimits;
+    a.nrlimits = t->nrlimits;
+    a.setsid = t->setsid;
+    pid = vfork_exec(&a);
+    if (pid < 0) {
+        c->err = errno;
+        c->stage = STAGE_FORK;
+    }
+    else if (a.err_stage != STAGE_NONE) {
+        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+            ;
+        c->stage = a.err_stage > STAGE_NONE && a.err_stage <= STAGE_FORK ? a.err_stage : STAGE_FORK;
+        c->err = a.err_errno;
+    }
+    else {
+        c->pid = pid;
+    }
+done:
+    (void)close(c->fd);
+    c->fd = -1;
+}
+
+/* Spawn connections of `b` until none is left; returns how many this thread did. */
+static int
+run_share(struct batch *b, struct worker *w)
+{
+    int i, done = 0;
+
+    while ((i = __atomic_fetch_add(&b->next, 1, __ATOMIC_RELAXED)) < b->n) {
+        spawn_conn(b->t, w, &b->conns[i]);
+        done++;
+    }
+    return done;
+}
+
+/* The helper thread. State, under helper_lock: helper_job is a posted batch it has not taken
+ * yet, helper_busy that it is spawning from one, helper_claimed that some caller owns it for
+ * the current batch. */
+static pthread_mutex_t helper_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t helper_wake = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t helper_idle = PTHREAD_COND_INITIALIZER;
+static struct batch *helper_job;
+static int helper_busy, helper_claimed;
+static pid_t helper_pid; /* the process that started it (0: none): a fork()ed copy has no helper */
+
+static void *
+helper_main(void *unused)
+{
+    (void)unused;
+    for (;;) {
+        struct batch *b;
+        struct worker w;
+        pthread_mutex_lock(&helper_lock);
+        while (helper_job == NULL)
+            pthread_cond_wait(&helper_wake, &helper_lock);
+        b = helper_job;
+        helper_job = NULL;
+        helper_busy = 1;
+        pthread_mutex_unlock(&helper_lock);
+        memset(&w, 0, sizeof(w));
+        if (worker_init(&w, b->t) == 0)
+            (void)run_share(b, &w); /* out of memory: the caller does them all */
+        worker_free(&w);
+        pthread_mutex_lock(&helper_lock);
+        helper_busy = 0;
+        pthread_cond_signal(&helper_idle);
+        pthread_mutex_unlock(&helper_lock);
+    }
+    return NULL;
+}
+
+/* Offer `b` to the helper (starting it if needed); 1 if the caller must collect it later with
+ * helper_collect(), 0 if the caller spawns alone. Called with every signal blocked, so a new
+ * helper thread starts with every signal blocked and never runs a signal handler. */
+static int
+helper_offer(struct batch *b)
+{
+    int offered = 0;
+
+    pthread_mutex_lock(&helper_lock);
+    if (helper_pid != getpid()) {
+        pthread_t th;
+        pthread_attr_t attr;
+        helper_job = NULL;
+        helper_busy = helper_claimed = 0;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        if (pthread_create(&th, &attr, helper_main, NULL) == 0)
+            helper_pid = getpid();
+        pthread_attr_destroy(&attr);
+    }
+    if (helper_pid == getpid() && !helper_claimed) {
+        helper_claimed = 1;
+        helper_job = b;
+        pthread_cond_signal(&helper_wake);
+        offered = 1;
+    }
+    pthread_mutex_unlock(&helper_lock);
+    return offered;
+}
+
+static void
+helper_collect(struct batch *b)
+{
+    pthread_mutex_lock(&helper_lock);
+    if (helper_job == b)
+        helper_job = NULL; /* not taken yet: the caller did the whole batch */
+    while (helper_busy)
+        pthread_cond_wait(&helper_idle, &helper_lock);
+    helper_claimed = 0;
+    pthread_mutex_unlock(&helper_lock);
+}
+
+static int
+resource_errno(int e)
+{
+    return e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM;
+}
+
+PyDoc_STRVAR(accept_spawn_doc,
+"accept_spawn(template, listen_fd, budget, want_remote, /) -> (pids, remotes, failures, errno)\n"
+"--\n\n"
+"Accept up to `budget` queued connections on the non-blocking `listen_fd` and start one child\n"
+"per connection from `template` (the connection closed in the daemon), without the GIL.\n"
+"pids: the children started, in accept order; remotes: their peers as log text (host:port,\n"
+"[v6]:port or pid=N,uid=N) if want_remote, else None; failures: (stage, errno, remote) per\n"
+"connection that got no child (the failed child is reaped); errno: 0 when the queue was\n"
+"empty or the budget used up, else the accept() error that stopped the batch for lack of a\n"
+"resource (EMFILE, ENFILE, ENOBUFS, ENOMEM). Errors that concern one connection\n"
+"(ECONNABORTED, EPROTO, EPERM, ...) skip it.");
+
+static PyObject *
+accept_spawn(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct conn conns[BATCH_MAX];
+    struct batch b;
+    struct worker w;
+    Template *t;
+    long lfd, budget;
+    int want_remote, n = 0, tries = 0, stop = 0, offered = 0, winit, i;
+    sigset_t all, old;
+    PyObject *pids = NULL, *remotes = NULL, *failures = NULL, *item;
+
+    (void)module;
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "accept_spawn() takes exactly 4 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (!PyObject_TypeCheck(args[0], &TemplateType)) {
+        PyErr_SetString(PyExc_TypeError, "accept_spawn() needs a Template");
+        return NULL;
+    }
+    t = (Template *)args[0];
+    lfd = PyLong_AsLong(args[1]);
+    if (lfd == -1 && PyErr_Occurred())
+        return NULL;
+    budget = PyLong_AsLong(args[2]);
+    if (budget == -1 && PyErr_Occurred())
+        return NULL;
+    if (budget > BATCH_MAX)
+        budget = BATCH_MAX;
+    if ((want_remote = PyObject_IsTrue(args[3])) < 0)
+        return NULL;
+    memset(&w, 0, sizeof(w));
+
+    Py_BEGIN_ALLOW_THREADS
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    /* Accept everything queued first (cheap), then spawn (slow: each waits for an exec). */
+    while (n < budget && tries++ < BATCH_MAX * 2) {
+        struct conn *c = &conns[n];
+        int fd;
+        c->len = sizeof(c->addr);
+        fd = accept4((int)lfd, (struct sockaddr *)&c->addr, &c->len, SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            if (resource_errno(errno)) {
+                stop = errno;
+                break;
+            }
+            continue; /* that connection is gone; the next one is fine */
+        }
+        c->fd = fd;
+        n++;
+    }
+    b.t = t;
+    b.conns = conns;
+    b.n = n;
+    b.next = 0;
+    winit = n > 0 ? worker_init(&w, t) : 0;
+    if (winit < 0) {
+        for (i = 0; i < n; i++) {
+            conns[i].pid = 0;
+            conns[i].stage = STAGE_FORK;
+            conns[i].err = ENOMEM;
+            conns[i].remote[0] = '\0';
+            (void)close(conns[i].fd);
+        }
+    }
+    else if (n > 0) {
+        if (n > 1)
+            offered = helper_offer(&b);
+        (void)run_share(&b, &w);
+        if (offered)
+            helper_collect(&b);
+    }
+    worker_free(&w);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    Py_END_ALLOW_THREADS
+
+    /* The children exist now: build the answer (if that fails for memory, the daemon's reaper
+     * still collects them; only their bookkeeping is lost). */
+    pids = PyList_New(0);
+    failures = PyList_New(0);
+    remotes = want_remote ? PyList_New(0) : Py_NewRef(Py_None);
+    if (pids == NULL || failures == NULL || remotes == NULL)
+        goto fail;
+    for (i = 0; i < n; i++) {
+        struct conn *c = &conns[i];
+        if (c->pid > 0) {
+            if ((item = PyLong_FromLong((long)c->pid)) == NULL || PyList_Append(pids, item) < 0)
+                goto fail_item;
+            Py_DECREF(item);
+            if (want_remote) {
+                if ((item = PyUnicode_DecodeASCII(c->remote, (Py_ssize_t)strlen(c->remote), "replace")) == NULL ||
+                    PyList_Append(remotes, item) < 0)
+                    goto fail_item;
+                Py_DECREF(item);
+            }
+        }
+        else {
+            if ((item = Py_BuildValue("(sis)", stage_names[c->stage], c->err, c->remote)) == NULL ||
+                PyList_Append(failures, item) < 0)
+                goto fail_item;
+            Py_DECREF(item);
+        }
+    }
+    return Py_BuildValue("(NNNi)", pids, remotes, failures, stop);
+fail_item:
+    Py_XDECREF(item);
+fail:
+    Py_XDECREF(pids);
+    Py_XDECREF(remotes);
+    Py_XDECREF(failures);
+    return NULL;
+}
+
+PyDoc_STRVAR(reap_doc,
+"reap(signal_fd, /) -> list[tuple[int, int]]\n"
+"--\n\n"
+"Drain the SIGCHLD signalfd (-1: none), then collect every exited child with\n"
+"waitpid(-1, WNOHANG): their (pid, status), in the order the kernel reports them.");
+
+static PyObject *
+reap(PyObject *module, PyObject *arg)
+{
+    char buf[128 * 32]; /* 32 signalfd_siginfo records */
+    PyObject *out, *item;
+    long fd = PyLong_AsLong(arg);
+
+    (void)module;
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (fd >= 0)
+        while (read((int)fd, buf, sizeof(buf)) == (ssize_t)sizeof(buf))
+            ;
+    if ((out = PyList_New(0)) == NULL)
+        return NULL;
+    for (;;) {
+        int status;
+        pid_t pid = waitpid(-1, &status, WNOHANG);
+        if (pid < 0 && errno == EINTR)
+            continue;
+        if (pid <= 0)
+            break;
+        if ((item = Py_BuildValue("(ii)", (int)pid, status)) == NULL || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return out;
+}
+
 /* sigchld_fd(): block SIGCHLD in the calling thread (threads started later
  * inherit the mask) and return a non-blocking, close-on-exec signalfd that
  * becomes readable when a child exits. This lets the event loop reap on
@@ -826,6 +1398,9 @@ static PyMethodDef spawn_methods[] = {
     {"trim", trim, METH_NOARGS, trim_doc},
     {"spawn", (PyCFunction)(void (*)(void))spawn, METH_FASTCALL, spawn_doc},
     {"sigchld_fd", sigchld_fd, METH_NOARGS, sigchld_fd_doc},
+    {"template", (PyCFunction)(void (*)(void))template_new, METH_FASTCALL, template_doc},
+    {"accept_spawn", (PyCFunction)(void (*)(void))accept_spawn, METH_FASTCALL, accept_spawn_doc},
+    {"reap", reap, METH_O, reap_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -840,9 +1415,16 @@ static struct PyModuleDef spawn_module = {
 PyMODINIT_FUNC
 PyInit__spawn(void)
 {
-    PyObject *m = PyModule_Create(&spawn_module);
+    PyObject *m;
+    if (PyType_Ready(&TemplateType) < 0)
+        return NULL;
+    m = PyModule_Create(&spawn_module);
     if (m == NULL)
         return NULL;
+    if (PyModule_AddObjectRef(m, "Template", (PyObject *)&TemplateType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     SpawnFailure = PyErr_NewExceptionWithDoc(
         "supervisor._spawn.SpawnFailure",
         "A child could not be started: args are (stage: str, errno: int).", NULL, NULL);

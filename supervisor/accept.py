@@ -2,12 +2,20 @@
 
 Theory of operation
 -------------------
-The hot path is ``readable`` -> ``_connection``: accept in batches (up to
-``ACCEPT_BATCH`` per readiness callback), ask the pure ``Policy`` whether to
-admit, spawn with the vfork spawner, close the daemon's copy of the
-connection, remember the child. Nothing else runs per connection: no pipes,
-no socket objects for TCP peers, and no log formatting when
-``log_connections`` is off.
+The hot path is ``readable`` -> ``_accept_batch``: when no rule of the unit
+looks at an individual connection (no allow/deny, per-source limit,
+access_times, banner or builtin), the pure ``Policy`` grants a count
+(``budget``: max_connections and rate) and one call into C accepts up to that
+many queued connections and starts one child each without the GIL, two at
+a time on two threads (``spawn.AcceptTemplate``, "accept mode: batches" in
+``_spawn.c``); Python then only counts the admissions and remembers the
+pids. Nothing else runs per connection: no pipes, no socket objects, and no
+log formatting when ``log_connections`` is off.
+
+Units whose rules look at each peer take the per-connection path
+(``_admit``): accept one connection at a time, ask ``Policy.admit``, spawn
+with the vfork spawner, close the daemon's copy; when several are queued all
+but the last go to the helper thread, so two children exec at once there too.
 
 The policy never refuses by rate: it pauses accepting (``poll(False)`` plus one
 timer), and at ``max_connections`` it stops accepting until a child exits, so
@@ -41,6 +49,12 @@ ACCEPT_BATCH = 32  # connections accepted per readiness callback before yielding
 ADDR_ENV_CACHE = 256  # encoded REMOTE_ADDR values kept per unit (clients tend to repeat)
 CONN = -2  # stand-in for "the connection" in the stderr slot
 _FDS_ENV = (b"LISTEN_FDS=1", b"LISTEN_FDNAMES=connection")
+# The listen kinds the batch path serves, and the peer variables their children get.
+_REMOTE_OF = {
+    ListenKind.TCP: spawn.Remote.INET,
+    ListenKind.UNIX: spawn.Remote.UNIX,
+    ListenKind.UNIX_SEQPACKET: spawn.Remote.UNIX,
+}
 
 
 class AcceptRuntime(UnitRuntime):
@@ -62,6 +76,7 @@ class AcceptRuntime(UnitRuntime):
         self._addr_env: dict[str, bytes] = {}
         self.spawn_failures = 0
         self._streams = Streams(host, unit.builtin, self._builtin_done) if unit.builtin else None
+        self._templates: dict[spawn.Remote, spawn.AcceptTemplate] = {}
         self._banners()
 
     def _banners(self) -> None:
@@ -70,6 +85,9 @@ class AcceptRuntime(UnitRuntime):
         ok = u.banner_success
         self._banner_ok = ok.content if ok is not None and ok.content else None
         self._banner_fail = u.banner_fail.content if u.banner_fail is not None and u.banner_fail.content else None
+        # The batch path: nothing is decided or sent per connection.
+        self._bulk = (not self.policy.decides_each and u.builtin is None and self._banner is None
+                      and self._banner_ok is None and self._banner_fail is None)
 
     def active(self) -> int:
         return len(self.conns) + (len(self._streams) if self._streams is not None else 0)
@@ -96,6 +114,7 @@ class AcceptRuntime(UnitRuntime):
         self._log_conns = self.unit.log_connections
         self._err = _stderr_slot(self.unit.process.stderr)
         self._needs_peer = self.policy.needs_peer
+        self._templates = {}
         self._banners()
         if self.unit.builtin is None and self._streams is not None:
             self._streams.close()
@@ -200,6 +219,74 @@ class AcceptRuntime(UnitRuntime):
         sock = bound.sock
         if sock is None:
             return
+        if self._bulk:
+            template = self._template(bound)
+            if template is not None:
+                self._accept_batch(bound, template)
+                return
+        self._accept_each(bound, sock)
+
+    def _template(self, bound: sockets.Bound) -> spawn.AcceptTemplate | None:
+        """The batch spawner for ``bound``'s kind; None when only the per-connection path applies."""
+        remote = _REMOTE_OF.get(bound.listen.kind)
+        if remote is None:
+            return None
+        template = self._templates.get(remote)
+        prepared = self._prepared
+        if template is not None and template.prepared is prepared:
+            return template
+        try:
+            prepared = self._prepared or self.prepared()
+        except SpawnError:
+            return None  # the per-connection path reports it for each connection
+        err = self._err
+        if self._pass_fds:
+            fds = [-1, -1 if err == CONN else err, spawn.CONNECTION if err == CONN else err, spawn.CONNECTION]
+        else:
+            fds = [spawn.CONNECTION, spawn.CONNECTION, spawn.CONNECTION if err == CONN else err]
+        template = spawn.AcceptTemplate.build(prepared, fds, _FDS_ENV if self._pass_fds else (),
+                                              listen_pid=self._pass_fds, remote=remote)
+        self._templates[remote] = template
+        return template
+
+    def _accept_batch(self, bound: sockets.Bound, template: spawn.AcceptTemplate) -> None:
+        """Accept and spawn as many queued connections as the policy grants, in one call into C."""
+        policy = self.policy
+        now = self.host.loop.time()
+        budget = policy.budget(now, ACCEPT_BATCH)
+        if budget == 0:
+            self._maybe_resume()
+            return
+        log_conns = self._log_conns
+        pids, remotes, failures, err = template.accept_spawn(bound.fd, budget, log_conns)
+        done = len(pids) + len(failures)
+        if done:
+            self._backoff.succeeded()
+            policy.admit_many(done, now)
+            self.accepted += len(pids)
+            self.spawns += len(pids)
+            conns = self.conns
+            watch = self.host.watch_child
+            exited = self._exited
+            if remotes is not None:
+                for pid, remote in zip(pids, remotes, strict=True):
+                    conns[pid] = (None, now, remote)
+                    watch(pid, exited)
+                    self.log.info("connection_accepted", remote=remote, pid=pid)
+            else:
+                entry = (None, now, "")
+                for pid in pids:
+                    conns[pid] = entry
+                    watch(pid, exited)
+            for exc, remote in failures:
+                self._spawn_failed(None, remote, exc)
+        if err:
+            self._short_of_resources(OSError(err, os.strerror(err)))
+        elif done >= budget:
+            self._maybe_resume()  # the grant is used up: accepting may have to pause
+
+    def _accept_each(self, bound: sockets.Bound, sock: socket.socket) -> None:
+        """The per-connection path: accept, decide and spawn one connection at a time."""
         loop = self.host.loop
         policy = self.policy
         # One admitted connection is held back until we know whether another

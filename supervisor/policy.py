@@ -21,6 +21,13 @@ connection and ``Policy.accepting(now)`` before it accepts more.
   peers match ``uid:N`` entries only.
 
 Everything is O(1) per connection except allow/deny, which is O(entries).
+
+Admitting in bulk: when no rule looks at the peer or the clock of day
+(``decides_each`` is False), a connection's fate depends only on the counts,
+so ``budget(now, cap)`` says how many may be admitted right now and
+``admit_many(n, now)`` counts the ones that were. The accept path then lets C
+accept and spawn that many in one call without asking again per connection;
+the decision is still made here, once per batch.
 """
 
 from __future__ import annotations
@@ -165,6 +172,32 @@ class Policy:
     def needs_peer(self) -> bool:
         """Whether decisions look at the peer at all (else the accept path may skip building a Peer)."""
         return bool(self.allow) or bool(self.deny) or self.per_source is not None
+
+    @property
+    def decides_each(self) -> bool:
+        """Whether every connection needs its own decision (a rule reads the peer or the time of day)."""
+        return self.needs_peer or bool(self.windows)
+
+    def budget(self, now: float, cap: int) -> int:
+        """How many connections may be admitted now without looking at them, at most ``cap``.
+
+        Meaningful only when ``decides_each`` is False; 0 means accepting should pause
+        (``accepting`` says until when).
+        """
+        n = min(cap, self.max_connections - self.active)
+        if n <= 0:
+            return 0
+        if self.rate is None:
+            return n
+        self._refill(now)
+        return min(n, int(self.tokens)) if self.tokens >= 1.0 else 0
+
+    def admit_many(self, n: int, now: float) -> None:
+        """Count ``n`` connections admitted by ``budget`` (each is released like one from ``admit``)."""
+        if self.rate is not None:
+            self._refill(now)
+            self.tokens -= n
+        self.active += n
 
     def _refill(self, now: float) -> None:
         if self.rate is None:

@@ -7,9 +7,10 @@ per child costs an fd per connection (the resource that runs out first under
 a flood), and a reaper thread costs a thread wake-up and a GIL hand-off per
 child. Instead ``SIGCHLD`` is blocked in the daemon's threads and delivered
 through a ``signalfd`` (``_spawn.sigchld_fd``) that the loop polls like any
-socket. When it is readable, every queued signal is drained and
-``waitpid(-1, WNOHANG)`` collects every exited child (signals coalesce, so
-one wake-up may stand for many exits); each ``(pid, status)`` goes to
+socket. When it is readable, one call into C (``_spawn.reap``) drains every queued
+signal and collects every exited child with ``waitpid(-1, WNOHANG)`` (signals
+coalesce, so one wake-up may stand for many exits; the loop of reads and
+waits costs no Python per system call); each ``(pid, status)`` goes to
 ``dispatch``, which finds the owner in O(1).
 
 A child may be reaped before its spawner registered it (the accept path can
@@ -25,8 +26,6 @@ from collections.abc import Callable
 
 from supervisor import _spawn
 from supervisor.lifecycle import Exit
-
-_DRAIN = 128 * 32  # up to 32 signalfd_siginfo records per read
 
 
 class Reaper:
@@ -44,21 +43,9 @@ class Reaper:
 
     def reap(self) -> None:
         """Drain the signalfd, then collect every exited child."""
-        try:
-            while len(os.read(self._fd, _DRAIN)) == _DRAIN:
-                pass
-        except BlockingIOError:
-            pass
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            except InterruptedError:
-                continue
-            if pid == 0:
-                return
-            self._dispatch(pid, status)
+        dispatch = self._dispatch
+        for pid, status in _spawn.reap(self._fd):
+            dispatch(pid, status)
 
 
 def exit_of(status: int) -> Exit:

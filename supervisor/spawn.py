@@ -10,7 +10,11 @@ CPU per child, so the work is split in two:
   builds the child's base environment as encoded ``NAME=value`` bytes (SPEC section 4). Every
   lookup that can fail (an unknown user, a missing program) fails here, where the daemon can
   report it against the unit, instead of in a child.
-* ``spawn_child()`` is the hot path: it appends the per-spawn variables the caller already
+* ``AcceptTemplate`` is accept mode's hot path: the prepared unit converted once more into the
+  C extension's form, so that ``accept_spawn`` can accept a batch of queued connections and
+  start one child each in a single call without the GIL (see "accept mode: batches" in
+  ``_spawn.c``). It takes no decision: its caller passes the count its policy granted.
+* ``spawn_child()`` is the general path: it appends the per-spawn variables the caller already
   encoded (``LISTEN_FDS``, ``LISTEN_FDNAMES``, ``REMOTE_*``) and makes one call into the C
   extension ``supervisor._spawn``, which vforks, arranges the fds, drops privileges, writes
   ``LISTEN_PID`` and ``WATCHDOG_PID`` (the child's own pid, which only the child can know) and
@@ -30,6 +34,7 @@ extension reaps before raising ``SpawnError``, so the daemon never sees its pid.
 from __future__ import annotations
 
 import asyncio
+import enum
 import errno
 import grp
 import os
@@ -38,17 +43,20 @@ import resource
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, NamedTuple, Protocol, TypeVar
 
 from supervisor import _spawn, envfile
 from supervisor.errors import SpawnError
 from supervisor.model import DEFAULT_PATH, RESERVED_ENVIRONMENT, Process, Stderr
 
 __all__ = [
+    "CONNECTION",
     "RESERVED_ENVIRONMENT",
     "RLIMITS",
+    "AcceptTemplate",
     "Credentials",
     "Prepared",
+    "Remote",
     "listen_environment",
     "prepare",
     "resolve_credentials",
@@ -334,6 +342,63 @@ def spawn_child(
     except _spawn.SpawnFailure as failure:
         stage, err = failure.args
         raise SpawnError(stage, err, _describe(prepared, stage, err)) from None
+
+
+# In an AcceptTemplate's fds: the accepted connection.
+CONNECTION = -2
+
+
+class Remote(enum.IntEnum):
+    """Which peer variables an accepted connection's child gets (values shared with ``_spawn.c``)."""
+
+    NONE = 0
+    INET = 1  # REMOTE_ADDR, REMOTE_PORT
+    UNIX = 2  # REMOTE_PID, REMOTE_UID, REMOTE_GID (SO_PEERCRED)
+
+
+class Batch(NamedTuple):
+    """What one ``AcceptTemplate.accept_spawn`` call did."""
+
+    pids: list[int]  # the children started, in accept order
+    remotes: list[str] | None  # their peers as log text, when asked for
+    failures: list[tuple[SpawnError, str]]  # connections that got no child (already closed), with their peer
+    errno: int  # 0, or the accept() error that stopped the batch for lack of a resource
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptTemplate:
+    """A prepared unit in the C extension's form, for accepting and spawning in batches."""
+
+    prepared: Prepared
+    native: _spawn.Template
+
+    @classmethod
+    def build(cls, prepared: Prepared, fds: Sequence[int], extra_env: Sequence[bytes] = (), *,
+              listen_pid: bool, remote: Remote) -> AcceptTemplate:
+        """Convert ``prepared`` once.
+
+        Args:
+            fds: as for ``spawn_child``, with ``CONNECTION`` where the accepted connection goes.
+            extra_env: fixed per-connection variables (``LISTEN_FDS=1``, ...).
+            listen_pid: add ``LISTEN_PID=<the child's pid>``.
+            remote: the peer variables to add for each connection.
+        """
+        c = prepared.credentials
+        native = _spawn.template(prepared.path, prepared.argv, (*extra_env, *prepared.env), fds, listen_pid,
+                                 int(remote), c.uid, c.gid, c.groups, prepared.cwd, prepared.umask, prepared.nice,
+                                 prepared.rlimits, prepared.setsid)
+        return cls(prepared, native)
+
+    def accept_spawn(self, listen_fd: int, budget: int, want_remote: bool) -> Batch:
+        """Accept up to ``budget`` connections queued on the non-blocking ``listen_fd``, one child each.
+
+        The daemon's copy of every connection is closed; a child that failed before exec has
+        been reaped. ``want_remote`` asks for the peers as log text.
+        """
+        pids, remotes, failed, err = _spawn.accept_spawn(self.native, listen_fd, budget, want_remote)
+        failures = [(SpawnError(stage, code, _describe(self.prepared, stage, code)), remote)
+                    for stage, code, remote in failed]
+        return Batch(pids, remotes, failures, err)
 
 
 def _describe(prepared: Prepared, stage: str, err: int) -> str:
