@@ -625,8 +625,10 @@ def _principal(text: str) -> str:
     return word
 
 
-def _fd_name(text: str) -> str:
+def _fd_name(text: str) -> str | None:
     word = text.strip()
+    if not word:
+        return None  # an empty assignment resets to the default (the socket unit's name)
     if not 1 <= len(word) <= 255 or ":" in word or not all(32 < ord(c) < 127 for c in word):
         raise BadValue("invalid fd name: printable ASCII without ':', at most 255")
     return word
@@ -746,7 +748,7 @@ _RESOURCE = re.compile(r"(CPU\w*|StartupCPU\w*|AllowedCPUs|AllowedMemoryNodes|Me
                        r"|BlockIO\w*|Tasks\w*|Delegate\w*|Slice|ManagedOOM\w*|OOMPolicy|OOMScoreAdjust"
                        r"|CPUAccounting|IPAccounting|DisableControllers)")
 _SANDBOX_WHY = "sandboxing is not carried over: sockvisor does not sandbox its children"
-_RESOURCE_WHY = "resource control is not carried over: sockvisor manages no cgroups"
+_RESOURCE_WHY = "resource control is not carried over: sockvisor sets no resource limits (its cgroups have no controllers)"
 
 
 @dataclass(slots=True)
@@ -1350,6 +1352,10 @@ def import_systemd(paths: list[str], unit_dirs: list[str] | None = None) -> Impo
             except BadValue as exc:
                 ctx.drop(accept_setting.last, str(exc))
         service_name = _socket(ctx, socket_settings)
+        if not ctx.accept:
+            # systemd names an Accept=no unit's fds after the socket unit unless FileDescriptorName= says.
+            for entry in ctx.listen:
+                entry.setdefault("name", base)
         unit.data["listen"] = ctx.listen
         unit.data["mode"] = "accept" if ctx.accept else "service"
         if not ctx.listen:

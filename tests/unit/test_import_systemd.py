@@ -91,8 +91,26 @@ EXPECTED: list[tuple[str, dict[str, Any]]] = [
 @pytest.mark.parametrize(("name", "expected"), EXPECTED, ids=[e[0] for e in EXPECTED])
 def test_fixture_translation(name: str, expected: dict[str, Any]) -> None:
     """Each fixture socket and its service translate to these unit keys."""
-    data = fixture_units()[name].data
+    data = without_default_names(fixture_units()[name].data, f"{name}.socket")
     assert {key: data.get(key) for key in expected} == expected
+
+
+def without_default_names(data: dict[str, Any], socket: str) -> dict[str, Any]:
+    """``data`` without the fd names systemd gives by default (pinned on their own below)."""
+    if data.get("mode") != "service" or not isinstance(data.get("listen"), list):
+        return data
+    return {**data, "listen": [{k: v for k, v in e.items() if (k, v) != ("name", socket)} for e in data["listen"]]}
+
+
+def test_accept_no_fds_are_named_as_systemd_names_them(tmp_path: Path) -> None:
+    """FileDescriptorName= or else the socket unit's name; an empty assignment resets to that default."""
+    socket = "[Socket]\nListenStream=127.0.0.1:1\nListenDatagram=127.0.0.1:2\nFileDescriptorName=web\n"
+    assert [e["name"] for e in one(tmp_path, socket, "[Service]\nExecStart=/x\n").data["listen"]] == ["web", "web"]
+    reset = "[Socket]\nListenStream=127.0.0.1:1\nFileDescriptorName=web\nFileDescriptorName=\n"
+    assert one(tmp_path / "b", reset, "[Service]\nExecStart=/x\n").data["listen"][0]["name"] == "svc.socket"
+    accept = "[Socket]\nListenStream=127.0.0.1:1\nAccept=yes\n"
+    unit = one(tmp_path / "c", accept, "[Service]\nExecStart=/x\n")
+    assert "name" not in unit.data["listen"][0]  # the connection is named "connection", as systemd does
 
 
 def test_socket_dropin_resets_the_listeners() -> None:
@@ -318,7 +336,7 @@ CASES: list[tuple[str, str, str, dict[str, Any]]] = [
 @pytest.mark.parametrize(("why", "socket", "service", "expected"), CASES, ids=[c[0] for c in CASES])
 def test_translation(tmp_path: Path, why: str, socket: str, service: str, expected: dict[str, Any]) -> None:
     """Each directive maps to these unit keys (None: the key is absent)."""
-    data = one(tmp_path, socket, "[Service]\nExecStart=/bin/srv\n" + service).data
+    data = without_default_names(one(tmp_path, socket, "[Service]\nExecStart=/bin/srv\n" + service).data, "svc.socket")
     assert {key: data.get(key) for key in expected} == expected
 
 
