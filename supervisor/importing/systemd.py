@@ -748,7 +748,8 @@ _RESOURCE = re.compile(r"(CPU\w*|StartupCPU\w*|AllowedCPUs|AllowedMemoryNodes|Me
                        r"|BlockIO\w*|Tasks\w*|Delegate\w*|Slice|ManagedOOM\w*|OOMPolicy|OOMScoreAdjust"
                        r"|CPUAccounting|IPAccounting|DisableControllers)")
 _SANDBOX_WHY = "sandboxing is not carried over: sockvisor does not sandbox its children"
-_RESOURCE_WHY = "resource control is not carried over: sockvisor sets no resource limits (its cgroups have no controllers)"
+_RESOURCE_WHY = ("resource control is not carried over: sockvisor sets no resource limits "
+                 "(its cgroups have no controllers)")
 
 
 @dataclass(slots=True)
