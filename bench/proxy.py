@@ -4,6 +4,8 @@
     python3 bench/proxy.py                   # 5 interleaved repetitions, table on stdout
     python3 bench/proxy.py --reps 5 --bytes 1073741824 --seconds 3
     python3 bench/proxy.py --sockvisor-cmd "/path/to/venv/bin/sockvisor"
+    python3 bench/proxy.py --baseline-cmd "env PYTHONPATH=/tmp/old /path/to/python -m supervisor"
+                                             # also an older sockvisor (contender "baseline"), same run
 
 What it measures, per repetition, for every contender in turn (the order rotates each
 repetition, so the contenders are interleaved in time on a noisy machine):
@@ -142,15 +144,15 @@ class Contender:
 
 
 def start_sockvisor(c: Contender, cmd: list[str], work: Path, back_bulk: int, back_rr: int) -> None:
-    conf = work / "sockvisor"
+    conf = work / c.name
     (conf / "sockets.d").mkdir(parents=True)
-    (conf / "sockvisor.yaml").write_text(f"control:\n  socket: {work}/control.sock\nlog:\n  level: warning\n")
+    (conf / "sockvisor.yaml").write_text(f"control:\n  socket: {conf}/control.sock\nlog:\n  level: warning\n")
     c.bulk_port, c.rr_port = free_port(), free_port()
     for name, port, back in (("bulk", c.bulk_port, back_bulk), ("rr", c.rr_port, back_rr)):
         (conf / "sockets.d" / f"{name}.yaml").write_text(
             f"mode: proxy\nlisten: [{{tcp: 127.0.0.1:{port}}}]\nbackend: 127.0.0.1:{back}\n"
             "log_connections: false\nmax_connections: 10000\n")
-    with open(work / "sockvisor.log", "wb") as err:  # Popen keeps its own copy
+    with open(work / f"{c.name}.log", "wb") as err:  # Popen keeps its own copy
         p = subprocess.Popen([*cmd, "run", "--config", str(conf)], stdin=subprocess.DEVNULL,
                              stdout=subprocess.DEVNULL, stderr=err)
     c.procs, c.pids = [p], [p.pid]
@@ -266,6 +268,7 @@ def main() -> int:
     venv = REPO / ".venv" / "bin" / "python"
     python = str(venv) if venv.exists() else sys.executable  # the checkout's own venv (scripts/test.sh makes it)
     parser.add_argument("--sockvisor-cmd", default=f"{shlex.quote(python)} -m supervisor")
+    parser.add_argument("--baseline-cmd", help="another sockvisor (an older checkout) to run as contender 'baseline'")
     parser.add_argument("--json", help="also write the raw figures here")
     args = parser.parse_args()
     build()
@@ -277,10 +280,13 @@ def main() -> int:
     descriptions = {
         "direct": "the client connects to the backend itself",
         "sockvisor": "sockvisor mode: proxy, no exec (a forwarder), log_connections: false",
+        "baseline": f"the same, run by --baseline-cmd {args.baseline_cmd}",
         "systemd-socket-proxyd": "systemd-socket-proxyd under systemd-socket-activate (C, splice)",
         "socat": "socat TCP-LISTEN:...,fork TCP:... (a process per connection)",
     }
     names = [n for n in args.contenders.split(",") if n]
+    if args.baseline_cmd:
+        names.insert(names.index("sockvisor") + 1 if "sockvisor" in names else len(names), "baseline")
     contenders = [Contender(n, descriptions.get(n, n)) for n in names]
     try:
         wait_port(back_bulk)
@@ -290,6 +296,8 @@ def main() -> int:
                 c.bulk_port, c.rr_port = back_bulk, back_rr
             elif c.name == "sockvisor":
                 start_sockvisor(c, cmd, work, back_bulk, back_rr)
+            elif c.name == "baseline":
+                start_sockvisor(c, shlex.split(args.baseline_cmd), work, back_bulk, back_rr)
             elif c.name == "systemd-socket-proxyd":
                 start_proxyd(c, work, back_bulk, back_rr)
             elif c.name == "socat":
@@ -348,7 +356,7 @@ def report(contenders: list[Contender], args: argparse.Namespace,
         lines += ["", "Ratios, sockvisor / peer (same run; > 1 means sockvisor is faster): of the medians, and in "
                   "brackets the median of the ratios within each repetition (the contenders ran next to each "
                   "other then, so load from elsewhere on the machine cancels out better):", ""]
-        for peer in ("systemd-socket-proxyd", "socat", "direct"):
+        for peer in ("systemd-socket-proxyd", "socat", "direct", "baseline"):
             p = by.get(peer)
             if p is None:
                 continue

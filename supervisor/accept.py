@@ -76,7 +76,7 @@ class AcceptRuntime(UnitRuntime):
         self._addr_env: dict[str, bytes] = {}
         self.spawn_failures = 0
         self._streams = Streams(host, unit.builtin, self._builtin_done) if unit.builtin else None
-        self._templates: dict[spawn.Remote, spawn.AcceptTemplate] = {}
+        self._templates: dict[int, spawn.AcceptTemplate] = {}  # by listening fd
         self._banners()
 
     def _banners(self) -> None:
@@ -228,13 +228,12 @@ class AcceptRuntime(UnitRuntime):
 
     def _template(self, bound: sockets.Bound) -> spawn.AcceptTemplate | None:
         """The batch spawner for ``bound``'s kind; None when only the per-connection path applies."""
+        template = self._templates.get(bound.fd)
+        if template is not None and template.prepared is self._prepared:
+            return template
         remote = _REMOTE_OF.get(bound.listen.kind)
         if remote is None:
             return None
-        template = self._templates.get(remote)
-        prepared = self._prepared
-        if template is not None and template.prepared is prepared:
-            return template
         try:
             prepared = self._prepared or self.prepared()
         except SpawnError:
@@ -246,7 +245,7 @@ class AcceptRuntime(UnitRuntime):
             fds = [spawn.CONNECTION, spawn.CONNECTION, spawn.CONNECTION if err == CONN else err]
         template = spawn.AcceptTemplate.build(prepared, fds, _FDS_ENV if self._pass_fds else (),
                                               listen_pid=self._pass_fds, remote=remote)
-        self._templates[remote] = template
+        self._templates[bound.fd] = template
         return template
 
     def _accept_batch(self, bound: sockets.Bound, template: spawn.AcceptTemplate) -> None:

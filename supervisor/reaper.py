@@ -21,6 +21,7 @@ registration arrives (see ``Daemon.watch_child``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import Callable
 
@@ -48,6 +49,7 @@ class Reaper:
             dispatch(pid, status)
 
 
+@functools.lru_cache(maxsize=256)  # statuses repeat (0, 1, a few signals) and an Exit is immutable
 def exit_of(status: int) -> Exit:
     """A ``waitpid`` status as the lifecycle's ``Exit`` (code, or the signal that killed it)."""
     if os.WIFSIGNALED(status):

@@ -330,3 +330,26 @@ def test_closing_the_engine_leaves_no_fd_and_no_thread() -> None:
     threads = threading.active_count()
     _run(body)
     assert counts() == before and threading.active_count() == threads
+
+
+def test_client_reset_mid_transfer_is_passed_on_as_a_reset() -> None:
+    """A client that aborts (RST) while the backend is still sending ends the relay, and the backend sees a
+    reset too: both directions stop, with no fd left open by the engine."""
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        s = _Setup(loop)
+        s.backend.sendall(b"y" * 100_000)
+        assert await loop.run_in_executor(None, s.client.recv, 10)
+        s.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.client.close()
+        await asyncio.wait_for(s.finished.wait(), 10)
+        assert s.result is not None and s.result[2] is True
+        s.backend.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            while s.backend.recv(65536):
+                pass
+        assert s.relays._engine.open == 0
+        s.backend.close()
+        s.relays.close()
+
+    _run(body)
