@@ -201,3 +201,24 @@ def test_unreadable_handover_falls_back_to_adopting_inherited_listeners(sockviso
     sockvisor.wait_event("socket_adopted", unit="acc")
     assert listener_inode(port) == inode
     assert roundtrip(port) == b"hi\n"
+
+
+def test_an_unprivileged_user_cannot_reexec(sockvisor: Sockvisor, port: int) -> None:
+    """Even with a world-writable control socket, `reexec` (or any command) from uid 65534 is refused."""
+    import shutil
+
+    if shutil.which("setpriv") is None:
+        import pytest
+
+        pytest.skip("setpriv (util-linux) is not installed")
+    sockvisor.unit("acc", f"listen: [{{tcp: 127.0.0.1:{port}}}]\nmode: accept\npass: stdio\nexec: [/bin/echo, hi]\n")
+    (sockvisor.config / "sockvisor.yaml").write_text(
+        f'control:\n  socket: {sockvisor.control}\n  mode: "0666"\nlog:\n  format: json\n  level: info\n')
+    sockvisor.start()
+    res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                          "supervisor", "reexec", "--control", str(sockvisor.control)],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert res.returncode == 1 and "permission denied: only root or the daemon's user" in res.stderr, res.stderr
+    assert not sockvisor.find("reexec")
+    assert sockvisor.status()["daemon"]["reexecs"] == 0
+    assert roundtrip(port) == b"hi\n"
