@@ -49,6 +49,8 @@ import struct
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+from supervisor import recovery
+
 MAX_MESSAGE = 4096  # systemd's NOTIFY_BUFFER_MAX is PIPE_BUF
 MAX_FDS = 768  # systemd accepts at most this many fds in one message
 _UCRED = struct.Struct("3i")
@@ -267,15 +269,9 @@ def _close(fds: Collection[int]) -> None:
 
 def _stat(pid: int) -> tuple[int, int] | None:
     """(parent pid, session id) of ``pid`` from /proc, or None if it is gone."""
+    rest = recovery.stat_fields(pid)
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    # The command name (field 2) is in parentheses and may contain anything: split after the last ')'.
-    rest = raw[raw.rfind(b")") + 2:].split()
-    try:
-        return int(rest[1]), int(rest[3])
+        return (int(rest[1]), int(rest[3])) if rest is not None else None
     except (IndexError, ValueError):
         return None
 

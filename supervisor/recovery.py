@@ -60,17 +60,22 @@ class Entry:
     start: int
 
 
-def start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks after boot (``/proc/PID/stat`` field 22), None if gone."""
+def stat_fields(pid: int) -> list[bytes] | None:
+    """``/proc/PID/stat`` from field 3 (state) on, or None if the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
     # comm (field 2) may hold spaces and parentheses: the fields after it follow the last ')'.
-    rest = data[data.rfind(b")") + 2 :].split()
+    return data[data.rfind(b")") + 2 :].split()
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks after boot (``/proc/PID/stat`` field 22), None if gone."""
+    rest = stat_fields(pid)
     try:
-        return int(rest[19])
+        return int(rest[19]) if rest is not None else None
     except (IndexError, ValueError):
         return None
 

@@ -90,6 +90,21 @@ def roundtrip(port: int, data: bytes = b"", host: str = "127.0.0.1", timeout: fl
     return b"".join(chunks)
 
 
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent to reap it counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def first_line(port: int) -> str:
+    """Connect and read the first line the server sends."""
+    with connect(port) as s, s.makefile("r") as reader:
+        return reader.readline().strip()
+
+
 class Sockvisor:
     """A running daemon on a temporary config; ``events`` are its parsed log lines."""
 

@@ -14,15 +14,7 @@ from pathlib import Path
 import pytest
 
 from supervisor import cgroups
-from tests.conftest import PROGRAMS, Sockvisor, connect, wait_for
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+from tests.conftest import PROGRAMS, Sockvisor, alive, connect, wait_for
 
 
 def escaping_service(sockvisor: Sockvisor, port: int, pidfile: Path) -> int:

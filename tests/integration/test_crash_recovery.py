@@ -16,21 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import PROGRAMS, Sockvisor, connect, free_port, roundtrip, wait_for
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie waiting for its new parent to reap it counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def first_line(port: int) -> str:
-    with connect(port) as s:
-        return s.makefile("r").readline().strip()
+from tests.conftest import PROGRAMS, Sockvisor, alive, connect, first_line, free_port, roundtrip, wait_for
 
 
 def state_file(sockvisor: Sockvisor) -> Path:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 
-from tests.conftest import PROGRAMS, REPO, Sockvisor, connect, free_port, roundtrip, wait_for
+from tests.conftest import PROGRAMS, REPO, Sockvisor, connect, first_line, free_port, roundtrip, wait_for
 
 
 def listener_inode(port: int) -> int:
@@ -29,9 +29,6 @@ def listener_inode(port: int) -> int:
     raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
 
 
-def first_line(port: int) -> str:
-    with connect(port) as s:
-        return s.makefile("r").readline().strip()
 
 
 class Load:

@@ -19,8 +19,8 @@ if middle == 0:
         with open(pidfile + ".tmp", "w") as f:
             f.write(str(os.getpid()))
         os.rename(pidfile + ".tmp", pidfile)
-        time.sleep(seconds)
+        time.sleep(seconds)  # wait-ok: the program's own life, not a synchronization
         os._exit(0)
     os._exit(0)
 os.waitpid(middle, 0)
-time.sleep(3600)
+time.sleep(3600)  # wait-ok: the program's own life, not a synchronization

@@ -67,7 +67,7 @@ def main() -> int:
         with open(args.pidfile, "a") as f:
             f.write(f"{os.getpid()}\n")
     if args.delay:
-        time.sleep(args.delay)
+        time.sleep(args.delay)  # wait-ok: the program's own life, not a synchronization
     family, address = _address(args.address)
     if args.role == "udp-echo":
         s = socket.socket(family, socket.SOCK_DGRAM)
