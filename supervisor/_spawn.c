@@ -59,6 +59,7 @@
 #include <malloc.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/signalfd.h>
@@ -100,12 +101,13 @@ enum stage {
     STAGE_NICE,
     STAGE_EXECVE,
     STAGE_FORK,
+    STAGE_CGROUP, /* clone3(CLONE_INTO_CGROUP) refused: the caller may spawn without it */
 };
 
 /* Indexed by enum stage; these strings are the `stage` of supervisor.errors.SpawnError. */
 static const char *const stage_names[] = {
     "none", "dup", "close", "setsid", "setgroups", "setgid", "setuid",
-    "chdir", "setrlimit", "nice", "execve", "fork",
+    "chdir", "setrlimit", "nice", "execve", "fork", "cgroup",
 };
 
 /* pid_vars=True means just this one (the historical listen_pid flag). */
@@ -373,6 +375,86 @@ vfork_exec(struct spawn_args *a)
     if (pid == 0)
         child_exec(a);
     return pid;
+}
+
+/*
+ * Born in a cgroup: clone3(CLONE_VM | CLONE_VFORK | CLONE_INTO_CGROUP) is vfork() with the
+ * child created directly in the cgroup that `cgroup_fd` names (Linux 5.7). Writing the pid to
+ * cgroup.procs after the spawn instead is a migration: the kernel takes the threadgroup rwsem
+ * for writing, which waits for an RCU grace period (10-30 ms here, with the daemon's loop
+ * stopped), and the child runs outside the cgroup until then (a grandchild it forks in that
+ * window escapes). A clone with a new stack cannot return through C code, so the child's entry
+ * is a few instructions of assembly: x86-64 only for now; elsewhere this reports ENOSYS and
+ * the caller falls back to vfork() and the write.
+ */
+struct sv_clone_args {
+    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls;
+    uint64_t set_tid, set_tid_size, cgroup;
+};
+#define SV_CLONE_VM 0x00000100ULL
+#define SV_CLONE_VFORK 0x00004000ULL
+#define SV_CLONE_INTO_CGROUP 0x200000000ULL
+#define CHILD_STACK (256 * 1024)
+
+#if defined(__x86_64__)
+static long
+clone3_raw(struct sv_clone_args *ca, void (*fn)(struct spawn_args *), struct spawn_args *arg)
+{
+    long ret;
+    /* Callee-saved registers survive the system call; the child finds fn and arg there. */
+    register void (*r12)(struct spawn_args *) __asm__("r12") = fn;
+    register struct spawn_args *r13 __asm__("r13") = arg;
+    __asm__ volatile("syscall\n\t"
+                     "test %%rax, %%rax\n\t"
+                     "jnz 1f\n\t"
+                     /* The child, on its own 16-byte aligned stack: fn(arg) never returns. */
+                     "xor %%ebp, %%ebp\n\t"
+                     "mov %%r13, %%rdi\n\t"
+                     "call *%%r12\n\t"
+                     "mov $60, %%eax\n\t"
+                     "mov $127, %%edi\n\t"
+                     "syscall\n\t"
+                     "1:\n\t"
+                     : "=a"(ret)
+                     : "0"(435L /* SYS_clone3 */), "D"(ca), "S"(sizeof(*ca)), "r"(r12), "r"(r13)
+                     : "rcx", "r11", "memory");
+    return ret;
+}
+#define HAVE_CLONE3_RAW 1
+#endif
+
+/* Like vfork_exec(), born in the cgroup `cgroup_fd`: the pid, or -1 with errno set. */
+static pid_t
+clone_exec_into(struct spawn_args *a, int cgroup_fd)
+{
+#ifdef HAVE_CLONE3_RAW
+    struct sv_clone_args ca;
+    void *stack;
+    long pid;
+
+    stack = mmap(NULL, CHILD_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stack == MAP_FAILED)
+        return -1;
+    memset(&ca, 0, sizeof(ca));
+    ca.flags = SV_CLONE_VM | SV_CLONE_VFORK | SV_CLONE_INTO_CGROUP;
+    ca.exit_signal = SIGCHLD;
+    ca.stack = (uint64_t)(uintptr_t)stack;
+    ca.stack_size = CHILD_STACK;
+    ca.cgroup = (uint64_t)cgroup_fd;
+    pid = clone3_raw(&ca, child_exec, a);
+    /* CLONE_VFORK: the child has exec'ed or exited, its stack is free again. */
+    (void)munmap(stack, CHILD_STACK);
+    if (pid < 0) {
+        errno = (int)-pid;
+        return -1;
+    }
+    return (pid_t)pid;
+#else
+    (void)a;
+    (void)cgroup_fd;
+    errno = ENOSYS;
+    return -1;
+#endif
 }
 
 /* ---------------------------------------------------------------- the parent (Python) */
@@ -652,7 +734,7 @@ done:
 }
 
 PyDoc_STRVAR(spawn_doc,
-"spawn(path, argv, envp, fds, pid_vars, uid, gid, groups, cwd, umask, nice, rlimits, setsid, /)\n"
+"spawn(path, argv, envp, fds, pid_vars, uid, gid, groups, cwd, umask, nice, rlimits, setsid, cgroup_fd=-1, /)\n"
 "--\n\n"
 "Start `path` in a new process with vfork+execve and return its pid (not waited for).\n\n"
 "fds[i] becomes fd i in the child (-1: /dev/null); every other fd is closed.\n"
@@ -661,6 +743,8 @@ PyDoc_STRVAR(spawn_doc,
 "uid/gid -1, groups None,\n"
 "cwd None, umask -1 and nice 0 leave that attribute unchanged. rlimits are\n"
 "(resource, soft, hard) with -1 for RLIM_INFINITY. setsid: start a new session.\n"
+"cgroup_fd: a cgroup v2 directory fd the child is born in (clone3 CLONE_INTO_CGROUP);\n"
+"if that is refused, SpawnFailure('cgroup', errno) and no child was started.\n"
 "Raises SpawnFailure(stage, errno) if the child could not be started; the failed\n"
 "child has been reaped.");
 
@@ -672,15 +756,15 @@ spawn(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     char *pid_starts[MAX_PID_VARS];
     Py_ssize_t nfds = 0;
     long long v;
-    int npid_vars, i, setsid_flag, saved_errno = 0;
+    int npid_vars, i, setsid_flag, saved_errno = 0, cgroup_fd = -1;
     pid_t pid;
     sigset_t all, old;
     PyObject *result = NULL;
 
     (void)module;
     memset(&a, 0, sizeof(a));
-    if (nargs != 13) {
-        PyErr_Format(PyExc_TypeError, "spawn() takes exactly 13 arguments (%zd given)", nargs);
+    if (nargs != 13 && nargs != 14) {
+        PyErr_Format(PyExc_TypeError, "spawn() takes 13 or 14 arguments (%zd given)", nargs);
         return NULL;
     }
     if ((a.path = c_string(args[0], "path")) == NULL)
@@ -732,6 +816,11 @@ spawn(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto done;
     if ((setsid_flag = PyObject_IsTrue(args[12])) < 0)
         goto done;
+    if (nargs == 14) {
+        if ((v = int_in_range(args[13], "cgroup_fd", -1, INT_MAX)) == -1 && PyErr_Occurred())
+            goto done;
+        cgroup_fd = (int)v;
+    }
 
     a.argv = p.argv;
     a.envp = p.envp;
@@ -745,7 +834,7 @@ spawn(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_BEGIN_ALLOW_THREADS
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    pid = vfork_exec(&a);
+    pid = cgroup_fd >= 0 ? clone_exec_into(&a, cgroup_fd) : vfork_exec(&a);
     if (pid < 0) {
         saved_errno = errno;
     }
@@ -759,7 +848,8 @@ spawn(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_END_ALLOW_THREADS
 
     if (pid < 0) {
-        result = PyObject_CallFunction(SpawnFailure, "si", stage_names[STAGE_FORK], saved_errno);
+        result = PyObject_CallFunction(SpawnFailure, "si", stage_names[cgroup_fd >= 0 ? STAGE_CGROUP : STAGE_FORK],
+                                       saved_errno);
     }
     else if (a.err_stage != STAGE_NONE) {
         int stage = a.err_stage;

@@ -17,6 +17,7 @@ def spawn(
     nice: int,
     rlimits: Sequence[tuple[int, int, int]],
     setsid: bool,
+    cgroup_fd: int = -1,
     /,
 ) -> int: ...
 

@@ -9,8 +9,8 @@ a cgroup v2 hierarchy is writable (the pure v2 mount, or the hybrid layout's
 ``unified`` mount, found in ``/proc/self/mountinfo``), the daemon makes
 ``sockvisor/`` under its own cgroup (under systemd: the service's, which
 ``Delegate=yes`` gives it) and one child cgroup per slot process
-(``UNIT.SLOT``: the service, each pool worker, a proxy backend). The new
-process is moved in as soon as it is spawned. When the slot's main process
+(``UNIT.N``: the service, each pool worker, a proxy backend; N counts up).
+When the slot's main process
 has exited, whatever is left in its cgroup gets the unit's stop signal and,
 after ``stop_timeout``, ``cgroup.kill`` (SIGKILL to every member at once; or
 SIGKILL one by one on kernels before 5.14), as systemd's
@@ -21,11 +21,17 @@ apply and the daemon stays in its own cgroup. Per-connection children of
 accept mode are not put in cgroups (a cgroup per connection would cost the
 accept path a mkdir, a write and an rmdir); the subreaper covers them.
 
-Not covered: a process forked in the microseconds between the spawn and the
-write to ``cgroup.procs`` (the spawner would need ``CLONE_INTO_CGROUP``); and,
-where no hierarchy is writable, everything except what the subreaper gives
-(orphans are reaped and stopped at shutdown, but a ``setsid()`` grandchild of
-a unit that stops survives the unit until the daemon exits).
+A slot process is born in its cgroup (``clone3(CLONE_INTO_CGROUP)``, see
+``_spawn.c``): nothing it forks can start outside, and the daemon's loop does not
+wait for a migration (writing a pid to ``cgroup.procs`` waits for an RCU grace
+period, 10-30 ms). Where that clone is refused (a kernel before 5.7, an
+architecture the spawner has no entry for), the pid is written after the spawn.
+
+Not covered: with that fallback, a process forked in the microseconds
+between the spawn and the write to ``cgroup.procs``; and, where no hierarchy
+is writable, everything except what the subreaper gives (orphans are reaped
+and stopped at shutdown, but a ``setsid()`` grandchild of a unit that stops
+survives the unit until the daemon exits).
 """
 
 from __future__ import annotations
@@ -35,6 +41,10 @@ import os
 import signal
 
 _MARK = "sockvisor"
+
+# Whether slot processes can be born in their cgroup (clone3 CLONE_INTO_CGROUP); cleared at the
+# first spawn that finds this kernel or build without it.
+born_in = True
 
 
 def _v2_mount(mountinfo: str) -> str | None:
@@ -81,19 +91,48 @@ def find_base() -> tuple[str | None, str]:
 
 
 class Group:
-    """One slot's cgroup: ``UNIT.SLOT`` under the daemon's base."""
+    """One slot process's cgroup: ``UNIT.N`` under the daemon's base (N counts up, skipping names in use)."""
 
     __slots__ = ("failed", "path")
 
-    def __init__(self, base: str, unit: str, slot: int) -> None:
-        self.path = os.path.join(base, f"{unit}.{slot}")
+    _serial = 0  # the last N handed out by this daemon image
+
+    def __init__(self, path: str) -> None:
+        self.path = path
         self.failed: str | None = None
 
-    def add(self, pid: int) -> bool:
-        """Move ``pid`` in (creating the cgroup). False (and ``failed`` says why) when the kernel refuses."""
+    @classmethod
+    def create(cls, base: str, unit: str) -> Group:
+        """A new, empty cgroup for the next process of ``unit`` (OSError when the kernel refuses)."""
+        while True:
+            cls._serial += 1
+            path = os.path.join(base, f"{unit}.{cls._serial}")
+            try:
+                os.mkdir(path, 0o755)
+            except FileExistsError:
+                continue  # left by a previous image of the daemon (re-exec), still holding something
+            return cls(path)
+
+    @classmethod
+    def of(cls, base: str, pid: int) -> Group | None:
+        """The cgroup under ``base`` that ``pid`` is in (a process adopted across a re-exec), or None."""
         try:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(self.path, 0o755)
+            with open(f"/proc/{pid}/cgroup") as f:
+                own = _own_path(f.read())
+        except OSError:
+            return None
+        if own is None or os.path.basename(os.path.dirname(own)) != os.path.basename(base):
+            return None
+        path = os.path.join(base, os.path.basename(own))
+        return cls(path) if os.path.isdir(path) else None
+
+    def open(self) -> int:
+        """A directory fd for ``clone3(CLONE_INTO_CGROUP)`` (the caller closes it)."""
+        return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def add(self, pid: int) -> bool:
+        """Move ``pid`` in (the fallback where a child cannot be born in it). False (``failed`` says why) if refused."""
+        try:
             fd = os.open(os.path.join(self.path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
             try:
                 os.write(fd, str(pid).encode())

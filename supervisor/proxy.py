@@ -787,7 +787,7 @@ def _remote(addr: Any, peer: Peer | None) -> str:
     return peer.source if peer is not None else ""
 
 
-def _spawn_backend(rt: UnitRuntime, index: int, listen_fds: list[int]) -> int:
+def _spawn_backend(rt: UnitRuntime, index: int, listen_fds: list[int], cgroup: int | None) -> int:
     """Start the backend: no fds but stdio (stdin /dev/null), no LISTEN_* (it cannot take fds)."""
     out, err = rt.output_fds()
     env: list[bytes] = []
@@ -795,5 +795,6 @@ def _spawn_backend(rt: UnitRuntime, index: int, listen_fds: list[int]) -> int:
     if rt.unit.watchdog:
         env.append(f"WATCHDOG_USEC={int(rt.unit.watchdog * 1_000_000)}".encode())
         pid_vars = (b"WATCHDOG_PID",)
-    return spawn.spawn_child(rt.prepared(), [-1, out, err], env, listen_pid=False, pid_vars=pid_vars)
+    return spawn.spawn_child(rt.prepared(), [-1, out, err], env, listen_pid=False, pid_vars=pid_vars,
+                             cgroup=cgroup)
 

@@ -16,6 +16,8 @@ The sockets are polled only while every slot waits for readiness.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 from collections.abc import Callable, Iterable, Mapping
 
 from supervisor import cgroups, handover, lifecycle, sockets, spawn
@@ -24,13 +26,16 @@ from supervisor.lifecycle import Exit, SlotState
 from supervisor.model import Mode, Pass, Start, Unit
 from supervisor.units import WINDING_DOWN, Deadline, Host, UnitRuntime, UnitState, kill_group
 
+# How a slot's process is started: (runtime, slot index, listen fds, cgroup dir fd to be born in) -> pid.
+Spawner = Callable[[UnitRuntime, int, list[int], int | None], int]
+
 
 class SlotDriver:
     """Feeds one lifecycle slot its events and carries out its actions."""
 
     def __init__(self, runtime: UnitRuntime, index: int, *, fds: Callable[[int], list[int]],
                  changed: Callable[[SlotDriver], None], surge: bool = False,
-                 spawner: Callable[[UnitRuntime, int, list[int]], int] | None = None) -> None:
+                 spawner: Spawner | None = None) -> None:
         self.runtime = runtime
         self.index = index
         self._fds = fds
@@ -76,28 +81,53 @@ class SlotDriver:
     def _spawn(self) -> None:
         rt = self.runtime
         try:
-            pid = self._spawner(rt, self.index, self._fds(self.index))
+            pid, group = self._start()
         except SpawnError as exc:
             rt.spawn_failures += 1
             self.feed(lifecycle.SpawnFailed(str(exc)))
             return
         rt.spawns += 1
         rt.host.watch_child(pid, self._exited)
-        self._contain(pid)
-        self.feed(lifecycle.Spawned(pid))
-
-    def _contain(self, pid: int) -> None:
-        """Put the new process in a cgroup of its own (where cgroups are in use)."""
-        rt = self.runtime
-        base = rt.host.cgroup_base()
-        if base is None:
-            return
-        group = cgroups.Group(base, rt.unit.name, pid)
-        if group.add(pid):
+        if group is not None:
             rt.cgroups.append(group)
             self._group = group
-        else:
-            rt.log.warning("cgroup_failed", pid=pid, error=group.failed)
+        self.feed(lifecycle.Spawned(pid))
+
+    def _start(self) -> tuple[int, cgroups.Group | None]:
+        """Spawn the slot's process in a new cgroup of its own (where cgroups are in use): (pid, the cgroup)."""
+        rt = self.runtime
+        fds = self._fds(self.index)
+        base = rt.host.cgroup_base()
+        if base is None:
+            return self._spawner(rt, self.index, fds, None), None
+        try:
+            group = cgroups.Group.create(base, rt.unit.name)
+        except OSError as exc:
+            rt.log.warning("cgroup_failed", error=f"{base}: {exc.strerror}")
+            return self._spawner(rt, self.index, fds, None), None
+        try:
+            if cgroups.born_in:
+                fd = group.open()
+                try:
+                    return self._spawner(rt, self.index, fds, fd), group
+                except SpawnError as exc:
+                    if exc.stage != "cgroup":
+                        raise
+                    if exc.errno in (errno.ENOSYS, errno.E2BIG, errno.EINVAL):
+                        cgroups.born_in = False  # this kernel or build has no CLONE_INTO_CGROUP
+                    else:
+                        rt.log.warning("cgroup_failed", error=f"{group.path}: {os.strerror(exc.errno)}")
+                finally:
+                    os.close(fd)
+            pid = self._spawner(rt, self.index, fds, None)
+        except BaseException:
+            group.remove()
+            raise
+        if group.add(pid):
+            return pid, group
+        rt.log.warning("cgroup_failed", pid=pid, error=group.failed)
+        group.remove()
+        return pid, None
 
     def _stop_leftovers(self) -> None:
         """The slot's process exited: what it left in its cgroup stops too (systemd's KillMode=control-group)."""
@@ -150,8 +180,8 @@ class SlotDriver:
             self.runtime.host.watch_child(slot.pid, self._exited)
             base = self.runtime.host.cgroup_base()
             if base is not None:
-                group = cgroups.Group(base, self.runtime.unit.name, slot.pid)
-                if group.pids():
+                group = cgroups.Group.of(base, slot.pid)
+                if group is not None:
                     self._group = group
                     self.runtime.cgroups.append(group)
         self._deadline.set(slot.deadline)
@@ -218,8 +248,8 @@ def stop_for_operator(rt: UnitRuntime, drivers: Iterable[SlotDriver]) -> None:
     rt.release_fd_store()
 
 
-def spawn_slot(rt: UnitRuntime, index: int, listen_fds: list[int]) -> int:
-    """Spawn the process of slot ``index`` with ``listen_fds`` and the stored fds; returns its pid."""
+def spawn_slot(rt: UnitRuntime, index: int, listen_fds: list[int], cgroup: int | None) -> int:
+    """Spawn the process of slot ``index`` with ``listen_fds`` and the stored fds (born in ``cgroup``); its pid."""
     unit = rt.unit
     prepared = rt.prepared()
     out, err = rt.output_fds()
@@ -230,11 +260,11 @@ def spawn_slot(rt: UnitRuntime, index: int, listen_fds: list[int]) -> int:
         # made it non-blocking, and the flag is shared with the child's copy.
         sockets.set_blocking(fd, True)
         return spawn.spawn_child(prepared, [fd, fd, err], _extra_env(unit, index, []), listen_pid=False,
-                                 pid_vars=pid_vars)
+                                 pid_vars=pid_vars, cgroup=cgroup)
     fds = listen_fds + [fd for _, fd in rt.fd_store]
     names = [b.listen.name for b in rt.bound] + [n for n, _ in rt.fd_store]
     return spawn.spawn_child(prepared, [-1, out, err, *fds], _extra_env(unit, index, names), listen_pid=True,
-                             pid_vars=pid_vars)
+                             pid_vars=pid_vars, cgroup=cgroup)
 
 
 def _pid_vars(unit: Unit) -> tuple[bytes, ...]:

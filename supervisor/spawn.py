@@ -311,6 +311,7 @@ def spawn_child(
     *,
     listen_pid: bool,
     pid_vars: Sequence[bytes] = (),
+    cgroup: int | None = None,
 ) -> int:
     """Start one child and return its pid, without waiting for it (the daemon reaps it).
 
@@ -324,6 +325,7 @@ def spawn_child(
         listen_pid: add ``LISTEN_PID=<the child's pid>``.
         pid_vars: more variable names to set to the child's pid, after ``LISTEN_PID``
             (``[b"WATCHDOG_PID"]``); none of them in the prepared environment.
+        cgroup: a cgroup v2 directory fd the child is born in (``clone3(CLONE_INTO_CGROUP)``).
 
     Returns:
         The child's pid; it has already exec'ed the program.
@@ -331,14 +333,17 @@ def spawn_child(
     Raises:
         SpawnError: the child could not be started; ``stage`` names the step that failed
             ("dup", "close", "setsid", "setgroups", "setgid", "setuid", "chdir", "setrlimit",
-            "nice", "execve", or "fork" if no process could be created). No zombie is left.
+            "nice", "execve", or "fork" if no process could be created; "cgroup" if it could not
+            be created in ``cgroup``, which a spawn without one may still do). No zombie is left.
     """
     env = (*extra_env, *prepared.env) if extra_env else prepared.env
     try:
         names: bool | Sequence[bytes] = listen_pid
         if pid_vars:
             names = (b"LISTEN_PID", *pid_vars) if listen_pid else pid_vars
-        return _spawn.spawn(prepared.path, prepared.argv, env, fds, names, *prepared._tail)
+        if cgroup is None:
+            return _spawn.spawn(prepared.path, prepared.argv, env, fds, names, *prepared._tail)
+        return _spawn.spawn(prepared.path, prepared.argv, env, fds, names, *prepared._tail, cgroup)
     except _spawn.SpawnFailure as failure:
         stage, err = failure.args
         raise SpawnError(stage, err, _describe(prepared, stage, err)) from None

@@ -104,11 +104,13 @@ class Children:
         stderr: int = 2,
         extra_env: Sequence[bytes] = (),
         listen_pid: bool = False,
+        cgroup: int | None = None,
     ) -> Child:
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
         try:
-            pid = spawn_child(prepared, [in_r, out_w, stderr, *more_fds], extra_env, listen_pid=listen_pid)
+            pid = spawn_child(prepared, [in_r, out_w, stderr, *more_fds], extra_env, listen_pid=listen_pid,
+                              cgroup=cgroup)
         except BaseException:
             for fd in (in_r, in_w, out_r, out_w):
                 os.close(fd)
@@ -588,3 +590,74 @@ def test_concurrent_spawns_from_threads() -> None:
     with ThreadPoolExecutor(4) as pool:
         outcomes = [ok for batch in pool.map(spawn_some, range(4)) for ok in batch]
     assert outcomes == [True] * 100
+
+
+# ---------------------------------------------------------------------------- cgroups
+
+
+@pytest.fixture
+def fresh_cgroup() -> Iterator[tuple[str, int]]:
+    """An empty cgroup under the daemon's base for this process, and a directory fd of it."""
+    from supervisor import cgroups
+
+    base, why = cgroups.find_base()
+    if base is None:
+        pytest.skip(f"no writable cgroup v2 hierarchy here: {why}")
+    group = cgroups.Group.create(base, "spawntest")
+    fd = group.open()
+    yield group.path, fd
+    os.close(fd)
+    group.remove()
+
+
+def test_child_is_born_in_its_cgroup(fresh_cgroup: tuple[str, int]) -> None:
+    """With a cgroup fd the child is in that cgroup from its first instruction, not moved there later.
+
+    ``cat /proc/self/cgroup`` reads its cgroup as the first thing the program does: a spawn
+    that moved the pid afterwards would lose that race now and then; twenty runs must all
+    name the cgroup, and the parent never had to write to ``cgroup.procs``.
+    """
+    path, fd = fresh_cgroup
+    prepared = prepare(Process(exec=("cat", "/proc/self/cgroup")), unit="t", notify_socket=None,
+                       daemon_environ=os.environ)
+    for _ in range(20):
+        r, w = os.pipe()
+        try:
+            pid = spawn_child(prepared, [-1, w, 2], listen_pid=False, cgroup=fd)
+        finally:
+            os.close(w)
+        try:
+            output = read_all(r).decode()
+        finally:
+            os.close(r)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        own = next(line[3:] for line in output.splitlines() if line.startswith("0::"))
+        assert own.endswith("/" + os.path.basename(path)), output
+    assert Path(path, "cgroup.procs").read_text() == ""  # every child has gone; nothing left inside
+
+
+def test_spawn_into_a_cgroup_keeps_the_other_guarantees(fresh_cgroup: tuple[str, int], children: Children) -> None:
+    """The clone3 path still renumbers fds, sets LISTEN_PID to the child's pid and reports exec failures."""
+    path, fd = fresh_cgroup
+    child = children.start(cat(), listen_pid=True, cgroup=fd)  # a round trip through its stdin and stdout
+    assert f"LISTEN_PID={child.pid}" in child.environ()
+    assert Path(path, "cgroup.procs").read_text().split() == [str(child.pid)]
+    assert os.waitstatus_to_exitcode(children.finish(child)) == 0
+    missing = prepare(Process(exec=("/nonexistent/prog",)), unit="t", notify_socket=None, daemon_environ={})
+    with pytest.raises(SpawnError) as info:
+        spawn_child(missing, [-1, -1, 2], listen_pid=False, cgroup=fd)
+    assert (info.value.stage, info.value.errno) == ("execve", errno.ENOENT)
+
+
+def test_a_fd_that_is_no_cgroup_fails_at_stage_cgroup_without_a_child(tmp_path: Path) -> None:
+    """A directory that is not a cgroup: SpawnError("cgroup", ...), no process was created."""
+    assert_no_children()
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(SpawnError) as info:
+            spawn_child(cat(), [-1, -1, 2], listen_pid=False, cgroup=fd)
+    finally:
+        os.close(fd)
+    assert info.value.stage == "cgroup"
+    assert_no_children()
