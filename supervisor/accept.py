@@ -34,7 +34,7 @@ import socket
 import time
 from typing import Any, NamedTuple
 
-from supervisor import lifecycle, sockets, spawn
+from supervisor import lifecycle, log, sockets, spawn
 from supervisor.builtins import Streams
 from supervisor.errors import SpawnError
 from supervisor.lifecycle import Drain, Exit, SlotState
@@ -71,6 +71,7 @@ class AcceptRuntime(UnitRuntime):
         self._kill_deadline = Deadline(host.loop, self._drain_timer)
         self._pass_fds = unit.pass_ is Pass.FDS
         self._log_conns = unit.log_connections
+        self._conn_line = log.info_line(self.log)  # connection_accepted / child_exited, the hot lines
         self._err = _stderr_slot(unit.process.stderr)
         self._needs_peer = self.policy.needs_peer
         self._addr_env: dict[str, bytes] = {}
@@ -268,10 +269,11 @@ class AcceptRuntime(UnitRuntime):
             watch = self.host.watch_child
             exited = self._exited
             if remotes is not None:
+                line = self._conn_line
                 for pid, remote in zip(pids, remotes, strict=True):
                     conns[pid] = (None, now, remote)
                     watch(pid, exited)
-                    self.log.info("connection_accepted", remote=remote, pid=pid)
+                    line("connection_accepted", remote=remote, pid=pid)
             else:
                 entry = (None, now, "")
                 for pid in pids:
@@ -419,7 +421,7 @@ class AcceptRuntime(UnitRuntime):
         self.conns[pid] = (job.peer, job.now, job.remote)
         self.host.watch_child(pid, self._exited)
         if self._log_conns:
-            self.log.info("connection_accepted", remote=job.remote, pid=pid)
+            self._conn_line("connection_accepted", remote=job.remote, pid=pid)
 
     def _spawn_failed(self, peer: Peer | None, remote: str, exc: SpawnError) -> None:
         """An admitted connection got no child (its fd is already closed): undo the admission, log it."""
@@ -440,7 +442,7 @@ class AcceptRuntime(UnitRuntime):
         peer, started, remote = self.conns.pop(pid)
         self.policy.release(peer)
         if self._log_conns:
-            self.log.info("child_exited", pid=pid, remote=remote, status=str(ex),
+            self._conn_line("child_exited", pid=pid, remote=remote, status=str(ex),
                           duration=round(self.host.loop.time() - started, 6))
         if self._drain.deadline is not None:
             self._drain = lifecycle.drain_exited(self._drain, len(self.conns))
