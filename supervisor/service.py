@@ -106,8 +106,13 @@ class SlotDriver:
             rt.log.warning("cgroup_failed", error=f"{base}: {exc.strerror}")
             return self._spawner(rt, self.index, fds, None), None
         try:
+            fd = -1
             if cgroups.born_in:
-                fd = group.open()
+                try:
+                    fd = group.open()
+                except OSError as exc:  # out of fds, say: the write after the spawn may still work
+                    rt.log.warning("cgroup_failed", error=f"{group.path}: {exc.strerror}")
+            if fd >= 0:
                 try:
                     return self._spawner(rt, self.index, fds, fd), group
                 except SpawnError as exc:
