@@ -206,7 +206,28 @@ class _SinkLogger:
 
 _LEVEL_NAMES = {"warn": "warning", "exception": "error", "msg": "info", "log": "info", "err": "error",
                 "fatal": "critical", "failure": "error"}
-_encode = json.JSONEncoder(default=repr).encode
+_encode_any = json.JSONEncoder(default=repr).encode
+_quote = json.encoder.encode_basestring_ascii
+
+
+def _value(value: Any) -> str:
+    kind = type(value)
+    if kind is str:
+        return str(_quote(value))
+    if kind is int:
+        try:
+            return int.__repr__(value)
+        except ValueError:  # past sys.get_int_max_str_digits(): a log line must not raise
+            return str(_quote(f"<{value.bit_length()}-bit integer>"))
+    return str(_encode_any(value))
+
+
+def _encode(event: Mapping[str, Any]) -> str:
+    """``json.dumps(event, default=repr)`` for a flat event, field by field (its encoder is set up per call)."""
+    try:
+        return "{" + ", ".join([f"{_quote(k)}: {_value(v)}" for k, v in event.items()]) + "}"
+    except TypeError:  # a key that is not a string
+        return str(_encode_any(event))
 
 
 class _Clock:
@@ -257,14 +278,11 @@ def info_line(logger: Logger) -> Any:
     if _direct is None or not logger.is_enabled_for(logging.INFO):
         return logger.info
     emit, clock, prefix = _direct
-    context = dict(structlog.get_context(logger))
+    head = prefix + "{" + "".join([f"{_quote(k)}: {_value(v)}, " for k, v in structlog.get_context(logger).items()])
 
     def info(event: str, **fields: Any) -> None:
-        line = {**context, **fields}
-        line["event"] = event
-        line["level"] = "info"
-        line["timestamp"] = clock()
-        emit(prefix + _encode(line))
+        body = "".join([f"{_quote(k)}: {_value(v)}, " for k, v in fields.items()])
+        emit(f'{head}{body}"event": {_quote(event)}, "level": "info", "timestamp": "{clock()}"}}')
     return info
 
 
