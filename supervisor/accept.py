@@ -71,7 +71,7 @@ class AcceptRuntime(UnitRuntime):
         self._kill_deadline = Deadline(host.loop, self._drain_timer)
         self._pass_fds = unit.pass_ is Pass.FDS
         self._log_conns = unit.log_connections
-        self._conn_line = log.info_line(self.log)  # connection_accepted / child_exited, the hot lines
+        self._lines = log.ConnectionLines(self.log)  # connection_accepted / child_exited, the hot lines
         self._err = _stderr_slot(unit.process.stderr)
         self._needs_peer = self.policy.needs_peer
         self._addr_env: dict[str, bytes] = {}
@@ -269,11 +269,11 @@ class AcceptRuntime(UnitRuntime):
             watch = self.host.watch_child
             exited = self._exited
             if remotes is not None:
-                line = self._conn_line
+                line = self._lines.accepted
                 for pid, remote in zip(pids, remotes, strict=True):
                     conns[pid] = (None, now, remote)
                     watch(pid, exited)
-                    line("connection_accepted", remote=remote, pid=pid)
+                    line(remote, pid)
             else:
                 entry = (None, now, "")
                 for pid in pids:
@@ -421,7 +421,7 @@ class AcceptRuntime(UnitRuntime):
         self.conns[pid] = (job.peer, job.now, job.remote)
         self.host.watch_child(pid, self._exited)
         if self._log_conns:
-            self._conn_line("connection_accepted", remote=job.remote, pid=pid)
+            self._lines.accepted(job.remote, pid)
 
     def _spawn_failed(self, peer: Peer | None, remote: str, exc: SpawnError) -> None:
         """An admitted connection got no child (its fd is already closed): undo the admission, log it."""
@@ -442,8 +442,7 @@ class AcceptRuntime(UnitRuntime):
         peer, started, remote = self.conns.pop(pid)
         self.policy.release(peer)
         if self._log_conns:
-            self._conn_line("child_exited", pid=pid, remote=remote, status=str(ex),
-                          duration=round(self.host.loop.time() - started, 6))
+            self._lines.exited(pid, remote, str(ex), round(self.host.loop.time() - started, 6))
         if self._drain.deadline is not None:
             self._drain = lifecycle.drain_exited(self._drain, len(self.conns))
             self._kill_deadline.set(self._drain.deadline)

@@ -268,22 +268,39 @@ def _json_line(clock: _Clock) -> Any:
 _direct: tuple[Any, _Clock, str] | None = None
 
 
-def info_line(logger: Logger) -> Any:
-    """``logger.info`` for the hottest events (a connection's accept and exit lines), rendered directly.
+class ConnectionLines:
+    """The two lines accept mode writes per connection with ``log_connections``, rendered directly.
 
-    The same line as ``logger.info(event, **fields)`` would write (context, fields, event,
-    level, timestamp) without structlog's call chain; plain ``logger.info`` where lines are not
-    JSON to the daemon's writer. Fields must be JSON values (str, int, float).
+    ``accepted(remote, pid)`` and ``exited(pid, remote, status, duration)`` write exactly what
+    ``logger.info("connection_accepted", remote=..., pid=...)`` and ``logger.info("child_exited",
+    pid=..., remote=..., status=..., duration=...)`` would (context, fields, event, level,
+    timestamp), as one f-string each instead of structlog's call chain; they are those calls
+    where lines are not JSON to the daemon's writer or info is filtered out.
     """
-    if _direct is None or not logger.is_enabled_for(logging.INFO):
-        return logger.info
-    emit, clock, prefix = _direct
-    head = prefix + "{" + "".join([f"{_quote(k)}: {_value(v)}, " for k, v in structlog.get_context(logger).items()])
 
-    def info(event: str, **fields: Any) -> None:
-        body = "".join([f"{_quote(k)}: {_value(v)}, " for k, v in fields.items()])
-        emit(f'{head}{body}"event": {_quote(event)}, "level": "info", "timestamp": "{clock()}"}}')
-    return info
+    __slots__ = ("accepted", "exited")
+
+    def __init__(self, logger: Logger) -> None:
+        if _direct is None or not logger.is_enabled_for(logging.INFO):
+            info = logger.info
+            self.accepted: Any = lambda remote, pid: info("connection_accepted", remote=remote, pid=pid)
+            self.exited: Any = lambda pid, remote, status, duration: info(
+                "child_exited", pid=pid, remote=remote, status=status, duration=duration)
+            return
+        emit, clock, prefix = _direct
+        head = prefix + "{" + "".join([f"{_quote(k)}: {_value(v)}, " for k, v in structlog.get_context(logger).items()])
+        quote = _quote
+
+        def accepted(remote: str, pid: int) -> None:
+            emit(f'{head}"remote": {quote(remote)}, "pid": {pid}, "event": "connection_accepted", '
+                 f'"level": "info", "timestamp": "{clock()}"}}')
+
+        def exited(pid: int, remote: str, status: str, duration: float) -> None:
+            emit(f'{head}"pid": {pid}, "remote": {quote(remote)}, "status": {quote(status)}, '
+                 f'"duration": {duration!r}, "event": "child_exited", "level": "info", "timestamp": "{clock()}"}}')
+
+        self.accepted = accepted
+        self.exited = exited
 
 
 def configure(fmt: LogFormat | None = None, level: str = "info", stream: TextIO | None = None,

@@ -53,30 +53,36 @@ def lines(fd: int) -> list[str]:
 
 
 @pytest.mark.parametrize("priorities", [False, True])
-def test_direct_line_is_structlogs_line(pipe_writer: tuple[int, log.LogWriter], priorities: bool) -> None:
-    """``info_line`` writes what ``logger.info`` writes (the timestamp aside), journal prefix included."""
+def test_connection_lines_are_structlogs_lines(pipe_writer: tuple[int, log.LogWriter], priorities: bool) -> None:
+    """``ConnectionLines`` writes what ``logger.info`` writes (the timestamp aside), journal prefix included."""
     r, writer = pipe_writer
     log.configure(LogFormat.JSON, "info", writer=writer, priorities=priorities)
     logger = log.get_logger(unit="web\"é")
-    line = log.info_line(logger)
-    assert line is not logger.info
-    fields = {"remote": "[::1]:80", "pid": 12, "status": "exit 0", "duration": 0.001234}
-    line("child_exited", **fields)
-    logger.info("child_exited", **fields)
-    direct, reference = lines(r)
+    conn = log.ConnectionLines(logger)
+    conn.accepted("[::1]:80", 12)
+    logger.info("connection_accepted", remote="[::1]:80", pid=12)
+    conn.exited(12, "pid=3,uid=0", "SIGKILL", 0.001234)
+    logger.info("child_exited", pid=12, remote="pid=3,uid=0", status="SIGKILL", duration=0.001234)
+    got = lines(r)
+    assert len(got) == 4
     stamp = re.compile(r'"timestamp": "\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"')
-    assert stamp.search(direct) and stamp.search(reference)
-    assert stamp.sub("T", direct) == stamp.sub("T", reference)
-    assert direct.startswith("<6>{") == priorities
-    assert json.loads(direct.removeprefix("<6>"))["unit"] == "web\"é"
+    assert all(stamp.search(line) for line in got)
+    assert stamp.sub("T", got[0]) == stamp.sub("T", got[1])
+    assert stamp.sub("T", got[2]) == stamp.sub("T", got[3])
+    assert got[0].startswith("<6>{") == priorities
+    assert json.loads(got[2].removeprefix("<6>"))["unit"] == "web\"é"
 
 
-def test_direct_line_follows_the_level_and_format(pipe_writer: tuple[int, log.LogWriter]) -> None:
-    """Above info, or in the console format, the direct path is plain ``logger.info`` (filtered, or rendered there)."""
-    _, writer = pipe_writer
+def test_connection_lines_follow_the_level_and_format(pipe_writer: tuple[int, log.LogWriter]) -> None:
+    """Above info nothing is written; in the console format the lines go through structlog."""
+    r, writer = pipe_writer
     log.configure(LogFormat.JSON, "warning", writer=writer)
-    logger = log.get_logger(unit="u")
-    assert log.info_line(logger) == logger.info
+    conn = log.ConnectionLines(log.get_logger(unit="u"))
+    conn.accepted("1.2.3.4:5", 6)
+    conn.exited(6, "1.2.3.4:5", "exit 0", 0.5)
+    log.get_logger().warning("marker")
+    assert [json.loads(line)["event"] for line in lines(r)] == ["marker"]
     log.configure(LogFormat.CONSOLE, "info", writer=writer)
-    logger = log.get_logger(unit="u")
-    assert log.info_line(logger) == logger.info
+    log.ConnectionLines(log.get_logger(unit="u")).accepted("1.2.3.4:5", 6)
+    (line,) = lines(r)
+    assert "connection_accepted" in line and "remote=1.2.3.4:5" in line and not line.startswith("{")
