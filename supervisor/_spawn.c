@@ -457,6 +457,59 @@ clone_exec_into(struct spawn_args *a, int cgroup_fd)
 #endif
 }
 
+/*
+ * The accept engine's children (see "accept mode: the engine" below) are clone children: clone3(
+ * CLONE_VM | CLONE_VFORK | CLONE_PIDFD) with exit_signal 0. They send no SIGCHLD, so the loop's
+ * reaper, waitpid(-1) without __WALL, never sees them; the engine learns of each exit from its
+ * pidfd and reaps it by pid with __WALL. The child's stack is one mapping per spawning thread,
+ * kept: CLONE_VFORK means it is free again when clone3 returns, and an munmap per child would
+ * cost a TLB shootdown across the daemon's threads.
+ */
+#define SV_CLONE_PIDFD 0x00001000ULL
+static __thread void *engine_stack;
+
+static pid_t
+clone_exec_pidfd(struct spawn_args *a, int *pidfd)
+{
+#ifdef HAVE_CLONE3_RAW
+    struct sv_clone_args ca;
+    long pid;
+
+    if (engine_stack == NULL) {
+        void *stack = mmap(NULL, CHILD_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+        if (stack == MAP_FAILED)
+            return -1;
+        engine_stack = stack;
+    }
+    memset(&ca, 0, sizeof(ca));
+    ca.flags = SV_CLONE_VM | SV_CLONE_VFORK | SV_CLONE_PIDFD;
+    ca.pidfd = (uint64_t)(uintptr_t)pidfd;
+    ca.exit_signal = 0;
+    ca.stack = (uint64_t)(uintptr_t)engine_stack;
+    ca.stack_size = CHILD_STACK;
+    pid = clone3_raw(&ca, child_exec, a);
+    if (pid < 0) {
+        errno = (int)-pid;
+        return -1;
+    }
+    return (pid_t)pid;
+#else
+    (void)a;
+    (void)pidfd;
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
+static void
+engine_stack_free(void)
+{
+    if (engine_stack != NULL) {
+        (void)munmap(engine_stack, CHILD_STACK);
+        engine_stack = NULL;
+    }
+}
+
 /* ---------------------------------------------------------------- the parent (Python) */
 
 static PyObject *SpawnFailure; /* the exception type, created once at import */
@@ -1021,6 +1074,7 @@ fail:
 struct conn {
     int fd;
     pid_t pid;      /* > 0: its child */
+    int pidfd;      /* the engine's children: their pidfd */
     int stage, err; /* else why not (enum stage, errno) */
     socklen_t len;
     struct sockaddr_storage addr;
@@ -1032,6 +1086,7 @@ struct batch {
     struct conn *conns;
     int n;
     int next; /* the next connection to spawn, taken with an atomic add by both threads */
+    int engine; /* spawn clone children with a pidfd each (the engine), not vfork children */
 };
 
 /* One spawning thread's buffers: its own envp (the per-connection variables in front of the
@@ -1116,7 +1171,7 @@ remote_vars(const Template *t, struct worker *w, struct conn *c)
 /* Start the child of one connection (signals are blocked by the caller), then close the
  * daemon's copy of the connection. No GIL: only the template (read-only) and our buffers. */
 static void
-spawn_conn(const Template *t, struct worker *w, struct conn *c)
+spawn_conn(const Template *t, struct worker *w, struct conn *c, int engine)
 {
     struct spawn_args a;
     pid_t pid;
@@ -1124,6 +1179,7 @@ spawn_conn(const Template *t, struct worker *w, struct conn *c)
 
     memset(&a, 0, sizeof(a));
     c->pid = 0;
+    c->pidfd = -1;
     c->stage = STAGE_NONE;
     if (remote_vars(t, w, c) < 0) {
         c->err = errno;
@@ -1156,14 +1212,19 @@ spawn_conn(const Template *t, struct worker *w, struct conn *c)
     a.rlimits = t->p.rlimits;
     a.nrlimits = t->nrlimits;
     a.setsid = t->setsid;
-    pid = vfork_exec(&a);
+    pid = engine ? clone_exec_pidfd(&a, &c->pidfd) : vfork_exec(&a);
     if (pid < 0) {
         c->err = errno;
         c->stage = STAGE_FORK;
+        c->pidfd = -1;
     }
     else if (a.err_stage != STAGE_NONE) {
-        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+        while (waitpid(pid, NULL, engine ? __WALL : 0) < 0 && errno == EINTR)
             ;
+        if (c->pidfd >= 0) {
+            (void)close(c->pidfd);
+            c->pidfd = -1;
+        }
         c->stage = a.err_stage > STAGE_NONE && a.err_stage <= STAGE_FORK ? a.err_stage : STAGE_FORK;
         c->err = a.err_errno;
     }
@@ -1182,7 +1243,7 @@ run_share(struct batch *b, struct worker *w)
     int i, done = 0;
 
     while ((i = __atomic_fetch_add(&b->next, 1, __ATOMIC_RELAXED)) < b->n) {
-        spawn_conn(b->t, w, &b->conns[i]);
+        spawn_conn(b->t, w, &b->conns[i], b->engine);
         done++;
     }
     return done;
@@ -1345,6 +1406,7 @@ accept_spawn(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     b.conns = conns;
     b.n = n;
     b.next = 0;
+    b.engine = 0;
     winit = n > 0 ? worker_init(&w, t) : 0;
     if (winit < 0) {
         for (i = 0; i < n; i++) {
@@ -1402,6 +1464,854 @@ fail:
     Py_XDECREF(failures);
     return NULL;
 }
+
+/* ---------------------------------------------------------------- accept mode: the engine
+ *
+ * One thread per bulk accept unit (no rule of the unit looks at an individual connection) that
+ * does, without Python, what the loop path does per connection: it waits in epoll_wait on the
+ * unit's listeners and its children's pidfds, accepts up to the number of admissions Python
+ * granted, spawns one clone child per connection (two at a time with the helper thread, as
+ * accept_spawn does), and reaps each child when its pidfd becomes readable. What happened is
+ * appended to a list of records that Python drains in batches: the policy stays in Python
+ * (Policy.budget decides the grant; the engine only counts it down), as do the bookkeeping and
+ * the log lines. Python is woken through an eventfd: once when the first record arrives after
+ * a drain (it drains a few milliseconds later, so that one wake-up carries many connections), and
+ * at once when something needs a decision: the grant is used up, accept() failed for lack of a
+ * resource, or a child exited while the grant is used up.
+ *
+ * Locking: `lock` guards everything below it in struct engine. The thread holds it while it
+ * accepts and while it files records, never while a child is being spawned (`busy` says a batch
+ * is being spawned from the listeners' templates; clear() waits for it). Python takes it with
+ * the GIL released. kill() signals only a child the engine has not reaped, under the lock, so a
+ * recycled pid is never signalled.
+ */
+
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <time.h>
+
+#define ENGINE_LISTENERS 64
+#define EV_CTL 0ULL
+#define EV_LISTENER 1ULL
+#define EV_CHILD 2ULL
+#define EV_DATA(kind, idx, gen) (((uint64_t)(kind) << 56) | ((uint64_t)(uint32_t)(gen) << 24) | (uint64_t)(idx))
+#define EV_KIND(d) ((int)((d) >> 56))
+#define EV_GEN(d) ((uint32_t)(((d) >> 24) & 0xffffffffULL))
+#define EV_IDX(d) ((int)((d) & 0xffffffULL))
+
+enum rec_kind { REC_ACCEPTED, REC_FAILED, REC_EXITED };
+
+struct rec {
+    int kind;
+    pid_t pid;
+    int a, b;       /* FAILED: stage, errno; EXITED: the wait status */
+    double t;       /* ACCEPTED: when (CLOCK_MONOTONIC seconds); EXITED: the connection's duration */
+    char remote[INET6_ADDRSTRLEN + 16];
+};
+
+struct elistener {
+    int fd;             /* -1: free */
+    Template *t;        /* a reference, taken and dropped with the GIL */
+    uint32_t gen;
+    int armed;          /* in the epoll set with EPOLLIN */
+};
+
+struct echild {
+    pid_t pid;          /* 0: free slot */
+    int pidfd;
+    uint32_t gen;
+    double t0;
+    int next_free;
+};
+
+typedef struct {
+    PyObject_HEAD
+    pthread_mutex_t lock;
+    pthread_cond_t idle;
+    pthread_t thread;
+    int started, stopping, busy;
+    int epfd, ctlfd, wakefd;
+    struct elistener l[ENGINE_LISTENERS];
+    int nl;
+    long grant;
+    int want_remote;
+    struct echild *kids;
+    int nkids, capkids, free_kid, live;
+    struct rec *recs;
+    int nrecs, caprecs;
+    int notified, urgent, urgent_sent, err;
+} Engine;
+
+static double
+mono_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void
+engine_wake(Engine *e, int urgent)
+{
+    uint64_t one = 1;
+    int write_now = 0;
+    if (urgent) {
+        e->urgent = 1;
+        if (!e->urgent_sent) {
+            e->urgent_sent = 1;
+            write_now = 1;
+        }
+    }
+    if (!e->notified) {
+        e->notified = 1;
+        write_now = 1;
+    }
+    if (write_now)
+        (void)!write(e->wakefd, &one, sizeof(one));
+}
+
+/* Room for `more` records (under the lock); -1 when memory is short. */
+static int
+recs_reserve(Engine *e, int more)
+{
+    if (e->nrecs + more > e->caprecs) {
+        int cap = e->caprecs ? e->caprecs : 64;
+        struct rec *r;
+        while (cap < e->nrecs + more)
+            cap *= 2;
+        if ((r = realloc(e->recs, sizeof(*r) * (size_t)cap)) == NULL)
+            return -1;
+        e->recs = r;
+        e->caprecs = cap;
+    }
+    return 0;
+}
+
+static int
+kids_reserve(Engine *e, int more)
+{
+    while (e->live + more > e->capkids) {
+        int cap = e->capkids ? e->capkids * 2 : 64, i;
+        struct echild *k = realloc(e->kids, sizeof(*k) * (size_t)cap);
+        if (k == NULL)
+            return -1;
+        for (i = e->capkids; i < cap; i++) {
+            k[i].pid = 0;
+            k[i].pidfd = -1;
+            k[i].gen = 0;
+            k[i].next_free = i + 1 < cap ? i + 1 : e->free_kid;
+        }
+        e->free_kid = e->capkids;
+        e->kids = k;
+        e->capkids = cap;
+    }
+    return 0;
+}
+
+static void
+arm_all(Engine *e, int on)
+{
+    int i;
+    for (i = 0; i < e->nl; i++) {
+        struct elistener *L = &e->l[i];
+        struct epoll_event ev;
+        if (L->fd < 0 || L->armed == on)
+            continue;
+        ev.events = on ? EPOLLIN : 0;
+        ev.data.u64 = EV_DATA(EV_LISTENER, i, L->gen);
+        if (epoll_ctl(e->epfd, EPOLL_CTL_MOD, L->fd, &ev) == 0)
+            L->armed = on;
+    }
+}
+
+/* The records of one exited child (under the lock). */
+static void
+child_exited(Engine *e, int idx)
+{
+    struct echild *k = &e->kids[idx];
+    int status = 0;
+    pid_t got;
+
+    do
+        got = waitpid(k->pid, &status, WNOHANG | __WALL);
+    while (got < 0 && errno == EINTR);
+    if (got == 0)
+        return; /* not yet: the pidfd says so only when it is waitable, so this is rare */
+    if (got > 0 && recs_reserve(e, 1) == 0) {
+        struct rec *r = &e->recs[e->nrecs++];
+        r->kind = REC_EXITED;
+        r->pid = k->pid;
+        r->a = status;
+        r->b = 0;
+        r->t = mono_now() - k->t0;
+        r->remote[0] = '\0';
+    }
+    /* got < 0 (ECHILD: someone else reaped it) or the record could not be filed: forgotten. */
+    (void)close(k->pidfd);
+    k->pid = 0;
+    k->pidfd = -1;
+    k->gen++;
+    k->next_free = e->free_kid;
+    e->free_kid = idx;
+    e->live--;
+    engine_wake(e, e->grant == 0);
+}
+
+/* A listener is readable: accept what the grant allows, spawn, file the records. */
+static void
+listener_ready(Engine *e, int idx, uint32_t gen)
+{
+    struct conn conns[BATCH_MAX];
+    struct batch b;
+    struct worker w;
+    Template *t;
+    int n = 0, tries = 0, stop = 0, offered = 0, want, i, want_remote;
+    struct elistener *L;
+
+    pthread_mutex_lock(&e->lock);
+    L = &e->l[idx];
+    if (idx >= e->nl || L->fd < 0 || L->gen != gen || !L->armed || e->grant <= 0 || e->stopping) {
+        pthread_mutex_unlock(&e->lock);
+        return;
+    }
+    want = e->grant < BATCH_MAX ? (int)e->grant : BATCH_MAX;
+    /* Every accepted connection files one record now and its child one at exit. */
+    if (recs_reserve(e, 2 * want) < 0 || kids_reserve(e, want) < 0) {
+        e->err = ENOMEM;
+        arm_all(e, 0);
+        engine_wake(e, 1);
+        pthread_mutex_unlock(&e->lock);
+        return;
+    }
+    while (n < want && tries++ < BATCH_MAX * 2) {
+        struct conn *c = &conns[n];
+        int fd;
+        c->len = sizeof(c->addr);
+        fd = accept4(L->fd, (struct sockaddr *)&c->addr, &c->len, SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            if (resource_errno(errno)) {
+                stop = errno;
+                break;
+            }
+            continue; /* that connection is gone; the next one is fine */
+        }
+        c->fd = fd;
+        n++;
+    }
+    e->grant -= n;
+    t = L->t;
+    want_remote = e->want_remote;
+    if (n > 0)
+        e->busy = 1;
+    pthread_mutex_unlock(&e->lock);
+
+    if (n > 0) {
+        double t0 = mono_now();
+        memset(&w, 0, sizeof(w));
+        b.t = t;
+        b.conns = conns;
+        b.n = n;
+        b.next = 0;
+        b.engine = 1;
+        if (worker_init(&w, t) < 0) {
+            for (i = 0; i < n; i++) {
+                conns[i].pid = 0;
+                conns[i].pidfd = -1;
+                conns[i].stage = STAGE_FORK;
+                conns[i].err = ENOMEM;
+                conns[i].remote[0] = '\0';
+                (void)close(conns[i].fd);
+            }
+        }
+        else {
+            if (n > 1)
+                offered = helper_offer(&b);
+            (void)run_share(&b, &w);
+            if (offered)
+                helper_collect(&b);
+        }
+        worker_free(&w);
+
+        pthread_mutex_lock(&e->lock);
+        for (i = 0; i < n; i++) {
+            struct conn *c = &conns[i];
+            struct rec *r, spare;
+            /* Room was made before accepting, but a drain may have taken the records since;
+             * the capacity never shrinks, so this fails only when memory is short (the
+             * record is then lost: the child is still reaped). */
+            r = recs_reserve(e, 1) == 0 ? &e->recs[e->nrecs++] : &spare;
+            r->pid = c->pid;
+            if (want_remote)
+                memcpy(r->remote, c->remote, sizeof(r->remote));
+            else
+                r->remote[0] = '\0';
+            if (c->pid > 0 && e->free_kid < 0 && kids_reserve(e, 1) < 0) {
+                /* No slot to watch it from (memory): stop it and wait for it here. */
+                (void)kill(c->pid, SIGKILL);
+                while (waitpid(c->pid, NULL, __WALL) < 0 && errno == EINTR)
+                    ;
+                (void)close(c->pidfd);
+                c->pid = 0;
+                c->stage = STAGE_FORK;
+                c->err = ENOMEM;
+            }
+            if (c->pid > 0) {
+                int k = e->free_kid;
+                struct echild *kid = &e->kids[k];
+                struct epoll_event ev;
+                e->free_kid = kid->next_free;
+                kid->pid = c->pid;
+                kid->pidfd = c->pidfd;
+                kid->t0 = t0;
+                e->live++;
+                ev.events = EPOLLIN;
+                ev.data.u64 = EV_DATA(EV_CHILD, k, kid->gen);
+                (void)epoll_ctl(e->epfd, EPOLL_CTL_ADD, c->pidfd, &ev);
+                r->kind = REC_ACCEPTED;
+                r->a = r->b = 0;
+                r->t = t0;
+            }
+            else {
+                r->kind = REC_FAILED;
+                r->a = c->stage;
+                r->b = c->err;
+                r->t = t0;
+            }
+        }
+        e->busy = 0;
+        pthread_cond_broadcast(&e->idle);
+    }
+    else {
+        pthread_mutex_lock(&e->lock);
+    }
+    if (stop) {
+        e->err = stop;
+        arm_all(e, 0);
+    }
+    else if (e->grant <= 0) {
+        arm_all(e, 0);
+    }
+    if (n > 0 || stop)
+        engine_wake(e, stop != 0 || e->grant <= 0);
+    pthread_mutex_unlock(&e->lock);
+}
+
+static void *
+engine_main(void *arg)
+{
+    Engine *e = arg;
+    struct epoll_event evs[64];
+
+    for (;;) {
+        int n = epoll_wait(e->epfd, evs, 64, -1), i;
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        for (i = 0; i < n; i++) {
+            uint64_t d = evs[i].data.u64;
+            int kind = EV_KIND(d);
+            if (kind == (int)EV_CTL) {
+                uint64_t v;
+                (void)!read(e->ctlfd, &v, sizeof(v));
+            }
+            else if (kind == (int)EV_LISTENER) {
+                listener_ready(e, EV_IDX(d), EV_GEN(d));
+            }
+            else if (kind == (int)EV_CHILD) {
+                int idx = EV_IDX(d);
+                pthread_mutex_lock(&e->lock);
+                if (idx < e->capkids && e->kids[idx].pid > 0 && e->kids[idx].gen == EV_GEN(d))
+                    child_exited(e, idx);
+                pthread_mutex_unlock(&e->lock);
+            }
+        }
+        pthread_mutex_lock(&e->lock);
+        if (e->stopping) {
+            pthread_mutex_unlock(&e->lock);
+            break;
+        }
+        pthread_mutex_unlock(&e->lock);
+    }
+    engine_stack_free();
+    return NULL;
+}
+
+/* Take the lock from Python: with the GIL released, since the engine may hold it for a while. */
+static void
+engine_lock(Engine *e)
+{
+    if (pthread_mutex_trylock(&e->lock) != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&e->lock);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+static void
+engine_stop_thread(Engine *e)
+{
+    uint64_t one = 1;
+    if (!e->started)
+        return;
+    pthread_mutex_lock(&e->lock);
+    e->stopping = 1;
+    pthread_mutex_unlock(&e->lock);
+    (void)!write(e->ctlfd, &one, sizeof(one));
+    Py_BEGIN_ALLOW_THREADS
+    pthread_join(e->thread, NULL);
+    Py_END_ALLOW_THREADS
+    e->started = 0;
+}
+
+static void
+engine_dealloc(Engine *e)
+{
+    int i;
+    if (e->started) {
+        uint64_t one = 1;
+        pthread_mutex_lock(&e->lock);
+        e->stopping = 1;
+        pthread_mutex_unlock(&e->lock);
+        (void)!write(e->ctlfd, &one, sizeof(one));
+        pthread_join(e->thread, NULL);
+    }
+    for (i = 0; i < e->nl; i++)
+        Py_CLEAR(e->l[i].t);
+    for (i = 0; i < e->capkids; i++)
+        if (e->kids[i].pid > 0)
+            (void)close(e->kids[i].pidfd);
+    free(e->kids);
+    free(e->recs);
+    if (e->epfd >= 0)
+        (void)close(e->epfd);
+    if (e->ctlfd >= 0)
+        (void)close(e->ctlfd);
+    if (e->wakefd >= 0)
+        (void)close(e->wakefd);
+    pthread_mutex_destroy(&e->lock);
+    pthread_cond_destroy(&e->idle);
+    PyObject_Free(e);
+}
+
+static PyObject *
+engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    Engine *e;
+    struct epoll_event ev;
+
+    if (!_PyArg_NoKeywords("Engine", kwds) || !PyArg_ParseTuple(args, ":Engine"))
+        return NULL;
+#ifndef HAVE_CLONE3_RAW
+    PyErr_SetString(PyExc_NotImplementedError, "the accept engine needs clone3 (x86-64)");
+    return NULL;
+#endif
+    e = PyObject_New(Engine, type);
+    if (e == NULL)
+        return NULL;
+    pthread_mutex_init(&e->lock, NULL);
+    pthread_cond_init(&e->idle, NULL);
+    e->started = e->stopping = e->busy = 0;
+    e->nl = 0;
+    e->grant = 0;
+    e->want_remote = 0;
+    e->kids = NULL;
+    e->nkids = e->capkids = e->live = 0;
+    e->free_kid = -1;
+    e->recs = NULL;
+    e->nrecs = e->caprecs = 0;
+    e->notified = e->urgent = e->urgent_sent = e->err = 0;
+    e->epfd = epoll_create1(EPOLL_CLOEXEC);
+    e->ctlfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    e->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (e->epfd < 0 || e->ctlfd < 0 || e->wakefd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(e);
+        return NULL;
+    }
+    ev.events = EPOLLIN;
+    ev.data.u64 = EV_DATA(EV_CTL, 0, 0);
+    if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->ctlfd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(e);
+        return NULL;
+    }
+    return (PyObject *)e;
+}
+
+static int
+engine_start(Engine *e)
+{
+    sigset_t all, old;
+    int err;
+    if (e->started)
+        return 0;
+    /* Started with every signal blocked: the thread never runs a signal handler and its
+     * clone children start with every signal blocked until child_exec resets them. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    e->stopping = 0;
+    err = pthread_create(&e->thread, NULL, engine_main, e);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (err != 0) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    e->started = 1;
+    return 0;
+}
+
+PyDoc_STRVAR(engine_add_doc,
+"add(listen_fd, template, /) -> None\n--\n\n"
+"Serve the non-blocking `listen_fd` with children from `template` (starts the thread).\n"
+"Not armed until grant() gives admissions.");
+
+static PyObject *
+engine_add(Engine *e, PyObject *const *args, Py_ssize_t nargs)
+{
+    long fd;
+    int i;
+    struct epoll_event ev;
+    struct elistener *L = NULL;
+
+    if (nargs != 2 || !PyObject_TypeCheck(args[1], &TemplateType)) {
+        PyErr_SetString(PyExc_TypeError, "add(listen_fd, template)");
+        return NULL;
+    }
+    if ((fd = PyLong_AsLong(args[0])) == -1 && PyErr_Occurred())
+        return NULL;
+    if (engine_start(e) < 0)
+        return NULL;
+    engine_lock(e);
+    for (i = 0; i < e->nl; i++)
+        if (e->l[i].fd < 0) {
+            L = &e->l[i];
+            break;
+        }
+    if (L == NULL && e->nl < ENGINE_LISTENERS) {
+        L = &e->l[e->nl];
+        L->gen = 0;
+        L->t = NULL;
+        i = e->nl++;
+    }
+    if (L == NULL) {
+        pthread_mutex_unlock(&e->lock);
+        PyErr_SetString(PyExc_ValueError, "too many listeners for one engine");
+        return NULL;
+    }
+    L->gen++;
+    ev.events = 0;
+    ev.data.u64 = EV_DATA(EV_LISTENER, i, L->gen);
+    if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, (int)fd, &ev) < 0) {
+        int saved = errno;
+        pthread_mutex_unlock(&e->lock);
+        errno = saved;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_INCREF(args[1]);
+    L->t = (Template *)args[1];
+    L->fd = (int)fd;
+    L->armed = 0;
+    if (e->grant > 0)
+        arm_all(e, 1);
+    pthread_mutex_unlock(&e->lock);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(engine_clear_doc,
+"clear() -> None\n--\n\nForget every listener (after any batch being spawned from them is done); the\n"
+"children stay watched.");
+
+static PyObject *
+engine_clear(Engine *e, PyObject *Py_UNUSED(ignored))
+{
+    Template *drop[ENGINE_LISTENERS];
+    int i, nd = 0;
+
+    engine_lock(e);
+    while (e->busy) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_cond_wait(&e->idle, &e->lock);
+        Py_END_ALLOW_THREADS
+    }
+    for (i = 0; i < e->nl; i++) {
+        struct elistener *L = &e->l[i];
+        if (L->fd < 0)
+            continue;
+        (void)epoll_ctl(e->epfd, EPOLL_CTL_DEL, L->fd, NULL);
+        L->fd = -1;
+        L->armed = 0;
+        L->gen++;
+        drop[nd++] = L->t;
+        L->t = NULL;
+    }
+    e->nl = 0;
+    pthread_mutex_unlock(&e->lock);
+    for (i = 0; i < nd; i++)
+        Py_XDECREF(drop[i]);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(engine_grant_doc,
+"grant(n, want_remote, /) -> int\n--\n\n"
+"Allow `n` more admissions from now on (0: stop accepting), replacing what was left of the\n"
+"previous grant; returns what was left of it. want_remote: file each peer as log text.");
+
+static PyObject *
+engine_grant(Engine *e, PyObject *const *args, Py_ssize_t nargs)
+{
+    long n, left;
+    int want_remote;
+
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "grant(n, want_remote)");
+        return NULL;
+    }
+    if ((n = PyLong_AsLong(args[0])) == -1 && PyErr_Occurred())
+        return NULL;
+    if ((want_remote = PyObject_IsTrue(args[1])) < 0)
+        return NULL;
+    engine_lock(e);
+    left = e->grant;
+    e->grant = n > 0 ? n : 0;
+    e->want_remote = want_remote;
+    if (e->grant > 0)
+        e->err = 0;
+    arm_all(e, e->grant > 0);
+    pthread_mutex_unlock(&e->lock);
+    return PyLong_FromLong(left);
+}
+
+PyDoc_STRVAR(engine_wake_doc,
+"woken() -> bool\n--\n\nRead the wake-up eventfd; whether something waits for a decision (drain now).");
+
+static PyObject *
+engine_woken(Engine *e, PyObject *Py_UNUSED(ignored))
+{
+    uint64_t v;
+    int urgent;
+    (void)!read(e->wakefd, &v, sizeof(v));
+    engine_lock(e);
+    urgent = e->urgent;
+    pthread_mutex_unlock(&e->lock);
+    return PyBool_FromLong(urgent);
+}
+
+PyDoc_STRVAR(engine_drain_doc,
+"drain() -> (accepted, failures, exits, errno)\n--\n\n"
+"Take the records filed since the last drain. accepted: (pid, when, remote) per child started,\n"
+"`when` in time.monotonic() seconds, remote the peer as log text or '' (see grant()); failures:\n"
+"(stage, errno, remote) per admitted connection that got no child (closed, the child reaped);\n"
+"exits: (pid, wait status, seconds since its connection was accepted) per child reaped;\n"
+"errno: the accept() error that stopped accepting for lack of a resource, else 0.");
+
+static PyObject *
+engine_drain(Engine *e, PyObject *Py_UNUSED(ignored))
+{
+    struct rec *recs;
+    int n, err, i, na = 0, nf = 0, nx = 0;
+    PyObject *acc = NULL, *fail = NULL, *ex = NULL, *item;
+
+    engine_lock(e);
+    n = e->nrecs;
+    /* A copy: the engine's array keeps its capacity (room it made for records to come). */
+    recs = malloc(sizeof(*recs) * (size_t)(n > 0 ? n : 1));
+    if (recs == NULL) {
+        pthread_mutex_unlock(&e->lock);
+        return PyErr_NoMemory();
+    }
+    if (n > 0)
+        memcpy(recs, e->recs, sizeof(*recs) * (size_t)n);
+    err = e->err;
+    e->nrecs = 0;
+    e->err = 0;
+    e->notified = e->urgent = e->urgent_sent = 0;
+    pthread_mutex_unlock(&e->lock);
+    for (i = 0; i < n; i++) {
+        na += recs[i].kind == REC_ACCEPTED;
+        nf += recs[i].kind == REC_FAILED;
+        nx += recs[i].kind == REC_EXITED;
+    }
+    if ((acc = PyList_New(na)) == NULL || (fail = PyList_New(nf)) == NULL || (ex = PyList_New(nx)) == NULL)
+        goto fail;
+    na = nf = nx = 0;
+    for (i = 0; i < n; i++) {
+        struct rec *r = &recs[i];
+        if (r->kind == REC_ACCEPTED) {
+            item = Py_BuildValue("(idN)", (int)r->pid, r->t,
+                                 PyUnicode_DecodeASCII(r->remote, (Py_ssize_t)strlen(r->remote), "replace"));
+            if (item == NULL)
+                goto fail;
+            PyList_SET_ITEM(acc, na++, item);
+        }
+        else if (r->kind == REC_FAILED) {
+            int stage = r->a > STAGE_NONE && r->a <= STAGE_CGROUP ? r->a : STAGE_FORK;
+            item = Py_BuildValue("(sis)", stage_names[stage], r->b, r->remote);
+            if (item == NULL)
+                goto fail;
+            PyList_SET_ITEM(fail, nf++, item);
+        }
+        else {
+            item = Py_BuildValue("(iid)", (int)r->pid, r->a, r->t);
+            if (item == NULL)
+                goto fail;
+            PyList_SET_ITEM(ex, nx++, item);
+        }
+    }
+    free(recs);
+    return Py_BuildValue("(NNNi)", acc, fail, ex, err);
+fail:
+    free(recs);
+    Py_XDECREF(acc);
+    Py_XDECREF(fail);
+    Py_XDECREF(ex);
+    return NULL;
+}
+
+PyDoc_STRVAR(engine_kill_doc,
+"kill(pid, signal, /) -> bool\n--\n\n"
+"Signal the process group of `pid` (the pid alone if it has none), only if it is a child of\n"
+"this engine not reaped yet; whether it was.");
+
+static PyObject *
+engine_kill(Engine *e, PyObject *const *args, Py_ssize_t nargs)
+{
+    long pid, sig;
+    int i, found = 0;
+
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "kill(pid, signal)");
+        return NULL;
+    }
+    if ((pid = PyLong_AsLong(args[0])) == -1 && PyErr_Occurred())
+        return NULL;
+    if ((sig = PyLong_AsLong(args[1])) == -1 && PyErr_Occurred())
+        return NULL;
+    if (pid <= 0)
+        Py_RETURN_FALSE;
+    engine_lock(e);
+    for (i = 0; i < e->capkids; i++) {
+        if (e->kids[i].pid == (pid_t)pid) {
+            found = 1;
+            if (kill(-(pid_t)pid, (int)sig) < 0)
+                (void)kill((pid_t)pid, (int)sig);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&e->lock);
+    return PyBool_FromLong(found);
+}
+
+PyDoc_STRVAR(engine_close_doc,
+"close() -> list[int]\n--\n\n"
+"Stop the thread and forget the listeners; returns the children not reaped yet (clone\n"
+"children: reap them by pid with __WALL).");
+
+static PyObject *
+engine_close(Engine *e, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *left, *r;
+    int i;
+
+    r = engine_clear(e, NULL);
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    engine_stop_thread(e);
+    if ((left = PyList_New(0)) == NULL)
+        return NULL;
+    for (i = 0; i < e->capkids; i++) {
+        struct echild *k = &e->kids[i];
+        if (k->pid <= 0)
+            continue;
+        if ((r = PyLong_FromLong((long)k->pid)) == NULL || PyList_Append(left, r) < 0) {
+            Py_XDECREF(r);
+            Py_DECREF(left);
+            return NULL;
+        }
+        Py_DECREF(r);
+        (void)close(k->pidfd);
+        k->pid = 0;
+        k->pidfd = -1;
+        k->next_free = e->free_kid;
+        e->free_kid = i;
+        e->live--;
+    }
+    return left;
+}
+
+PyDoc_STRVAR(engine_stop_doc,
+"stop() -> None\n--\n\nStop the thread (before a re-exec): nothing is accepted or reaped until start().");
+
+static PyObject *
+engine_stop(Engine *e, PyObject *Py_UNUSED(ignored))
+{
+    engine_stop_thread(e);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(engine_start_doc, "start() -> None\n--\n\nStart (again) the thread.");
+
+static PyObject *
+engine_start_py(Engine *e, PyObject *Py_UNUSED(ignored))
+{
+    if (engine_start(e) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+engine_get_fd(Engine *e, void *closure)
+{
+    return PyLong_FromLong(e->wakefd);
+}
+
+static PyObject *
+engine_get_live(Engine *e, void *closure)
+{
+    long n;
+    engine_lock(e);
+    n = e->live;
+    pthread_mutex_unlock(&e->lock);
+    return PyLong_FromLong(n);
+}
+
+static PyMethodDef engine_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))engine_add, METH_FASTCALL, engine_add_doc},
+    {"clear", (PyCFunction)engine_clear, METH_NOARGS, engine_clear_doc},
+    {"grant", (PyCFunction)(void (*)(void))engine_grant, METH_FASTCALL, engine_grant_doc},
+    {"woken", (PyCFunction)engine_woken, METH_NOARGS, engine_wake_doc},
+    {"drain", (PyCFunction)engine_drain, METH_NOARGS, engine_drain_doc},
+    {"kill", (PyCFunction)(void (*)(void))engine_kill, METH_FASTCALL, engine_kill_doc},
+    {"close", (PyCFunction)engine_close, METH_NOARGS, engine_close_doc},
+    {"stop", (PyCFunction)engine_stop, METH_NOARGS, engine_stop_doc},
+    {"start", (PyCFunction)engine_start_py, METH_NOARGS, engine_start_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef engine_getset[] = {
+    {"fd", (getter)engine_get_fd, NULL, "The eventfd that becomes readable when there are records.", NULL},
+    {"live", (getter)engine_get_live, NULL, "Children started and not reaped yet.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "supervisor._spawn.Engine",
+    .tp_basicsize = sizeof(Engine),
+    .tp_dealloc = (destructor)engine_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Accept mode's engine: a thread that accepts, spawns and reaps for one unit.",
+    .tp_new = engine_new,
+    .tp_methods = engine_methods,
+    .tp_getset = engine_getset,
+};
 
 PyDoc_STRVAR(reap_doc,
 "reap(signal_fd, /) -> list[tuple[int, int]]\n"
@@ -1506,12 +2416,13 @@ PyMODINIT_FUNC
 PyInit__spawn(void)
 {
     PyObject *m;
-    if (PyType_Ready(&TemplateType) < 0)
+    if (PyType_Ready(&TemplateType) < 0 || PyType_Ready(&EngineType) < 0)
         return NULL;
     m = PyModule_Create(&spawn_module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "Template", (PyObject *)&TemplateType) < 0) {
+    if (PyModule_AddObjectRef(m, "Template", (PyObject *)&TemplateType) < 0 ||
+        PyModule_AddObjectRef(m, "Engine", (PyObject *)&EngineType) < 0) {
         Py_DECREF(m);
         return NULL;
     }
