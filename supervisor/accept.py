@@ -12,19 +12,6 @@ a time on two threads (``spawn.AcceptTemplate``, "accept mode: batches" in
 pids. Nothing else runs per connection: no pipes, no socket objects, and no
 log formatting when ``log_connections`` is off.
 
-The engine: on a host with a reaper (the daemon), a bulk unit is served by
-one thread of its own instead of the loop (``_spawn.Engine``, "accept mode:
-the engine" in ``_spawn.c``): it waits on the listeners and its children's
-pidfds, accepts as many connections as Python granted (``Policy.budget``
-again, reserved with ``admit_many`` and given back with ``unadmit`` when the
-grant is replaced), spawns, and reaps. Python drains its records in batches,
-``DRAIN_DELAY`` after the first one (at once when the grant is used up, an
-fd or memory shortage stopped it, or a child exited while it is used up), so
-one wake-up of the loop carries many connections; everything that reads the
-children (status, metrics, stop, reload, re-exec) drains first. Its children
-are clone children without an exit signal, reaped only by it: a pid it
-reaped is never signalled (``kill`` under its lock).
-
 Units whose rules look at each peer take the per-connection path
 (``_admit``): accept one connection at a time, ask ``Policy.admit``, spawn
 with the vfork spawner, close the daemon's copy; when several are queued all
@@ -59,8 +46,6 @@ from supervisor.units import Deadline, Host, UnitRuntime, UnitState, kill_group
 # resource: back off instead of spinning on a readable socket.
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_BATCH = 32  # connections accepted per readiness callback before yielding to the loop
-ENGINE_GRANT = 256  # admissions granted to the engine at a time (renewed at every drain)
-DRAIN_DELAY = 0.01  # seconds the engine's records wait, so that one loop wake-up carries many
 ADDR_ENV_CACHE = 256  # encoded REMOTE_ADDR values kept per unit (clients tend to repeat)
 CONN = -2  # stand-in for "the connection" in the stderr slot
 _FDS_ENV = (b"LISTEN_FDS=1", b"LISTEN_FDNAMES=connection")
@@ -93,13 +78,6 @@ class AcceptRuntime(UnitRuntime):
         self.spawn_failures = 0
         self._streams = Streams(host, unit.builtin, self._builtin_done) if unit.builtin else None
         self._templates: dict[int, spawn.AcceptTemplate] = {}  # by listening fd
-        self._engine: spawn.Engine | None = None
-        self._engine_on = False  # polling through the engine (its grant is ours to take back)
-        self._engine_set: list[tuple[int, spawn.AcceptTemplate]] = []  # what it serves
-        self._engine_pids: set[int] = set()  # children it started and we have not seen exit
-        self._drain_at: asyncio.TimerHandle | None = None
-        self._draining = False
-        self._duration: float | None = None  # the engine measured the exiting child's connection
         self._banners()
 
     def _banners(self) -> None:
@@ -113,7 +91,6 @@ class AcceptRuntime(UnitRuntime):
                       and self._banner_ok is None and self._banner_fail is None)
 
     def active(self) -> int:
-        self.sync()
         return len(self.conns) + (len(self._streams) if self._streams is not None else 0)
 
     def _builtin_done(self, peer: object) -> None:
@@ -126,7 +103,6 @@ class AcceptRuntime(UnitRuntime):
             self._maybe_resume()
 
     def pids(self) -> list[int]:
-        self.sync()
         return list(self.conns)
 
     def reconfigured(self) -> None:
@@ -156,7 +132,6 @@ class AcceptRuntime(UnitRuntime):
         self.poll(False)
 
     def state(self) -> str:
-        self.sync()
         if not self._running:
             if self._drain.deadline is not None and self.conns:
                 return SlotState.STOPPING.value
@@ -185,16 +160,9 @@ class AcceptRuntime(UnitRuntime):
             self.life = UnitState.SHUTTING_DOWN
         self._stop_children()
 
-    def _kill(self, pid: int, sig: int) -> None:
-        if pid in self._engine_pids and self._engine is not None:
-            self._engine.kill(pid, sig)  # only if not reaped yet: a recycled pid is never signalled
-        else:
-            kill_group(pid, sig)
-
     def _stop_children(self) -> None:
         self._running = False
         self.poll(False)
-        self.sync()
         if self._streams is not None:
             self._streams.end_all()  # the daemon's own connections end with the unit
         if self._resume is not None:
@@ -210,13 +178,12 @@ class AcceptRuntime(UnitRuntime):
     def _carry_out(self, actions: list[lifecycle.Action]) -> None:
         for action in actions:
             if isinstance(action, lifecycle.Kill):
-                self._kill(action.pid, action.signal)
+                kill_group(action.pid, action.signal)
             elif isinstance(action, lifecycle.Log):
                 self.log.info(action.event, **dict(action.fields))
         self._kill_deadline.set(self._drain.deadline)
 
     def close(self, *, remove: bool = True) -> None:
-        self._close_engine()
         if self._resume is not None:
             self._resume.cancel()
         self._kill_deadline.cancel()
@@ -248,168 +215,6 @@ class AcceptRuntime(UnitRuntime):
     def _resumed(self) -> None:
         self._resume = None
         self._maybe_resume()
-
-    # ------------------------------------------------------------ the engine
-
-    def poll(self, on: bool) -> None:
-        if on == self._polling:
-            return
-        if not on:
-            if self._engine_on:
-                self._polling = self._engine_on = False
-                self._take_back()
-                return
-            super().poll(False)
-            return
-        engine = self._engine_for()
-        if engine is None:
-            super().poll(True)
-            return
-        self._polling = self._engine_on = True
-        self._regrant(engine)
-
-    def _engine_for(self) -> spawn.Engine | None:
-        """The engine set up to serve every listener of the unit, or None: the loop serves them."""
-        if not self._bulk or self.host.reaper is None or not spawn.ENGINE or not self.bound:
-            return None
-        wanted: list[tuple[int, spawn.AcceptTemplate]] = []
-        for b in self.bound:
-            template = self._template(b) if b.sock is not None else None
-            if template is None:
-                return None
-            wanted.append((b.fd, template))
-        engine = self._engine
-        if engine is None:
-            try:
-                engine = spawn.Engine()
-            except (OSError, NotImplementedError) as exc:
-                self.log.warning("accept_engine_unavailable", error=str(exc))
-                return None
-            self._engine = engine
-            self.host.loop.add_reader(engine.fd, self._woken)
-        if len(wanted) != len(self._engine_set) or any(
-                fd != old_fd or t is not old_t for (fd, t), (old_fd, old_t) in zip(wanted, self._engine_set,
-                                                                                   strict=True)):
-            engine.clear()
-            self._engine_set = []
-            try:
-                for fd, template in wanted:
-                    engine.add(fd, template.native)
-            except (OSError, ValueError) as exc:
-                engine.clear()
-                self.log.warning("accept_engine_unavailable", error=str(exc))
-                return None
-            self._engine_set = wanted
-        return engine
-
-    def _regrant(self, engine: spawn.Engine) -> None:
-        """Give the engine what the policy allows now (reserved here); none: pause as the loop path would."""
-        policy = self.policy
-        policy.unadmit(engine.grant(0, self._log_conns))  # what is left of the last grant, first
-        now = self.host.loop.time()
-        n = policy.budget(now, ENGINE_GRANT)
-        if n > 0:
-            policy.admit_many(n, now)
-            policy.unadmit(engine.grant(n, self._log_conns))
-        else:
-            self._polling = self._engine_on = False
-            self._maybe_resume()
-
-    def _take_back(self) -> None:
-        if self._engine is not None:
-            self.policy.unadmit(self._engine.grant(0, False))
-
-    def _woken(self) -> None:
-        engine = self._engine
-        if engine is None:
-            return
-        if engine.woken():
-            self._drain_records()
-        elif self._drain_at is None:
-            self._drain_at = self.host.loop.call_later(DRAIN_DELAY, self._drain_records)
-
-    def sync(self) -> None:
-        """Take in what the engine did (before anything reads the children)."""
-        if self._engine is not None and not self._draining:
-            self._drain_records()
-
-    def _drain_records(self) -> None:
-        if self._drain_at is not None:
-            self._drain_at.cancel()
-            self._drain_at = None
-        engine, reaper = self._engine, self.host.reaper
-        if engine is None or reaper is None or self._draining:
-            return
-        self._draining = True
-        try:
-            accepted, failures, exits, err = engine.drain()
-            if accepted:
-                self._took(accepted)
-            for stage, code, remote in failures:
-                self._spawn_failed(None, remote, self._engine_set[0][1].error(stage, code))
-            if exits:
-                gone = self._engine_pids.discard
-                dispatch = reaper.dispatch
-                for pid, status, duration in exits:
-                    gone(pid)
-                    self._duration = duration
-                    dispatch(pid, status)
-                self._duration = None
-        finally:
-            self._draining = False
-        if err:
-            self._short_of_resources(OSError(err, os.strerror(err)))
-        elif self._engine_on:
-            self._regrant(engine)
-        elif not self._polling and self._resume is None:
-            self._maybe_resume()
-
-    def _took(self, accepted: list[tuple[int, float, str]]) -> None:
-        """Children the engine started: counted (admitted when granted), watched, logged."""
-        self._backoff.succeeded()
-        self.accepted += len(accepted)
-        self.spawns += len(accepted)
-        conns = self.conns
-        watch = self.host.watch_child
-        exited = self._exited
-        mine = self._engine_pids.add
-        ago = self.host.loop.time() - time.monotonic()  # engine times are time.monotonic()
-        line = self._lines.accepted if self._log_conns else None
-        for pid, when, remote in accepted:
-            conns[pid] = (None, when + ago, remote)
-            mine(pid)
-            watch(pid, exited)
-            if line is not None:
-                line(remote, pid)
-
-    def freeze(self) -> None:
-        if self._engine is not None:
-            self._engine.stop()
-            self.sync()
-
-    def thaw(self) -> None:
-        if self._engine is not None:
-            self._engine.start()
-
-    def _close_engine(self) -> None:
-        engine = self._engine
-        if engine is None:
-            return
-        self.sync()
-        self._polling = self._engine_on = False
-        self._take_back()
-        self.host.loop.remove_reader(engine.fd)
-        left = engine.close()
-        self._engine = None
-        self._engine_set = []
-        if self._drain_at is not None:
-            self._drain_at.cancel()
-            self._drain_at = None
-        reaper = self.host.reaper
-        for pid in left:  # still running: the reaper takes them over
-            self._engine_pids.discard(pid)
-            if reaper is not None:
-                reaper.watch_clone(pid)
 
     def readable(self, bound: sockets.Bound) -> None:
         sock = bound.sock
@@ -637,8 +442,7 @@ class AcceptRuntime(UnitRuntime):
         peer, started, remote = self.conns.pop(pid)
         self.policy.release(peer)
         if self._log_conns:
-            duration = self._duration if self._duration is not None else self.host.loop.time() - started
-            self._lines.exited(pid, remote, str(ex), round(duration, 6))
+            self._lines.exited(pid, remote, str(ex), round(self.host.loop.time() - started, 6))
         if self._drain.deadline is not None:
             self._drain = lifecycle.drain_exited(self._drain, len(self.conns))
             self._kill_deadline.set(self._drain.deadline)

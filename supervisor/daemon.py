@@ -54,7 +54,7 @@ from supervisor.control import Command, Reply, Request, failure
 from supervisor.errors import BindError, ConfigError, FdBudgetError, Problem
 from supervisor.log import Logger, LogWriter, get_logger
 from supervisor.model import Config, InetAddress, Listen, ListenKind, Unit
-from supervisor.reaper import Reaper, become_subreaper, exit_of, is_clone_child, own_children
+from supervisor.reaper import Reaper, become_subreaper, exit_of, own_children
 from supervisor.registry import Registry
 from supervisor.spawn import Offload
 from supervisor.status import DaemonCounters, DaemonStatus, UnitStatus
@@ -138,7 +138,7 @@ class Daemon:
         self._state_warned = False
         self.cgroup_base: str | None = None
         self.host = Host(self.loop, self.log, self.environ, self.watch_child, self.offload, self._settled,
-                         self._unit_handover, lambda: self.cgroup_base, self.reaper)
+                         self._unit_handover, lambda: self.cgroup_base)
         self.units = Registry(self.host, self.log)
         self.counters = DaemonCounters(reloads={}, last_reload_success=time.time(), reexecs=0)
         self.metrics: metrics.MetricsServer | None = None
@@ -669,14 +669,12 @@ class Daemon:
             for rt in self.units.everything():
                 rt.poll(False)
                 rt.endpoint.pause()
-                rt.freeze()
             await self.offload.idle.wait()  # a spawn in flight on the helper thread comes back first
             await self._set_metrics(None)  # the new image binds it again (a scrape in between fails)
             error = self._exec(program, argv, requester)
             # Only on failure: everything goes on as before.
             for rt in self.units.everything():
                 rt.endpoint.resume()
-                rt.thaw()
             for rt in was_polling:
                 rt.poll(True)
             with contextlib.suppress(BindError):
@@ -759,9 +757,6 @@ class Daemon:
         for fd in state.fds():
             with contextlib.suppress(OSError):
                 os.set_inheritable(fd, False)
-        for pid in state.children:
-            if is_clone_child(pid):  # an accept engine's child: waitpid(-1) would never see it
-                self.reaper.watch_clone(pid)
         self.log.info("reexec_resumed", units=len(state.units), children=len(state.children),
                       reexecs=self.counters["reexecs"])
 

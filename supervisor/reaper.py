@@ -16,21 +16,13 @@ waits costs no Python per system call); each ``(pid, status)`` goes to
 A child may be reaped before its spawner registered it (the accept path can
 spawn from a helper thread); ``dispatch`` keeps such early exits until the
 registration arrives (see ``Daemon.watch_child``).
-
-Clone children: accept mode's engine (``_spawn.Engine``) starts its children
-with no exit signal and reaps them itself, so ``waitpid(-1)`` never sees them.
-When one outlives its engine (the unit was closed, or the daemon re-exec'ed:
-the new image inherits them), ``watch_clone`` watches it through a pidfd and
-reaps it by pid with ``__WALL``, through the same ``dispatch``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import os
-import signal
 from collections.abc import Callable
 
 from supervisor import _spawn
@@ -42,44 +34,9 @@ class Reaper:
         self._loop = loop
         self._dispatch = dispatch
         self._fd = _spawn.sigchld_fd()
-        self._clones: dict[int, int] = {}  # clone children watched by pidfd: pid -> pidfd
         loop.add_reader(self._fd, self.reap)
 
-    def dispatch(self, pid: int, status: int) -> None:
-        """An exit collected elsewhere (the accept engine): to the owner, as if reaped here."""
-        self._dispatch(pid, status)
-
-    def watch_clone(self, pid: int) -> None:
-        """Reap the clone child ``pid`` (no exit signal, invisible to ``waitpid(-1)``) when it exits."""
-        if pid in self._clones:
-            return
-        try:
-            fd = os.pidfd_open(pid)
-        except OSError:
-            self._loop.call_soon(self._reap_clone, pid, -1)  # already reaped: one last try
-            return
-        self._clones[pid] = fd
-        self._loop.add_reader(fd, self._reap_clone, pid, fd)
-
-    def _reap_clone(self, pid: int, fd: int) -> None:
-        try:
-            got, status = os.waitpid(pid, os.WNOHANG | WALL)
-        except ChildProcessError:
-            got, status = pid, 0  # reaped by someone else: its exit is unknown, it is gone all the same
-        if got == 0:
-            return
-        if fd >= 0:
-            self._loop.remove_reader(fd)
-            os.close(fd)
-            self._clones.pop(pid, None)
-        self._dispatch(pid, status)
-
     def close(self) -> None:
-        for fd in self._clones.values():
-            self._loop.remove_reader(fd)
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._clones.clear()
         if self._fd >= 0:
             self._loop.remove_reader(self._fd)
             os.close(self._fd)
@@ -98,19 +55,6 @@ def exit_of(status: int) -> Exit:
     if os.WIFSIGNALED(status):
         return Exit(signal=os.WTERMSIG(status))
     return Exit(code=os.WEXITSTATUS(status))
-
-
-WALL = 0x40000000  # waitpid's __WALL: clone children too (not in the os module)
-
-
-def is_clone_child(pid: int) -> bool:
-    """Whether ``pid`` (a child of ours) exits without SIGCHLD to its parent (``/proc/PID/stat`` field 38)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            rest = f.read().rsplit(b")", 1)[1].split()
-        return int(rest[35]) != signal.SIGCHLD
-    except (OSError, IndexError, ValueError):
-        return False
 
 
 PR_SET_CHILD_SUBREAPER = 36

@@ -51,12 +51,10 @@ from supervisor.model import DEFAULT_PATH, RESERVED_ENVIRONMENT, Process, Stderr
 
 __all__ = [
     "CONNECTION",
-    "ENGINE",
     "RESERVED_ENVIRONMENT",
     "RLIMITS",
     "AcceptTemplate",
     "Credentials",
-    "Engine",
     "Prepared",
     "Remote",
     "listen_environment",
@@ -351,11 +349,6 @@ def spawn_child(
         raise SpawnError(stage, err, _describe(prepared, stage, err)) from None
 
 
-# Accept mode's engine (a thread per unit that accepts, spawns and reaps; see supervisor.accept):
-# built where the C extension can start clone children with a pidfd (x86-64).
-Engine = _spawn.Engine
-ENGINE = True
-
 # In an AcceptTemplate's fds: the accepted connection.
 CONNECTION = -2
 
@@ -400,10 +393,6 @@ class AcceptTemplate:
                                  int(remote), c.uid, c.gid, c.groups, prepared.cwd, prepared.umask, prepared.nice,
                                  prepared.rlimits, prepared.setsid)
         return cls(prepared, native)
-
-    def error(self, stage: str, code: int) -> SpawnError:
-        """A child that failed at ``stage`` with errno ``code``, as the per-connection path reports it."""
-        return SpawnError(stage, code, _describe(self.prepared, stage, code))
 
     def accept_spawn(self, listen_fd: int, budget: int, want_remote: bool) -> Batch:
         """Accept up to ``budget`` connections queued on the non-blocking ``listen_fd``, one child each.

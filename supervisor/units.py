@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from supervisor import cgroups, handover, notifyd, sockets, spawn
 from supervisor.errors import SpawnError
@@ -26,9 +26,6 @@ from supervisor.log import Logger
 from supervisor.logsummary import LogSummary
 from supervisor.model import Pass, Stderr, Unit, valid_fdname
 from supervisor.status import Connections, LastExit, NotifyCounters, UnitStatus
-
-if TYPE_CHECKING:
-    from supervisor.reaper import Reaper
 
 ChildCallback = Callable[[int, Exit], None]
 
@@ -72,9 +69,6 @@ class Host:
     handover: Callable[[str], handover.UnitHandover | None] = lambda _name: None
     # Where slot processes get their own cgroups (supervisor.cgroups), or None: not in use.
     cgroup_base: Callable[[], str | None] = lambda: None
-    # The daemon's reaper: exits collected beside the loop (accept mode's engine) go through its
-    # dispatch. None (a host without one): accept mode serves every connection from the loop.
-    reaper: Reaper | None = None
 
 
 class Deadline:
@@ -526,12 +520,6 @@ class UnitRuntime:
         """Every mode's child exit: remembered for status, counted by outcome for metrics."""
         self.last_exit = (pid, ex, time.time())
         self.exits[exit_outcome(ex)] += 1
-
-    def freeze(self) -> None:
-        """Before a re-exec: stop whatever works beside the loop (accept mode's engine); the state is final."""
-
-    def thaw(self) -> None:
-        """The re-exec failed: undo ``freeze``."""
 
     def close(self, *, remove: bool = True) -> None:
         """Release everything: readers, notify socket, stored fds, listening fds."""
