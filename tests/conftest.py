@@ -70,8 +70,12 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "c
 def connect(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> socket.socket:
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    s.connect((host, port))
+    try:
+        s.settimeout(timeout)
+        s.connect((host, port))
+    except BaseException:
+        s.close()
+        raise
     return s
 
 
