@@ -121,10 +121,19 @@ class Group:
                 own = _own_path(f.read())
         except OSError:
             return None
-        if own is None or os.path.basename(os.path.dirname(own)) != os.path.basename(base):
+        if own is None:
             return None
-        path = os.path.join(base, os.path.basename(own))
-        return cls(path) if os.path.isdir(path) else None
+        # The slot's cgroup is the ancestor of ``own`` (``own`` itself, or one a child of the slot
+        # made inside it) whose parent is ``base``: ``base`` ends with that parent's path.
+        mark = os.path.basename(base)
+        node = own
+        while node not in ("/", ""):
+            parent = os.path.dirname(node)
+            if os.path.basename(parent) == mark and base.endswith(parent):
+                path = os.path.join(base, os.path.basename(node))
+                return cls(path) if os.path.isdir(path) else None
+            node = parent
+        return None
 
     def open(self) -> int:
         """A directory fd for ``clone3(CLONE_INTO_CGROUP)`` (the caller closes it)."""

@@ -262,3 +262,22 @@ def test_group_of_finds_the_cgroup_a_process_was_born_in_and_adopt_tracks_it(har
     assert pid in harness.watched
     assert d._group is not None and d._group.path == group.path
     assert [g.path for g in harness.rt.cgroups] == [group.path]
+
+
+def test_group_of_finds_the_slot_of_a_process_in_a_cgroup_of_its_own_inside(harness: Harness) -> None:
+    """A slot's process that made its own sub-cgroup (a service that delegates) is still found after a re-exec."""
+    group = cgroups.Group.create(harness.base, harness.name)
+    inner = os.path.join(group.path, "inner")
+    os.mkdir(inner)
+    fd = cgroups.Group(inner).open()
+    try:
+        pid = spawn_child(harness.rt.prepared(), [-1, -1, 2], listen_pid=False, cgroup=fd)
+    finally:
+        os.close(fd)
+    try:
+        found = cgroups.Group.of(harness.base, pid)
+        assert found is not None and found.path == group.path
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.rmdir(inner)
