@@ -125,11 +125,10 @@ class Group:
             return None
         # The slot's cgroup is the ancestor of ``own`` (``own`` itself, or one a child of the slot
         # made inside it) whose parent is ``base``: ``base`` ends with that parent's path.
-        mark = os.path.basename(base)
         node = own
-        while node not in ("/", ""):
+        while node != "/":
             parent = os.path.dirname(node)
-            if os.path.basename(parent) == mark and base.endswith(parent):
+            if base.endswith(parent):
                 path = os.path.join(base, os.path.basename(node))
                 return cls(path) if os.path.isdir(path) else None
             node = parent

@@ -25,18 +25,21 @@ def gone(pid: int) -> bool:
         return True
 
 
-def cat_unit(sockvisor: Sockvisor, port: int, extra: str = "") -> None:
+def cat_unit(sockvisor: Sockvisor, port: int, extra: str = "", program: str = "/bin/cat") -> None:
     sockvisor.unit("eng", f"""
-        listen: [{{tcp: "127.0.0.1:{port}"}}]
+        listen: [{{tcp: "127.0.0.1:{port}", backlog: 128}}]
         mode: accept
-        exec: [/bin/cat]
+        exec: [{program}]
         {extra}
     """)
 
 
 def live_children(sockvisor: Sockvisor, n: int) -> list[int]:
-    return wait_for(lambda: (lambda p: p if len(p) == n else None)(sockvisor.unit_status("eng")["pids"]),
-                    timeout=20, what=f"{n} children")
+    def pids() -> list[int] | None:
+        found: list[int] = sockvisor.unit_status("eng")["pids"]
+        return found if len(found) == n else None
+
+    return wait_for(pids, timeout=20, what=f"{n} children")
 
 
 def test_operator_stop_signals_the_live_children_and_start_serves_again(sockvisor: Sockvisor, port: int) -> None:
@@ -87,11 +90,7 @@ def test_reexec_hands_live_children_to_the_new_image(sockvisor: Sockvisor, port:
 
 def test_sigterm_while_connections_are_being_spawned_exits(sockvisor: Sockvisor, port: int) -> None:
     """Shutdown under a spawn load: the daemon stops accepting, reaps every child and exits."""
-    sockvisor.unit("eng", f"""
-        listen: [{{tcp: "127.0.0.1:{port}", backlog: 128}}]
-        mode: accept
-        exec: [/bin/echo, hi]
-    """)
+    cat_unit(sockvisor, port, program="/bin/echo, hi")
     sockvisor.start()
     stop = threading.Event()
     served = [0]
