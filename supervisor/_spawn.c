@@ -2449,75 +2449,6 @@ static PyTypeObject EngineType = {
     .tp_getset = engine_getset,
 };
 
-PyDoc_STRVAR(reap_doc,
-"reap(signal_fd, /) -> list[tuple[int, int]]\n"
-"--\n\n"
-"Drain the SIGCHLD signalfd (-1: none), then collect every exited child with\n"
-"waitpid(-1, WNOHANG): their (pid, status), in the order the kernel reports them.");
-
-static PyObject *
-reap(PyObject *module, PyObject *arg)
-{
-    char buf[128 * 32]; /* 32 signalfd_siginfo records */
-    PyObject *out, *item;
-    long fd = PyLong_AsLong(arg);
-
-    (void)module;
-    if (fd == -1 && PyErr_Occurred())
-        return NULL;
-    if (fd >= 0)
-        while (read((int)fd, buf, sizeof(buf)) == (ssize_t)sizeof(buf))
-            ;
-    if ((out = PyList_New(0)) == NULL)
-        return NULL;
-    for (;;) {
-        int status;
-        pid_t pid = waitpid(-1, &status, WNOHANG);
-        if (pid < 0 && errno == EINTR)
-            continue;
-        if (pid <= 0)
-            break;
-        if ((item = Py_BuildValue("(ii)", (int)pid, status)) == NULL || PyList_Append(out, item) < 0) {
-            Py_XDECREF(item);
-            Py_DECREF(out);
-            return NULL;
-        }
-        Py_DECREF(item);
-    }
-    return out;
-}
-
-/* sigchld_fd(): block SIGCHLD in the calling thread (threads started later
- * inherit the mask) and return a non-blocking, close-on-exec signalfd that
- * becomes readable when a child exits. This lets the event loop reap on
- * readiness: uvloop reserves SIGCHLD handlers for itself, and a reaper thread
- * costs a thread wake-up and a GIL hand-off per child. Children get an empty
- * mask from spawn(), so they never inherit the block. */
-PyDoc_STRVAR(sigchld_fd_doc,
-"sigchld_fd() -> int\n\n"
-"Block SIGCHLD in the calling thread and return a signalfd for it (O_NONBLOCK, O_CLOEXEC).");
-
-static PyObject *
-sigchld_fd(PyObject *module, PyObject *Py_UNUSED(ignored))
-{
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGCHLD);
-    int err = pthread_sigmask(SIG_BLOCK, &set, NULL);
-    if (err != 0) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    int fd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
-    if (fd < 0) {
-        int saved = errno;
-        pthread_sigmask(SIG_UNBLOCK, &set, NULL);
-        errno = saved;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    return PyLong_FromLong(fd);
-}
-
 PyDoc_STRVAR(trim_doc,
 "trim() -> None\n\n"
 "Return free heap memory to the kernel (glibc malloc_trim): start-up garbage\n"
@@ -2533,10 +2464,8 @@ trim(PyObject *module, PyObject *Py_UNUSED(ignored))
 static PyMethodDef spawn_methods[] = {
     {"trim", trim, METH_NOARGS, trim_doc},
     {"spawn", (PyCFunction)(void (*)(void))spawn, METH_FASTCALL, spawn_doc},
-    {"sigchld_fd", sigchld_fd, METH_NOARGS, sigchld_fd_doc},
     {"template", (PyCFunction)(void (*)(void))template_new, METH_FASTCALL, template_doc},
     {"accept_spawn", (PyCFunction)(void (*)(void))accept_spawn, METH_FASTCALL, accept_spawn_doc},
-    {"reap", reap, METH_O, reap_doc},
     {"hub_open", hub_open, METH_NOARGS, hub_open_doc},
     {"hub_close", hub_close, METH_NOARGS, hub_close_doc},
     {"hub_pause", hub_pause, METH_O, hub_pause_doc},
