@@ -112,7 +112,7 @@ def test_a_bulk_unit_on_a_host_with_a_reaper_is_served_by_the_hub() -> None:
         exec: [/bin/sh, -c, 'echo hi; exec sleep 0.2']
         """), "hub.yaml")
 
-    async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
+    async def scenario() -> tuple[Any, list[Any], bool]:
         loop = asyncio.get_running_loop()
         children: dict[int, Any] = {}
 
