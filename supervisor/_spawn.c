@@ -1442,6 +1442,7 @@ fail:
 #define HEV_CTL 0ULL
 #define HEV_SIG 1ULL
 #define HEV_LST 2ULL
+#define HEV_DONE 3ULL /* an event already handled */
 #define HEV(kind, idx, gen) (((uint64_t)(kind) << 56) | ((uint64_t)(uint32_t)(gen) << 24) | (uint64_t)(idx))
 #define HEV_KIND(d) ((int)((d) >> 56))
 #define HEV_GEN(d) ((uint32_t)(((d) >> 24) & 0xffffffffULL))
@@ -1748,6 +1749,11 @@ hub_listener_ready(int idx, uint32_t gen)
         return;
     e = L->e;
     want = e->grant < BATCH_MAX ? (int)e->grant : BATCH_MAX;
+    /* With no child of the engine running (one client at a time), one connection is queued: the
+     * look-ahead accept would only return EAGAIN. If more were queued, epoll reports the listener
+     * again at once, and by then a child runs, so the next round accepts them all. */
+    if (e->live == 0 && want > 1)
+        want = 1;
     while (n < want && tries++ < BATCH_MAX * 2) {
         struct conn *c = &conns[n];
         int fd;
@@ -1838,6 +1844,7 @@ static void *
 hub_main(void *unused)
 {
     struct epoll_event evs[64];
+    int sig_ready = 0;
     (void)unused;
     pthread_mutex_lock(&hub.lock);
     while (!hub.stopping) {
@@ -1851,18 +1858,25 @@ hub_main(void *unused)
         pthread_mutex_lock(&hub.lock);
         if (n < 0 && errno != EINTR)
             break;
+        for (i = 0; i < n; i++) /* exits first: an engine's count of running children is then current */
+            if (HEV_KIND(evs[i].data.u64) == (int)HEV_SIG) {
+                evs[i].data.u64 = HEV(HEV_DONE, 0, 0);
+                sig_ready = 1;
+            }
+        if (sig_ready) {
+            char buf[128 * 16];
+            /* Signals coalesce and waitpid() collects them all: a short read means empty. */
+            while (read(hub.sigfd, buf, sizeof(buf)) == (ssize_t)sizeof(buf))
+                ;
+            (void)hub_reap();
+            sig_ready = 0;
+        }
         for (i = 0; i < n && !hub.stopping; i++) {
             uint64_t d = evs[i].data.u64;
             int kind = HEV_KIND(d);
             if (kind == (int)HEV_CTL) {
                 uint64_t v;
                 (void)!read(hub.ctlfd, &v, sizeof(v));
-            }
-            else if (kind == (int)HEV_SIG) {
-                char buf[128 * 16];
-                while (read(hub.sigfd, buf, sizeof(buf)) > 0)
-                    ;
-                (void)hub_reap();
             }
             else if (kind == (int)HEV_LST) {
                 hub_listener_ready(HEV_IDX(d), HEV_GEN(d));
