@@ -1418,7 +1418,7 @@ fail:
  * of a child that is not an engine's, an engine whose grant is used up or whose accept() failed
  * for lack of a resource, the exit of an engine's child while its grant is used up. Everything
  * else (the accepts of an engine that still has grant, the exits of its children) waits up to
- * HUB_DELAY after the first such record, so that one wake-up of the loop carries many
+ * HUB_DELAY (20 ms) after the first such record, so that one wake-up of the loop carries many
  * connections. A drain takes everything.
  *
  * execve() resets a child's exit signal to SIGCHLD, so every child, however it was started, is
@@ -1438,7 +1438,7 @@ fail:
 #include <time.h>
 
 #define HUB_LISTENERS 256
-#define HUB_DELAY 0.01 /* seconds a record that needs no decision may wait */
+#define HUB_DELAY 0.02 /* seconds a record that needs no decision may wait */
 #define HEV_CTL 0ULL
 #define HEV_SIG 1ULL
 #define HEV_LST 2ULL

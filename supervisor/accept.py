@@ -294,14 +294,16 @@ class AcceptRuntime(UnitRuntime):
 
     def _regrant(self, engine: _spawn.Engine) -> None:
         """Give the engine what the policy allows now (reserved here); none: pause as the loop path would."""
+        # The new grant replaces the old one in one step (the thread may be using it); what was
+        # left of the old one is given back after. The budget still counts that remainder as
+        # admitted, so near max_connections the new grant is smaller than it could be, never larger.
         policy = self.policy
-        policy.unadmit(engine.grant(0, self._log_conns))  # what is left of the last grant, first
         now = self.host.loop.time()
         n = policy.budget(now, ENGINE_GRANT)
         if n > 0:
             policy.admit_many(n, now)
-            policy.unadmit(engine.grant(n, self._log_conns))
-        else:
+        policy.unadmit(engine.grant(n, self._log_conns))
+        if n == 0:
             self._polling = self._engine_on = False
             self._maybe_resume()
 
