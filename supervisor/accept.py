@@ -18,7 +18,7 @@ from the loop at all. Its listeners go to the reaper's thread
 connections as Python granted (``Policy.budget`` again, reserved with
 ``admit_many`` and given back with ``unadmit`` when the grant is replaced),
 spawns, and reaps the children with every other child. Python takes in the
-records in batches (``took``, then ``settle`` renews the grant): up to 10 ms
+records in batches (``took``, then ``settle`` renews the grant): up to 20 ms
 after the first one, at once when the grant is used up or an fd shortage
 stopped it, so one wake-up of the loop carries many connections. Everything
 that reads the children (status, metrics, stop, reload, re-exec) drains

@@ -15,7 +15,7 @@ eventfd and ``reap`` drains what was filed; each ``(pid, status)`` goes to
 The same thread serves accept mode's bulk units (``engine``): it accepts and
 spawns for them as Python grants, and their records come out of the same
 drain, the accepts before the exits. Those records (and their children's
-exits) may wait up to 10 ms so that one wake-up of the loop carries many
+exits) may wait up to 20 ms so that one wake-up of the loop carries many
 connections; every other exit wakes the loop at once. ``exit_time`` is the
 loop time at which the exit being dispatched happened (a drain may come late).
 
