@@ -40,8 +40,6 @@ import contextlib
 import os
 import signal
 
-from supervisor.reaper import signal_child
-
 _MARK = "sockvisor"
 
 # Whether slot processes can be born in their cgroup (clone3 CLONE_INTO_CGROUP); cleared at the
@@ -168,7 +166,8 @@ class Group:
         for pid in self.pids():
             if pid == spare:
                 continue
-            if signal_child(pid, sig, group=False):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
                 sent.append(pid)
         return sent
 

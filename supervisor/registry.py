@@ -44,7 +44,6 @@ class Registry:
         self._log = log
         self._units: dict[str, UnitRuntime] = {}
         self.retiring: list[UnitRuntime] = []
-        self._sweeping = False
 
     def get(self, name: str) -> UnitRuntime | None:
         return self._units.get(name)
@@ -88,14 +87,9 @@ class Registry:
 
     def sweep(self) -> None:
         """Close the sockets of retired runtimes whose last child is gone."""
-        # busy() may take in the reaper's records, whose exits sweep again: once at a time.
-        if self.retiring and not self._sweeping:
-            self._sweeping = True
-            try:
-                done = [rt for rt in self.retiring if not rt.busy()]
-                for rt in done:
-                    self.retiring.remove(rt)
-                    rt.close(remove=True)
-                    self._log.info("unit_removed", unit=rt.unit.name)
-            finally:
-                self._sweeping = False
+        if self.retiring:
+            done = [rt for rt in self.retiring if not rt.busy()]
+            for rt in done:
+                self.retiring.remove(rt)
+                rt.close(remove=True)
+                self._log.info("unit_removed", unit=rt.unit.name)
