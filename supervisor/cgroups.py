@@ -126,7 +126,7 @@ class Group:
         # The slot's cgroup is the ancestor of ``own`` (``own`` itself, or one a child of the slot
         # made inside it) whose parent is ``base``: ``base`` ends with that parent's path.
         node = own
-        while node != "/":
+        while node not in ("/", ""):  # "": a path without a leading slash would otherwise loop forever
             parent = os.path.dirname(node)
             if base.endswith(parent):
                 path = os.path.join(base, os.path.basename(node))

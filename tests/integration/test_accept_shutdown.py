@@ -8,6 +8,7 @@ shutdown under a benchmark; this is the test that would catch it).
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import threading
@@ -25,11 +26,12 @@ def gone(pid: int) -> bool:
         return True
 
 
-def cat_unit(sockvisor: Sockvisor, port: int, extra: str = "", program: str = "/bin/cat") -> None:
+def accept_unit(sockvisor: Sockvisor, port: int, extra: str = "", argv: tuple[str, ...] = ("/bin/cat",)) -> None:
+    """The accept unit ``eng`` on ``port``, running ``argv`` per connection (cat: until the client closes)."""
     sockvisor.unit("eng", f"""
         listen: [{{tcp: "127.0.0.1:{port}", backlog: 128}}]
         mode: accept
-        exec: [{program}]
+        exec: {json.dumps(list(argv))}
         {extra}
     """)
 
@@ -43,7 +45,7 @@ def live_children(sockvisor: Sockvisor, n: int) -> list[int]:
 
 
 def test_operator_stop_signals_the_live_children_and_start_serves_again(sockvisor: Sockvisor, port: int) -> None:
-    cat_unit(sockvisor, port)
+    accept_unit(sockvisor, port)
     sockvisor.start()
     clients = [connect(port) for _ in range(2)]
     pids = live_children(sockvisor, 2)
@@ -61,7 +63,7 @@ def test_operator_stop_signals_the_live_children_and_start_serves_again(sockviso
 
 def test_status_right_after_a_connection_counts_it(sockvisor: Sockvisor, port: int) -> None:
     """A connection whose child runs is in status at once (accepted, and its pid listed)."""
-    cat_unit(sockvisor, port, "log_connections: false")
+    accept_unit(sockvisor, port, "log_connections: false")
     sockvisor.start()
     with connect(port) as c:
         c.sendall(b"y")
@@ -72,7 +74,7 @@ def test_status_right_after_a_connection_counts_it(sockvisor: Sockvisor, port: i
 
 def test_reexec_hands_live_children_to_the_new_image(sockvisor: Sockvisor, port: int) -> None:
     """The new image inherits the connections' children, reaps them when they end, and serves on."""
-    cat_unit(sockvisor, port)
+    accept_unit(sockvisor, port)
     sockvisor.start()
     clients = [connect(port) for _ in range(3)]
     pids = live_children(sockvisor, 3)
@@ -90,7 +92,7 @@ def test_reexec_hands_live_children_to_the_new_image(sockvisor: Sockvisor, port:
 
 def test_sigterm_while_connections_are_being_spawned_exits(sockvisor: Sockvisor, port: int) -> None:
     """Shutdown under a spawn load: the daemon stops accepting, reaps every child and exits."""
-    cat_unit(sockvisor, port, program="/bin/echo, hi")
+    accept_unit(sockvisor, port, argv=("/bin/echo", "hi"))
     sockvisor.start()
     stop = threading.Event()
     served = [0]
