@@ -1403,74 +1403,1065 @@ fail:
     return NULL;
 }
 
-PyDoc_STRVAR(reap_doc,
-"reap(signal_fd, /) -> list[tuple[int, int]]\n"
-"--\n\n"
-"Drain the SIGCHLD signalfd (-1: none), then collect every exited child with\n"
-"waitpid(-1, WNOHANG): their (pid, status), in the order the kernel reports them.");
+/* ---------------------------------------------------------------- the hub: reaping and bulk accept
+ *
+ * One thread for the whole process (started by supervisor.reaper) owns SIGCHLD and every
+ * waitpid(-1): it waits in epoll_wait on a signalfd for SIGCHLD, a control eventfd, and the
+ * listeners of accept mode's bulk units (units where no rule looks at an individual connection),
+ * each unit through an Engine. When a listener is readable it accepts as many connections as
+ * Python granted the engine, spawns one vfork child each (two at a time with the helper thread,
+ * as accept_spawn does) and files a record per connection; on SIGCHLD it reaps every exited child
+ * and files its exit. Python drains the records on the loop (hub_drain): the policy, the
+ * bookkeeping and the log lines stay in Python; only the system calls moved.
+ *
+ * Waking the loop: at once (a write to the loop's eventfd) for what needs a decision: the exit
+ * of a child that is not an engine's, an engine whose grant is used up or whose accept() failed
+ * for lack of a resource, the exit of an engine's child while its grant is used up. Everything
+ * else (the accepts of an engine that still has grant, the exits of its children) waits up to
+ * HUB_DELAY (20 ms) after the first such record, so that one wake-up of the loop carries many
+ * connections. A drain takes everything.
+ *
+ * execve() resets a child's exit signal to SIGCHLD, so every child, however it was started, is
+ * reaped here; an engine's children are told apart by their pid (a hash table).
+ *
+ * Locking: hub.lock guards everything in `hub` and in every Engine. The thread holds it while it
+ * accepts, reaps and files records, never while a child is being spawned (hub.busy says a batch
+ * is being spawned from listener templates; dropping a listener waits for it). Python takes it
+ * with the GIL released when it is contended. signal_child() signals a pid under the lock, and not
+ * at all when its exit is filed and not yet drained: a pid reaped here is never signalled, so a
+ * recycled pid cannot be hit. Engines are owned by Python; the hub holds borrowed pointers that
+ * engine_unregister() clears (under the lock) before an engine can go.
+ */
 
-static PyObject *
-reap(PyObject *module, PyObject *arg)
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <time.h>
+
+#define HUB_LISTENERS 256
+#define HUB_DELAY 0.02 /* seconds a record that needs no decision may wait */
+#define HEV_CTL 0ULL
+#define HEV_SIG 1ULL
+#define HEV_LST 2ULL
+#define HEV_DONE 3ULL /* an event already handled */
+#define HEV(kind, idx, gen) (((uint64_t)(kind) << 56) | ((uint64_t)(uint32_t)(gen) << 24) | (uint64_t)(idx))
+#define HEV_KIND(d) ((int)((d) >> 56))
+#define HEV_GEN(d) ((uint32_t)(((d) >> 24) & 0xffffffffULL))
+#define HEV_IDX(d) ((int)((d) & 0xffffffULL))
+
+enum arec_kind { REC_ACCEPTED, REC_FAILED };
+
+struct arec {          /* one accepted connection */
+    int kind;
+    pid_t pid;         /* ACCEPTED: its child */
+    int stage, err;    /* FAILED: why it got none */
+    double when;       /* CLOCK_MONOTONIC seconds */
+    char remote[INET6_ADDRSTRLEN + 16];
+};
+
+struct xrec {          /* one exited child */
+    pid_t pid;
+    int status;
+    double when;
+};
+
+typedef struct Engine {
+    PyObject_HEAD
+    long grant;        /* admissions left; 0: not accepting */
+    int want_remote, err, registered, live;
+    struct arec *recs;
+    int nrecs, caprecs;
+    struct Engine *next_pending; /* in hub.pending: it has records or an error */
+    int pending;
+} Engine;
+
+struct hlst {
+    int fd;            /* -1: free */
+    Engine *e;
+    Template *t;       /* a reference, dropped with the GIL */
+    uint32_t gen;
+    int armed;
+};
+
+struct hkid {
+    pid_t pid;         /* 0: empty */
+    Engine *e;         /* NULL: its engine is gone (its exit is then urgent) */
+};
+
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t idle;
+    pthread_t thread;
+    pid_t owner;                  /* the process the fds and thread belong to */
+    int running, stopping, busy, users;
+    int epfd, ctlfd, sigfd, wakefd;
+    struct hlst l[HUB_LISTENERS];
+    int nl;
+    struct hkid *kids;
+    int nkids, capkids;           /* capkids: 0 or a power of two */
+    struct xrec *exits;
+    int nexits, capexits;
+    Engine *pending;
+    double deadline;              /* > 0: wake the loop then */
+    int woken;                    /* the loop's eventfd was written since the last drain */
+} hub = {
+    .lock = PTHREAD_MUTEX_INITIALIZER,
+    .idle = PTHREAD_COND_INITIALIZER,
+    .epfd = -1, .ctlfd = -1, .sigfd = -1, .wakefd = -1,
+};
+
+static double
+mono_now(void)
 {
-    char buf[128 * 32]; /* 32 signalfd_siginfo records */
-    PyObject *out, *item;
-    long fd = PyLong_AsLong(arg);
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
 
-    (void)module;
-    if (fd == -1 && PyErr_Occurred())
-        return NULL;
-    if (fd >= 0)
-        while (read((int)fd, buf, sizeof(buf)) == (ssize_t)sizeof(buf))
-            ;
-    if ((out = PyList_New(0)) == NULL)
-        return NULL;
+/* Take the hub's lock from Python: with the GIL released when someone else holds it. */
+static void
+hub_lock_py(void)
+{
+    if (pthread_mutex_trylock(&hub.lock) != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&hub.lock);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+/* Under the lock: something was filed; `urgent`: the loop must look at once. */
+static void
+hub_note(int urgent)
+{
+    if (hub.woken)
+        return;
+    if (urgent) {
+        uint64_t one = 1;
+        (void)!write(hub.wakefd, &one, sizeof(one));
+        hub.woken = 1;
+        hub.deadline = 0;
+    }
+    else if (hub.deadline == 0) {
+        hub.deadline = mono_now() + HUB_DELAY;
+    }
+}
+
+static void
+engine_mark(Engine *e)
+{
+    if (!e->pending) {
+        e->pending = 1;
+        e->next_pending = hub.pending;
+        hub.pending = e;
+    }
+}
+
+static void
+engine_unmark(Engine *e)
+{
+    Engine **p;
+    if (!e->pending)
+        return;
+    for (p = &hub.pending; *p != NULL; p = &(*p)->next_pending)
+        if (*p == e) {
+            *p = e->next_pending;
+            break;
+        }
+    e->pending = 0;
+    e->next_pending = NULL;
+}
+
+/* ---- the engines' children, by pid: open addressing, linear probing, backward-shift delete */
+
+static unsigned
+kid_slot(pid_t pid)
+{
+    return ((unsigned)pid * 2654435761u) & (unsigned)(hub.capkids - 1);
+}
+
+static int
+kids_grow(void)
+{
+    int old = hub.capkids, cap = old ? old * 2 : 256, i;
+    struct hkid *prev = hub.kids, *k = calloc((size_t)cap, sizeof(*k));
+    if (k == NULL)
+        return -1;
+    hub.kids = k;
+    hub.capkids = cap;
+    for (i = 0; i < old; i++)
+        if (prev[i].pid > 0) {
+            unsigned s = kid_slot(prev[i].pid);
+            while (k[s].pid > 0)
+                s = (s + 1) & (unsigned)(cap - 1);
+            k[s] = prev[i];
+        }
+    free(prev);
+    return 0;
+}
+
+static int
+kid_add(pid_t pid, Engine *e)
+{
+    unsigned s;
+    if ((hub.nkids + 1) * 2 > hub.capkids && kids_grow() < 0)
+        return -1;
+    s = kid_slot(pid);
+    while (hub.kids[s].pid > 0 && hub.kids[s].pid != pid)
+        s = (s + 1) & (unsigned)(hub.capkids - 1);
+    if (hub.kids[s].pid == 0)
+        hub.nkids++;
+    hub.kids[s].pid = pid;
+    hub.kids[s].e = e;
+    return 0;
+}
+
+/* Remove `pid`; 1 and its engine (maybe NULL) in *e if it was an engine's child. */
+static int
+kid_take(pid_t pid, Engine **e)
+{
+    unsigned mask, s, j;
+    if (hub.capkids == 0)
+        return 0;
+    mask = (unsigned)(hub.capkids - 1);
+    s = kid_slot(pid);
+    while (hub.kids[s].pid != pid) {
+        if (hub.kids[s].pid == 0)
+            return 0;
+        s = (s + 1) & mask;
+    }
+    *e = hub.kids[s].e;
+    hub.kids[s].pid = 0;
+    hub.kids[s].e = NULL;
+    hub.nkids--;
+    /* Backward shift: move later entries of the run into the hole where their probe allows. */
+    j = s;
     for (;;) {
-        int status;
+        unsigned home;
+        j = (j + 1) & mask;
+        if (hub.kids[j].pid == 0)
+            break;
+        home = kid_slot(hub.kids[j].pid);
+        /* Can the entry at j live at s? Only if s lies cyclically in [home, j). */
+        if (((j - home) & mask) >= ((j - s) & mask)) {
+            hub.kids[s] = hub.kids[j];
+            hub.kids[j].pid = 0;
+            hub.kids[j].e = NULL;
+            s = j;
+        }
+    }
+    return 1;
+}
+
+/* ---- records */
+
+static int
+arecs_reserve(Engine *e, int more)
+{
+    if (e->nrecs + more > e->caprecs) {
+        int cap = e->caprecs ? e->caprecs : 64;
+        struct arec *r;
+        while (cap < e->nrecs + more)
+            cap *= 2;
+        if ((r = realloc(e->recs, sizeof(*r) * (size_t)cap)) == NULL)
+            return -1;
+        e->recs = r;
+        e->caprecs = cap;
+    }
+    return 0;
+}
+
+static int
+exits_reserve(int more)
+{
+    if (hub.nexits + more > hub.capexits) {
+        int cap = hub.capexits ? hub.capexits : 64;
+        struct xrec *r;
+        while (cap < hub.nexits + more)
+            cap *= 2;
+        if ((r = realloc(hub.exits, sizeof(*r) * (size_t)cap)) == NULL)
+            return -1;
+        hub.exits = r;
+        hub.capexits = cap;
+    }
+    return 0;
+}
+
+/* Under the lock: collect every exited child. Returns how many. */
+static int
+hub_reap(void)
+{
+    int n = 0;
+    for (;;) {
+        int status, urgent = 1;
+        Engine *e = NULL;
         pid_t pid = waitpid(-1, &status, WNOHANG);
         if (pid < 0 && errno == EINTR)
             continue;
         if (pid <= 0)
             break;
-        if ((item = Py_BuildValue("(ii)", (int)pid, status)) == NULL || PyList_Append(out, item) < 0) {
-            Py_XDECREF(item);
-            Py_DECREF(out);
+        n++;
+        if (kid_take(pid, &e) && e != NULL) {
+            e->live--;
+            urgent = e->grant <= 0;
+        }
+        if (exits_reserve(1) == 0) {
+            struct xrec *x = &hub.exits[hub.nexits++];
+            x->pid = pid;
+            x->status = status;
+            x->when = mono_now();
+        }
+        /* else (memory): the exit is lost; the child is gone all the same */
+        hub_note(urgent);
+    }
+    return n;
+}
+
+static void
+engine_arm(Engine *e, int on)
+{
+    int i;
+    for (i = 0; i < hub.nl; i++) {
+        struct hlst *L = &hub.l[i];
+        struct epoll_event ev;
+        if (L->fd < 0 || L->e != e || L->armed == on)
+            continue;
+        ev.events = on ? EPOLLIN : 0;
+        ev.data.u64 = HEV(HEV_LST, i, L->gen);
+        if (epoll_ctl(hub.epfd, EPOLL_CTL_MOD, L->fd, &ev) == 0)
+            L->armed = on;
+    }
+}
+
+/* Under the lock: listener idx is readable. Accept what the grant allows, spawn (unlocked),
+ * file the records. */
+static void
+hub_listener_ready(int idx, uint32_t gen)
+{
+    struct conn conns[BATCH_MAX];
+    struct batch b;
+    struct worker w;
+    struct hlst *L = &hub.l[idx];
+    Engine *e;
+    Template *t;
+    int n = 0, tries = 0, stop = 0, offered = 0, want, i, want_remote;
+    double t0;
+
+    if (idx >= hub.nl || L->fd < 0 || L->gen != gen || !L->armed || L->e == NULL || L->e->grant <= 0)
+        return;
+    e = L->e;
+    want = e->grant < BATCH_MAX ? (int)e->grant : BATCH_MAX;
+    /* With no child of the engine running (one client at a time), one connection is queued: the
+     * look-ahead accept would only return EAGAIN. If more were queued, epoll reports the listener
+     * again at once, and by then a child runs, so the next round accepts them all. */
+    if (e->live == 0 && want > 1)
+        want = 1;
+    while (n < want && tries++ < BATCH_MAX * 2) {
+        struct conn *c = &conns[n];
+        int fd;
+        c->len = sizeof(c->addr);
+        fd = accept4(L->fd, (struct sockaddr *)&c->addr, &c->len, SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            if (resource_errno(errno)) {
+                stop = errno;
+                break;
+            }
+            continue; /* that connection is gone; the next one is fine */
+        }
+        c->fd = fd;
+        n++;
+    }
+    e->grant -= n;
+    if (n > 0) {
+        t = L->t;
+        want_remote = e->want_remote;
+        hub.busy = 1;
+        pthread_mutex_unlock(&hub.lock);
+        t0 = mono_now();
+        memset(&w, 0, sizeof(w));
+        b.t = t;
+        b.conns = conns;
+        b.n = n;
+        b.next = 0;
+        if (worker_init(&w, t) < 0) {
+            for (i = 0; i < n; i++) {
+                conns[i].pid = 0;
+                conns[i].stage = STAGE_FORK;
+                conns[i].err = ENOMEM;
+                conns[i].remote[0] = '\0';
+                (void)close(conns[i].fd);
+            }
+        }
+        else {
+            if (n > 1)
+                offered = helper_offer(&b);
+            (void)run_share(&b, &w);
+            if (offered)
+                helper_collect(&b);
+        }
+        worker_free(&w);
+        pthread_mutex_lock(&hub.lock);
+        hub.busy = 0;
+        pthread_cond_broadcast(&hub.idle);
+        /* The engine is still there: dropping a listener (engine_unregister) waits for busy. */
+        for (i = 0; i < n; i++) {
+            struct conn *c = &conns[i];
+            struct arec *r, spare;
+            r = arecs_reserve(e, 1) == 0 ? &e->recs[e->nrecs++] : &spare;
+            r->pid = c->pid;
+            r->when = t0;
+            if (want_remote)
+                memcpy(r->remote, c->remote, sizeof(r->remote));
+            else
+                r->remote[0] = '\0';
+            if (c->pid > 0) {
+                r->kind = REC_ACCEPTED;
+                r->stage = r->err = 0;
+                if (kid_add(c->pid, e) == 0)
+                    e->live++;
+                /* else (memory): its exit comes as an urgent one, which is only slower */
+            }
+            else {
+                r->kind = REC_FAILED;
+                r->stage = c->stage;
+                r->err = c->err;
+            }
+        }
+    }
+    if (stop)
+        e->err = stop;
+    if (stop || e->grant <= 0)
+        engine_arm(e, 0);
+    if (n > 0 || stop) {
+        engine_mark(e);
+        hub_note(stop != 0 || e->grant <= 0);
+    }
+}
+
+static void *
+hub_main(void *unused)
+{
+    struct epoll_event evs[64];
+    int sig_ready = 0;
+    (void)unused;
+    pthread_mutex_lock(&hub.lock);
+    while (!hub.stopping) {
+        int timeout = -1, n, i;
+        if (hub.deadline > 0) {
+            double left = hub.deadline - mono_now();
+            timeout = left <= 0 ? 0 : (int)(left * 1000.0) + 1;
+        }
+        pthread_mutex_unlock(&hub.lock);
+        n = epoll_wait(hub.epfd, evs, 64, timeout);
+        pthread_mutex_lock(&hub.lock);
+        if (n < 0 && errno != EINTR)
+            break;
+        for (i = 0; i < n; i++) /* exits first: an engine's count of running children is then current */
+            if (HEV_KIND(evs[i].data.u64) == (int)HEV_SIG) {
+                evs[i].data.u64 = HEV(HEV_DONE, 0, 0);
+                sig_ready = 1;
+            }
+        if (sig_ready) {
+            char buf[128 * 16];
+            /* Signals coalesce and waitpid() collects them all: a short read means empty. */
+            while (read(hub.sigfd, buf, sizeof(buf)) == (ssize_t)sizeof(buf))
+                ;
+            (void)hub_reap();
+            sig_ready = 0;
+        }
+        for (i = 0; i < n && !hub.stopping; i++) {
+            uint64_t d = evs[i].data.u64;
+            int kind = HEV_KIND(d);
+            if (kind == (int)HEV_CTL) {
+                uint64_t v;
+                (void)!read(hub.ctlfd, &v, sizeof(v));
+            }
+            else if (kind == (int)HEV_LST) {
+                hub_listener_ready(HEV_IDX(d), HEV_GEN(d));
+            }
+        }
+        if (hub.deadline > 0 && !hub.woken && mono_now() >= hub.deadline) {
+            uint64_t one = 1;
+            (void)!write(hub.wakefd, &one, sizeof(one));
+            hub.woken = 1;
+            hub.deadline = 0;
+        }
+    }
+    pthread_mutex_unlock(&hub.lock);
+    return NULL;
+}
+
+static void
+hub_close_fds(void)
+{
+    int *fds[] = {&hub.epfd, &hub.ctlfd, &hub.sigfd, &hub.wakefd};
+    size_t i;
+    for (i = 0; i < sizeof(fds) / sizeof(fds[0]); i++)
+        if (*fds[i] >= 0) {
+            (void)close(*fds[i]);
+            *fds[i] = -1;
+        }
+}
+
+/* With the GIL: create the fds (blocking SIGCHLD in the calling thread). */
+static int
+hub_setup(void)
+{
+    sigset_t set;
+    struct epoll_event ev;
+    int err;
+
+    if (hub.owner == getpid() && hub.epfd >= 0)
+        return 0;
+    /* A fork()ed copy: what the parent had is not ours (its thread does not exist here). */
+    hub.running = hub.stopping = hub.busy = hub.woken = 0;
+    hub.deadline = 0;
+    hub.nexits = hub.nkids = hub.nl = 0;
+    hub.pending = NULL;
+    if (hub.kids != NULL)
+        memset(hub.kids, 0, sizeof(*hub.kids) * (size_t)hub.capkids);
+    sigemptyset(&set);
+    sigaddset(&set, SIGCHLD);
+    if ((err = pthread_sigmask(SIG_BLOCK, &set, NULL)) != 0) {
+        errno = err;
+        return -1;
+    }
+    hub.epfd = epoll_create1(EPOLL_CLOEXEC);
+    hub.ctlfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    hub.wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    hub.sigfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
+    if (hub.epfd < 0 || hub.ctlfd < 0 || hub.wakefd < 0 || hub.sigfd < 0)
+        goto fail;
+    ev.events = EPOLLIN;
+    ev.data.u64 = HEV(HEV_CTL, 0, 0);
+    if (epoll_ctl(hub.epfd, EPOLL_CTL_ADD, hub.ctlfd, &ev) < 0)
+        goto fail;
+    ev.data.u64 = HEV(HEV_SIG, 0, 0);
+    if (epoll_ctl(hub.epfd, EPOLL_CTL_ADD, hub.sigfd, &ev) < 0)
+        goto fail;
+    hub.owner = getpid();
+    return 0;
+fail:
+    err = errno;
+    hub_close_fds();
+    errno = err;
+    return -1;
+}
+
+static int
+hub_start_thread(void)
+{
+    sigset_t all, old;
+    int err;
+    if (hub.running)
+        return 0;
+    /* Every signal blocked: the thread never runs a signal handler, and its vfork children start
+     * with every signal blocked until child_exec resets them. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    hub.stopping = 0;
+    err = pthread_create(&hub.thread, NULL, hub_main, NULL);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (err != 0) {
+        errno = err;
+        return -1;
+    }
+    hub.running = 1;
+    return 0;
+}
+
+/* With the GIL: stop the thread and wait for it (it may be spawning). */
+static void
+hub_stop_thread(void)
+{
+    uint64_t one = 1;
+    if (!hub.running || hub.owner != getpid())
+        return;
+    hub_lock_py();
+    hub.stopping = 1;
+    pthread_mutex_unlock(&hub.lock);
+    (void)!write(hub.ctlfd, &one, sizeof(one));
+    Py_BEGIN_ALLOW_THREADS
+    pthread_join(hub.thread, NULL);
+    Py_END_ALLOW_THREADS
+    hub.running = 0;
+}
+
+PyDoc_STRVAR(hub_open_doc,
+"hub_open() -> int\n--\n\n"
+"Start the process's hub thread (once per user: hub_close() undoes one): it reaps every child\n"
+"and serves the engines. Blocks SIGCHLD in the calling thread. Returns the eventfd that becomes\n"
+"readable when there is something to drain.");
+
+static PyObject *
+hub_open(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    (void)module;
+    if (hub.owner != getpid())
+        hub.users = 0;
+    if (hub_setup() < 0 || hub_start_thread() < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    hub.users++;
+    return PyLong_FromLong(hub.wakefd);
+}
+
+PyDoc_STRVAR(hub_close_doc,
+"hub_close() -> None\n--\n\nThe last user gone: stop the thread and close its fds.");
+
+static PyObject *
+hub_close(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    (void)module;
+    if (hub.owner != getpid() || hub.users <= 0)
+        Py_RETURN_NONE;
+    if (--hub.users > 0)
+        Py_RETURN_NONE;
+    hub_stop_thread();
+    hub_close_fds();
+    hub.owner = 0;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(hub_pause_doc,
+"hub_pause(paused, /) -> None\n--\n\n"
+"True: stop the thread (nothing is reaped or accepted until False starts it again); before a\n"
+"re-exec, so the state handed over is final.");
+
+static PyObject *
+hub_pause(PyObject *module, PyObject *arg)
+{
+    int paused = PyObject_IsTrue(arg);
+    (void)module;
+    if (paused < 0)
+        return NULL;
+    if (hub.owner != getpid() || hub.users <= 0)
+        Py_RETURN_NONE;
+    if (paused)
+        hub_stop_thread();
+    else if (hub_start_thread() < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(hub_drain_doc,
+"hub_drain(collect, /) -> (batches, exits)\n--\n\n"
+"Take everything filed since the last drain. collect: first reap in this thread too (what has\n"
+"exited by now is in `exits`). batches: (engine, accepted, failures, errno) per engine with\n"
+"records: accepted (pid, when, remote) per child started, failures (stage, errno, remote) per\n"
+"admitted connection that got no child, errno the accept() error that stopped it for lack of a\n"
+"resource (else 0); remote: the peer as log text, or '' (see Engine.grant). exits: (pid, status,\n"
+"when) per child reaped. `when`: time.monotonic() seconds.");
+
+static PyObject *
+hub_drain(PyObject *module, PyObject *arg)
+{
+    int collect = PyObject_IsTrue(arg), nx, i;
+    struct xrec *xs = NULL;
+    PyObject *batches = NULL, *exits = NULL, *item;
+    Engine *e, *next;
+
+    (void)module;
+    if (collect < 0)
+        return NULL;
+    if ((batches = PyList_New(0)) == NULL)
+        return NULL;
+    if (hub.owner != getpid() || hub.epfd < 0)
+        return Py_BuildValue("(N[])", batches);
+    {
+        uint64_t v;
+        (void)!read(hub.wakefd, &v, sizeof(v));
+    }
+    hub_lock_py();
+    if (collect)
+        (void)hub_reap();
+    nx = hub.nexits;
+    if (nx > 0 && (xs = malloc(sizeof(*xs) * (size_t)nx)) == NULL) {
+        pthread_mutex_unlock(&hub.lock);
+        Py_DECREF(batches);
+        return PyErr_NoMemory();
+    }
+    if (nx > 0)
+        memcpy(xs, hub.exits, sizeof(*xs) * (size_t)nx);
+    hub.nexits = 0;
+    hub.woken = 0;
+    hub.deadline = 0;
+    /* The engines' records: copied under the lock, built into objects after it. An engine on
+     * the pending list is alive (unregistering unlinks it), and stays alive here: the GIL is
+     * held and only Python drops engines. */
+    e = hub.pending;
+    hub.pending = NULL;
+    for (; e != NULL; e = next) {
+        struct arec *rs = NULL;
+        int nr = e->nrecs, err = e->err, na = 0, nf = 0;
+        PyObject *acc, *fail;
+        next = e->next_pending;
+        e->pending = 0;
+        e->next_pending = NULL;
+        if (nr > 0 && (rs = malloc(sizeof(*rs) * (size_t)nr)) == NULL)
+            continue; /* memory: these records are lost (their exits still come) */
+        if (nr > 0)
+            memcpy(rs, e->recs, sizeof(*rs) * (size_t)nr);
+        e->nrecs = 0;
+        e->err = 0;
+        for (i = 0; i < nr; i++) {
+            na += rs[i].kind == REC_ACCEPTED;
+            nf += rs[i].kind == REC_FAILED;
+        }
+        acc = PyList_New(na);
+        fail = PyList_New(nf);
+        na = nf = 0;
+        for (i = 0; acc != NULL && fail != NULL && i < nr; i++) {
+            struct arec *r = &rs[i];
+            if (r->kind == REC_ACCEPTED) {
+                item = Py_BuildValue("(idN)", (int)r->pid, r->when,
+                                     PyUnicode_DecodeASCII(r->remote, (Py_ssize_t)strlen(r->remote), "replace"));
+                if (item == NULL)
+                    break;
+                PyList_SET_ITEM(acc, na++, item);
+            }
+            else {
+                int stage = r->stage > STAGE_NONE && r->stage <= STAGE_CGROUP ? r->stage : STAGE_FORK;
+                item = Py_BuildValue("(sis)", stage_names[stage], r->err, r->remote);
+                if (item == NULL)
+                    break;
+                PyList_SET_ITEM(fail, nf++, item);
+            }
+        }
+        free(rs);
+        if (acc == NULL || fail == NULL || i < nr ||
+            (item = Py_BuildValue("(ONNi)", (PyObject *)e, acc, fail, err)) == NULL) {
+            /* Out of memory building objects: unlock first, then report. */
+            Py_XDECREF(acc);
+            Py_XDECREF(fail);
+            for (e = next; e != NULL; e = next) { /* the others keep their records for next time */
+                next = e->next_pending;
+                e->next_pending = hub.pending;
+                hub.pending = e;
+            }
+            pthread_mutex_unlock(&hub.lock);
+            free(xs);
+            Py_DECREF(batches);
+            return PyErr_NoMemory();
+        }
+        if (PyList_Append(batches, item) < 0) {
+            Py_DECREF(item);
+            pthread_mutex_unlock(&hub.lock);
+            free(xs);
+            Py_DECREF(batches);
             return NULL;
         }
         Py_DECREF(item);
     }
-    return out;
+    pthread_mutex_unlock(&hub.lock);
+    if ((exits = PyList_New(nx)) == NULL)
+        goto fail;
+    for (i = 0; i < nx; i++) {
+        if ((item = Py_BuildValue("(iid)", (int)xs[i].pid, xs[i].status, xs[i].when)) == NULL)
+            goto fail;
+        PyList_SET_ITEM(exits, i, item);
+    }
+    free(xs);
+    return Py_BuildValue("(NN)", batches, exits);
+fail:
+    free(xs);
+    Py_XDECREF(exits);
+    Py_DECREF(batches);
+    return NULL;
 }
 
-/* sigchld_fd(): block SIGCHLD in the calling thread (threads started later
- * inherit the mask) and return a non-blocking, close-on-exec signalfd that
- * becomes readable when a child exits. This lets the event loop reap on
- * readiness: uvloop reserves SIGCHLD handlers for itself, and a reaper thread
- * costs a thread wake-up and a GIL hand-off per child. Children get an empty
- * mask from spawn(), so they never inherit the block. */
-PyDoc_STRVAR(sigchld_fd_doc,
-"sigchld_fd() -> int\n\n"
-"Block SIGCHLD in the calling thread and return a signalfd for it (O_NONBLOCK, O_CLOEXEC).");
+PyDoc_STRVAR(signal_child_doc,
+"signal_child(pid, signal, group, /) -> bool\n--\n\n"
+"Send `signal` to the process group `pid` leads (group: else to the pid alone; a group that is\n"
+"gone falls back to the pid), unless the hub reaped `pid` and its exit is not drained yet (it\n"
+"is gone; its pid may be another process's by now). Whether it was sent.");
 
 static PyObject *
-sigchld_fd(PyObject *module, PyObject *Py_UNUSED(ignored))
+signal_child(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGCHLD);
-    int err = pthread_sigmask(SIG_BLOCK, &set, NULL);
-    if (err != 0) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
+    long pid, sig;
+    int group, i, reaped = 0, rc = -1, err = 0;
+    int locked = 0;
+
+    (void)module;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "signal_child(pid, signal, group)");
+        return NULL;
     }
-    int fd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
-    if (fd < 0) {
+    if ((pid = PyLong_AsLong(args[0])) == -1 && PyErr_Occurred())
+        return NULL;
+    if ((sig = PyLong_AsLong(args[1])) == -1 && PyErr_Occurred())
+        return NULL;
+    if ((group = PyObject_IsTrue(args[2])) < 0)
+        return NULL;
+    if (pid <= 0) {
+        errno = ESRCH;
+        return PyErr_SetFromErrno(PyExc_ProcessLookupError);
+    }
+    if (hub.owner == getpid() && hub.epfd >= 0) {
+        hub_lock_py();
+        locked = 1;
+        for (i = 0; i < hub.nexits; i++)
+            if (hub.exits[i].pid == (pid_t)pid) {
+                reaped = 1;
+                break;
+            }
+    }
+    if (!reaped) {
+        if (group) {
+            rc = kill(-(pid_t)pid, (int)sig);
+            if (rc < 0 && (errno == ESRCH || errno == EPERM))
+                rc = kill((pid_t)pid, (int)sig);
+        }
+        else {
+            rc = kill((pid_t)pid, (int)sig);
+        }
+        err = rc < 0 ? errno : 0;
+    }
+    if (locked)
+        pthread_mutex_unlock(&hub.lock);
+    if (reaped)
+        Py_RETURN_FALSE;
+    if (rc < 0) {
+        errno = err;
+        return PyErr_SetFromErrno(err == ESRCH ? PyExc_ProcessLookupError :
+                                  err == EPERM ? PyExc_PermissionError : PyExc_OSError);
+    }
+    Py_RETURN_TRUE;
+}
+
+/* ---- Engine: one bulk accept unit's side of the hub */
+
+static void
+engine_drop_listeners(Engine *e)
+{
+    Template *drop[HUB_LISTENERS];
+    int i, nd = 0;
+
+    hub_lock_py();
+    while (hub.busy) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_cond_wait(&hub.idle, &hub.lock);
+        Py_END_ALLOW_THREADS
+    }
+    for (i = 0; i < hub.nl; i++) {
+        struct hlst *L = &hub.l[i];
+        if (L->fd < 0 || L->e != e)
+            continue;
+        (void)epoll_ctl(hub.epfd, EPOLL_CTL_DEL, L->fd, NULL);
+        L->fd = -1;
+        L->e = NULL;
+        L->armed = 0;
+        L->gen++;
+        drop[nd++] = L->t;
+        L->t = NULL;
+    }
+    while (hub.nl > 0 && hub.l[hub.nl - 1].fd < 0)
+        hub.nl--;
+    pthread_mutex_unlock(&hub.lock);
+    for (i = 0; i < nd; i++)
+        Py_XDECREF(drop[i]);
+}
+
+static void
+engine_unregister(Engine *e)
+{
+    int i;
+    if (!e->registered)
+        return;
+    engine_drop_listeners(e);
+    hub_lock_py();
+    engine_unmark(e);
+    for (i = 0; i < hub.capkids; i++)
+        if (hub.kids[i].pid > 0 && hub.kids[i].e == e)
+            hub.kids[i].e = NULL; /* its exit will be urgent, and still drained */
+    e->registered = 0;
+    e->grant = 0;
+    pthread_mutex_unlock(&hub.lock);
+}
+
+static void
+engine_dealloc(Engine *e)
+{
+    if (hub.owner == getpid())
+        engine_unregister(e);
+    free(e->recs);
+    PyObject_Free(e);
+}
+
+static PyObject *
+engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    Engine *e;
+    if (!_PyArg_NoKeywords("Engine", kwds) || !PyArg_ParseTuple(args, ":Engine"))
+        return NULL;
+    if (hub.owner != getpid() || !hub.running) {
+        PyErr_SetString(PyExc_RuntimeError, "the hub is not running (hub_open())");
+        return NULL;
+    }
+    if ((e = PyObject_New(Engine, type)) == NULL)
+        return NULL;
+    e->grant = 0;
+    e->want_remote = e->err = e->live = 0;
+    e->recs = NULL;
+    e->nrecs = e->caprecs = 0;
+    e->next_pending = NULL;
+    e->pending = 0;
+    e->registered = 1;
+    return (PyObject *)e;
+}
+
+PyDoc_STRVAR(engine_add_doc,
+"add(listen_fd, template, /) -> None\n--\n\n"
+"Serve the non-blocking `listen_fd` with children from `template`; armed while there is grant.");
+
+static PyObject *
+engine_add(Engine *e, PyObject *const *args, Py_ssize_t nargs)
+{
+    long fd;
+    int i, idx = -1;
+    struct epoll_event ev;
+    struct hlst *L;
+
+    if (nargs != 2 || !PyObject_TypeCheck(args[1], &TemplateType)) {
+        PyErr_SetString(PyExc_TypeError, "add(listen_fd, template)");
+        return NULL;
+    }
+    if ((fd = PyLong_AsLong(args[0])) == -1 && PyErr_Occurred())
+        return NULL;
+    if (!e->registered || hub.owner != getpid()) {
+        PyErr_SetString(PyExc_RuntimeError, "the engine is closed");
+        return NULL;
+    }
+    hub_lock_py();
+    for (i = 0; i < hub.nl; i++)
+        if (hub.l[i].fd < 0) {
+            idx = i;
+            break;
+        }
+    if (idx < 0 && hub.nl < HUB_LISTENERS)
+        idx = hub.nl++;
+    if (idx < 0) {
+        pthread_mutex_unlock(&hub.lock);
+        PyErr_SetString(PyExc_ValueError, "too many listeners on the hub");
+        return NULL;
+    }
+    L = &hub.l[idx];
+    L->gen++;
+    ev.events = e->grant > 0 ? EPOLLIN : 0;
+    ev.data.u64 = HEV(HEV_LST, idx, L->gen);
+    if (epoll_ctl(hub.epfd, EPOLL_CTL_ADD, (int)fd, &ev) < 0) {
         int saved = errno;
-        pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+        while (hub.nl > 0 && hub.l[hub.nl - 1].fd < 0)
+            hub.nl--;
+        pthread_mutex_unlock(&hub.lock);
         errno = saved;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    return PyLong_FromLong(fd);
+    Py_INCREF(args[1]);
+    L->t = (Template *)args[1];
+    L->e = e;
+    L->fd = (int)fd;
+    L->armed = e->grant > 0;
+    pthread_mutex_unlock(&hub.lock);
+    Py_RETURN_NONE;
 }
+
+PyDoc_STRVAR(engine_clear_doc,
+"clear() -> None\n--\n\nDrop every listener (after a batch being spawned from them is done).");
+
+static PyObject *
+engine_clear(Engine *e, PyObject *Py_UNUSED(ignored))
+{
+    if (e->registered && hub.owner == getpid())
+        engine_drop_listeners(e);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(engine_grant_doc,
+"grant(n, want_remote, /) -> int\n--\n\n"
+"Allow `n` more admissions from now on (0: stop accepting), replacing what was left of the\n"
+"previous grant; returns what was left. want_remote: file each peer as log text.");
+
+static PyObject *
+engine_grant(Engine *e, PyObject *const *args, Py_ssize_t nargs)
+{
+    long n, left;
+    int want_remote;
+
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "grant(n, want_remote)");
+        return NULL;
+    }
+    if ((n = PyLong_AsLong(args[0])) == -1 && PyErr_Occurred())
+        return NULL;
+    if ((want_remote = PyObject_IsTrue(args[1])) < 0)
+        return NULL;
+    if (!e->registered || hub.owner != getpid()) {
+        left = e->grant;
+        e->grant = 0;
+        return PyLong_FromLong(left);
+    }
+    hub_lock_py();
+    left = e->grant;
+    e->grant = n > 0 ? n : 0;
+    e->want_remote = want_remote;
+    engine_arm(e, e->grant > 0);
+    pthread_mutex_unlock(&hub.lock);
+    return PyLong_FromLong(left);
+}
+
+PyDoc_STRVAR(engine_close_doc,
+"close() -> None\n--\n\nDrop the listeners and leave the hub; children still running are reaped\n"
+"as any other child (their exits come in hub_drain's exits).");
+
+static PyObject *
+engine_close(Engine *e, PyObject *Py_UNUSED(ignored))
+{
+    if (hub.owner == getpid())
+        engine_unregister(e);
+    e->registered = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+engine_get_live(Engine *e, void *closure)
+{
+    long n;
+    (void)closure;
+    if (!e->registered || hub.owner != getpid())
+        return PyLong_FromLong(0);
+    hub_lock_py();
+    n = e->live;
+    pthread_mutex_unlock(&hub.lock);
+    return PyLong_FromLong(n);
+}
+
+static PyMethodDef engine_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))engine_add, METH_FASTCALL, engine_add_doc},
+    {"clear", (PyCFunction)engine_clear, METH_NOARGS, engine_clear_doc},
+    {"grant", (PyCFunction)(void (*)(void))engine_grant, METH_FASTCALL, engine_grant_doc},
+    {"close", (PyCFunction)engine_close, METH_NOARGS, engine_close_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef engine_getset[] = {
+    {"live", (getter)engine_get_live, NULL, "Children it started that are not reaped yet.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "supervisor._spawn.Engine",
+    .tp_basicsize = sizeof(Engine),
+    .tp_dealloc = (destructor)engine_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One bulk accept unit on the hub: its listeners, its grant, its records.",
+    .tp_new = engine_new,
+    .tp_methods = engine_methods,
+    .tp_getset = engine_getset,
+};
 
 PyDoc_STRVAR(trim_doc,
 "trim() -> None\n\n"
@@ -1487,10 +2478,13 @@ trim(PyObject *module, PyObject *Py_UNUSED(ignored))
 static PyMethodDef spawn_methods[] = {
     {"trim", trim, METH_NOARGS, trim_doc},
     {"spawn", (PyCFunction)(void (*)(void))spawn, METH_FASTCALL, spawn_doc},
-    {"sigchld_fd", sigchld_fd, METH_NOARGS, sigchld_fd_doc},
     {"template", (PyCFunction)(void (*)(void))template_new, METH_FASTCALL, template_doc},
     {"accept_spawn", (PyCFunction)(void (*)(void))accept_spawn, METH_FASTCALL, accept_spawn_doc},
-    {"reap", reap, METH_O, reap_doc},
+    {"hub_open", hub_open, METH_NOARGS, hub_open_doc},
+    {"hub_close", hub_close, METH_NOARGS, hub_close_doc},
+    {"hub_pause", hub_pause, METH_O, hub_pause_doc},
+    {"hub_drain", hub_drain, METH_O, hub_drain_doc},
+    {"signal_child", (PyCFunction)(void (*)(void))signal_child, METH_FASTCALL, signal_child_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1506,12 +2500,13 @@ PyMODINIT_FUNC
 PyInit__spawn(void)
 {
     PyObject *m;
-    if (PyType_Ready(&TemplateType) < 0)
+    if (PyType_Ready(&TemplateType) < 0 || PyType_Ready(&EngineType) < 0)
         return NULL;
     m = PyModule_Create(&spawn_module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "Template", (PyObject *)&TemplateType) < 0) {
+    if (PyModule_AddObjectRef(m, "Template", (PyObject *)&TemplateType) < 0 ||
+        PyModule_AddObjectRef(m, "Engine", (PyObject *)&EngineType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -12,6 +12,18 @@ a time on two threads (``spawn.AcceptTemplate``, "accept mode: batches" in
 pids. Nothing else runs per connection: no pipes, no socket objects, and no
 log formatting when ``log_connections`` is off.
 
+The engine: on a host with a reaper (the daemon), a bulk unit is not served
+from the loop at all. Its listeners go to the reaper's thread
+(``Reaper.engine``, "the hub" in ``_spawn.c``), which accepts as many
+connections as Python granted (``Policy.budget`` again, reserved with
+``admit_many`` and given back with ``unadmit`` when the grant is replaced),
+spawns, and reaps the children with every other child. Python takes in the
+records in batches (``took``, then ``settle`` renews the grant): up to 20 ms
+after the first one, at once when the grant is used up or an fd shortage
+stopped it, so one wake-up of the loop carries many connections. Everything
+that reads the children (status, metrics, stop, reload, re-exec) drains
+first (``sync``).
+
 Units whose rules look at each peer take the per-connection path
 (``_admit``): accept one connection at a time, ask ``Policy.admit``, spawn
 with the vfork spawner, close the daemon's copy; when several are queued all
@@ -34,7 +46,7 @@ import socket
 import time
 from typing import Any, NamedTuple
 
-from supervisor import lifecycle, log, sockets, spawn
+from supervisor import _spawn, lifecycle, log, sockets, spawn
 from supervisor.builtins import Streams
 from supervisor.errors import SpawnError
 from supervisor.lifecycle import Drain, Exit, SlotState
@@ -46,6 +58,7 @@ from supervisor.units import Deadline, Host, UnitRuntime, UnitState, kill_group
 # resource: back off instead of spinning on a readable socket.
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_BATCH = 32  # connections accepted per readiness callback before yielding to the loop
+ENGINE_GRANT = 256  # admissions granted to the engine at a time (renewed at every drain)
 ADDR_ENV_CACHE = 256  # encoded REMOTE_ADDR values kept per unit (clients tend to repeat)
 CONN = -2  # stand-in for "the connection" in the stderr slot
 _FDS_ENV = (b"LISTEN_FDS=1", b"LISTEN_FDNAMES=connection")
@@ -78,6 +91,10 @@ class AcceptRuntime(UnitRuntime):
         self.spawn_failures = 0
         self._streams = Streams(host, unit.builtin, self._builtin_done) if unit.builtin else None
         self._templates: dict[int, spawn.AcceptTemplate] = {}  # by listening fd
+        self._engine: _spawn.Engine | None = None
+        self._engine_on = False  # polling through the engine (its grant is ours to take back)
+        self._engine_err = 0  # an fd shortage that stopped the engine, until settle()
+        self._engine_set: list[tuple[socket.socket, spawn.AcceptTemplate]] = []  # what it serves
         self._banners()
 
     def _banners(self) -> None:
@@ -91,6 +108,7 @@ class AcceptRuntime(UnitRuntime):
                       and self._banner_ok is None and self._banner_fail is None)
 
     def active(self) -> int:
+        self.sync()
         return len(self.conns) + (len(self._streams) if self._streams is not None else 0)
 
     def _builtin_done(self, peer: object) -> None:
@@ -103,6 +121,7 @@ class AcceptRuntime(UnitRuntime):
             self._maybe_resume()
 
     def pids(self) -> list[int]:
+        self.sync()
         return list(self.conns)
 
     def reconfigured(self) -> None:
@@ -132,6 +151,7 @@ class AcceptRuntime(UnitRuntime):
         self.poll(False)
 
     def state(self) -> str:
+        self.sync()
         if not self._running:
             if self._drain.deadline is not None and self.conns:
                 return SlotState.STOPPING.value
@@ -163,6 +183,7 @@ class AcceptRuntime(UnitRuntime):
     def _stop_children(self) -> None:
         self._running = False
         self.poll(False)
+        self.sync()
         if self._streams is not None:
             self._streams.end_all()  # the daemon's own connections end with the unit
         if self._resume is not None:
@@ -184,6 +205,7 @@ class AcceptRuntime(UnitRuntime):
         self._kill_deadline.set(self._drain.deadline)
 
     def close(self, *, remove: bool = True) -> None:
+        self._close_engine()
         if self._resume is not None:
             self._resume.cancel()
         self._kill_deadline.cancel()
@@ -215,6 +237,134 @@ class AcceptRuntime(UnitRuntime):
     def _resumed(self) -> None:
         self._resume = None
         self._maybe_resume()
+
+    # ------------------------------------------------------------ the engine
+
+    def poll(self, on: bool) -> None:
+        if on == self._polling:
+            return
+        if not on:
+            if self._engine_on:
+                self._polling = self._engine_on = False
+                self._take_back()
+                return
+            super().poll(False)
+            return
+        engine = self._engine_for()
+        if engine is None:
+            super().poll(True)
+            return
+        self._polling = self._engine_on = True
+        self._regrant(engine)
+
+    def _engine_for(self) -> _spawn.Engine | None:
+        """The engine set up to serve every listener of the unit, or None: the loop serves them."""
+        reaper = self.host.reaper
+        if not self._bulk or reaper is None or not self.bound:
+            return None
+        wanted: list[tuple[socket.socket, spawn.AcceptTemplate]] = []
+        for b in self.bound:
+            template = self._template(b) if b.sock is not None else None
+            if template is None or b.sock is None:
+                return None
+            wanted.append((b.sock, template))
+        engine = self._engine
+        if engine is None:
+            try:
+                engine = reaper.engine(self)
+            except (OSError, RuntimeError) as exc:
+                self.log.warning("accept_engine_unavailable", error=str(exc))
+                return None
+            self._engine = engine
+        # Compared by socket object, not fd number: a reload may bind a new socket on a reused fd.
+        if len(wanted) != len(self._engine_set) or any(
+                sock is not old_sock or t is not old_t
+                for (sock, t), (old_sock, old_t) in zip(wanted, self._engine_set, strict=True)):
+            engine.clear()
+            self._engine_set = []
+            try:
+                for sock, template in wanted:
+                    engine.add(sock.fileno(), template.native)
+            except (OSError, ValueError) as exc:
+                engine.clear()
+                self.log.warning("accept_engine_unavailable", error=str(exc))
+                return None
+            self._engine_set = wanted
+        return engine
+
+    def _regrant(self, engine: _spawn.Engine) -> None:
+        """Give the engine what the policy allows now (reserved here); none: pause as the loop path would."""
+        # The new grant replaces the old one in one step (the thread may be using it); what was
+        # left of the old one is given back after. The budget still counts that remainder as
+        # admitted, so near max_connections the new grant is smaller than it could be, never larger.
+        policy = self.policy
+        now = self.host.loop.time()
+        n = policy.budget(now, ENGINE_GRANT)
+        if n > 0:
+            policy.admit_many(n, now)
+        policy.unadmit(engine.grant(n, self._log_conns))
+        if n == 0:
+            self._polling = self._engine_on = False
+            self._maybe_resume()
+
+    def _take_back(self) -> None:
+        if self._engine is not None:
+            self.policy.unadmit(self._engine.grant(0, False))
+
+    def sync(self) -> None:
+        """Take in what the engine did (before anything reads the children)."""
+        if self._engine is not None and self.host.reaper is not None:
+            self.host.reaper.reap()
+
+    def took(self, accepted: list[tuple[int, float, str]], failures: list[tuple[str, int, str]], err: int) -> None:
+        """The engine's records: children started (admitted when granted), connections that got none."""
+        if accepted:
+            self._backoff.succeeded()
+            self.accepted += len(accepted)
+            self.spawns += len(accepted)
+            conns = self.conns
+            watch = self.host.watch_child
+            exited = self._exited
+            ago = self.host.loop.time() - time.monotonic()  # the engine's times are time.monotonic()
+            if self._log_conns:
+                line = self._lines.accepted
+                for pid, when, remote in accepted:
+                    conns[pid] = (None, when + ago, remote)
+                    watch(pid, exited)
+                    line(remote, pid)
+            else:
+                for pid, when, remote in accepted:
+                    conns[pid] = (None, when + ago, remote)
+                    watch(pid, exited)
+        if failures:
+            template = self._engine_set[0][1] if self._engine_set else None
+            for stage, code, remote in failures:
+                exc = template.error(stage, code) if template is not None else SpawnError(stage, code, stage)
+                self._spawn_failed(None, remote, exc)
+        if err:
+            self._engine_err = err
+
+    def settle(self) -> None:
+        """After a drain: an fd shortage backs off; else the grant is renewed (or accepting resumes)."""
+        err, self._engine_err = self._engine_err, 0
+        if err:
+            self._short_of_resources(OSError(err, os.strerror(err)))
+        elif self._engine_on and self._engine is not None:
+            self._regrant(self._engine)
+        elif not self._polling and self._resume is None:
+            self._maybe_resume()
+
+    def _close_engine(self) -> None:
+        engine = self._engine
+        if engine is None:
+            return
+        self.sync()
+        self._polling = self._engine_on = False
+        self._take_back()
+        self._engine = None
+        self._engine_set = []
+        if self.host.reaper is not None:
+            self.host.reaper.release(engine)  # children still running are reaped as any other
 
     def readable(self, bound: sockets.Bound) -> None:
         sock = bound.sock
@@ -442,7 +592,9 @@ class AcceptRuntime(UnitRuntime):
         peer, started, remote = self.conns.pop(pid)
         self.policy.release(peer)
         if self._log_conns:
-            self._lines.exited(pid, remote, str(ex), round(self.host.loop.time() - started, 6))
+            reaper = self.host.reaper
+            ended = reaper.exit_time if reaper is not None and reaper.exit_time is not None else self.host.loop.time()
+            self._lines.exited(pid, remote, str(ex), round(ended - started, 6))
         if self._drain.deadline is not None:
             self._drain = lifecycle.drain_exited(self._drain, len(self.conns))
             self._kill_deadline.set(self._drain.deadline)

@@ -40,6 +40,8 @@ import contextlib
 import os
 import signal
 
+from supervisor.reaper import signal_child
+
 _MARK = "sockvisor"
 
 # Whether slot processes can be born in their cgroup (clone3 CLONE_INTO_CGROUP); cleared at the
@@ -166,8 +168,7 @@ class Group:
         for pid in self.pids():
             if pid == spare:
                 continue
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
+            if signal_child(pid, sig, group=False):
                 sent.append(pid)
         return sent
 

@@ -54,7 +54,7 @@ from supervisor.control import Command, Reply, Request, failure
 from supervisor.errors import BindError, ConfigError, FdBudgetError, Problem
 from supervisor.log import Logger, LogWriter, get_logger
 from supervisor.model import Config, InetAddress, Listen, ListenKind, Unit
-from supervisor.reaper import Reaper, become_subreaper, exit_of, own_children
+from supervisor.reaper import Reaper, become_subreaper, exit_of, own_children, signal_child
 from supervisor.registry import Registry
 from supervisor.spawn import Offload
 from supervisor.status import DaemonCounters, DaemonStatus, UnitStatus
@@ -138,7 +138,7 @@ class Daemon:
         self._state_warned = False
         self.cgroup_base: str | None = None
         self.host = Host(self.loop, self.log, self.environ, self.watch_child, self.offload, self._settled,
-                         self._unit_handover, lambda: self.cgroup_base)
+                         self._unit_handover, lambda: self.cgroup_base, self.reaper)
         self.units = Registry(self.host, self.log)
         self.counters = DaemonCounters(reloads={}, last_reload_success=time.time(), reexecs=0)
         self.metrics: metrics.MetricsServer | None = None
@@ -268,15 +268,13 @@ class Daemon:
 
             self.loop.add_reader(fd, gone)
             waits.append(done)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+            signal_child(pid, signal.SIGTERM, group=False)
         _, pending = await asyncio.wait(waits, timeout=ORPHAN_STOP_TIMEOUT)
         if pending:
             left = [p for p in own_children() if p not in self.children]
             self.log.warning("orphans_killed", pids=left)
             for pid in left:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+                signal_child(pid, signal.SIGKILL, group=False)
             await asyncio.wait(pending, timeout=5)
         self.reaper.reap()
 
@@ -671,8 +669,10 @@ class Daemon:
                 rt.endpoint.pause()
             await self.offload.idle.wait()  # a spawn in flight on the helper thread comes back first
             await self._set_metrics(None)  # the new image binds it again (a scrape in between fails)
+            self.reaper.freeze()  # nothing is reaped until the new image runs: the children handed over are live
             error = self._exec(program, argv, requester)
             # Only on failure: everything goes on as before.
+            self.reaper.thaw()
             for rt in self.units.everything():
                 rt.endpoint.resume()
             for rt in was_polling:

@@ -199,6 +199,14 @@ class Policy:
             self.tokens -= n
         self.active += n
 
+    def unadmit(self, n: int) -> None:
+        """Give back ``n`` admissions counted by ``admit_many`` that no connection used (a grant replaced)."""
+        if n <= 0:
+            return
+        self.active -= n
+        if self.rate is not None:
+            self.tokens = min(self.burst, self.tokens + n)
+
     def _refill(self, now: float) -> None:
         if self.rate is None:
             return

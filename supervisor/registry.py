@@ -44,6 +44,7 @@ class Registry:
         self._log = log
         self._units: dict[str, UnitRuntime] = {}
         self.retiring: list[UnitRuntime] = []
+        self._sweeping = False
 
     def get(self, name: str) -> UnitRuntime | None:
         return self._units.get(name)
@@ -87,9 +88,14 @@ class Registry:
 
     def sweep(self) -> None:
         """Close the sockets of retired runtimes whose last child is gone."""
-        if self.retiring:
-            done = [rt for rt in self.retiring if not rt.busy()]
-            for rt in done:
-                self.retiring.remove(rt)
-                rt.close(remove=True)
-                self._log.info("unit_removed", unit=rt.unit.name)
+        # busy() may take in the reaper's records, whose exits sweep again: once at a time.
+        if self.retiring and not self._sweeping:
+            self._sweeping = True
+            try:
+                done = [rt for rt in self.retiring if not rt.busy()]
+                for rt in done:
+                    self.retiring.remove(rt)
+                    rt.close(remove=True)
+                    self._log.info("unit_removed", unit=rt.unit.name)
+            finally:
+                self._sweeping = False

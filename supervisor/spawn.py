@@ -394,6 +394,10 @@ class AcceptTemplate:
                                  prepared.rlimits, prepared.setsid)
         return cls(prepared, native)
 
+    def error(self, stage: str, code: int) -> SpawnError:
+        """A child that failed at ``stage`` with errno ``code``, as the per-connection path reports it."""
+        return SpawnError(stage, code, _describe(self.prepared, stage, code))
+
     def accept_spawn(self, listen_fd: int, budget: int, want_remote: bool) -> Batch:
         """Accept up to ``budget`` connections queued on the non-blocking ``listen_fd``, one child each.
 

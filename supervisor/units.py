@@ -25,6 +25,7 @@ from supervisor.lifecycle import Exit
 from supervisor.log import Logger
 from supervisor.logsummary import LogSummary
 from supervisor.model import Pass, Stderr, Unit, valid_fdname
+from supervisor.reaper import Reaper, signal_child
 from supervisor.status import Connections, LastExit, NotifyCounters, UnitStatus
 
 ChildCallback = Callable[[int, Exit], None]
@@ -69,6 +70,9 @@ class Host:
     handover: Callable[[str], handover.UnitHandover | None] = lambda _name: None
     # Where slot processes get their own cgroups (supervisor.cgroups), or None: not in use.
     cgroup_base: Callable[[], str | None] = lambda: None
+    # The daemon's reaper, whose thread also serves accept mode's bulk units (None: a host
+    # without one; accept mode then serves every connection from the loop).
+    reaper: Reaper | None = None
 
 
 class Deadline:
@@ -122,14 +126,7 @@ def _close_all(fds: Iterable[int]) -> None:
 
 def kill_group(pid: int, sig: int) -> None:
     """Signal a child's process group (every child is a session leader), or the pid if the group is gone."""
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-    except PermissionError:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
+    signal_child(pid, sig)  # never a pid the reaper collected and has not dispatched yet
 
 
 class UnitRuntime:
