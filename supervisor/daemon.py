@@ -685,12 +685,13 @@ class Daemon:
                          reason="reexec_failed")
 
     def _handover_state(self, requester: int) -> handover.State:
-        state = handover.State(started_at=self.started_at, children=sorted(self.children),
+        state = handover.State(started_at=self.started_at,
                                counters={"reloads": dict(self.counters["reloads"]),
                                          "last_reload_success": self.counters["last_reload_success"],
                                          "reexecs": self.counters["reexecs"]})
         for rt in self.units:
             state.units[rt.unit.name] = rt.hand_over()
+        state.children = sorted(self.children)  # after the units: what they took in is not listed
         if self.control is not None:
             state.control = self.control.listening()
         if requester >= 0:
@@ -790,8 +791,23 @@ class Daemon:
         for pid in state.children:
             if pid not in self.children:
                 self._adopt_unplaced(pid)
-        self.reaper.reap()  # exits while no image was watching
+        self._reap_handed_over()
         return state.requester
+
+    def _reap_handed_over(self) -> None:
+        """Reap the exits while no image was watching; forget a handed-over pid that is no child of ours.
+
+        Such a pid would never exit here, and shutdown waits for every child: a handover that
+        listed a child the previous image had already reaped must not hang the daemon.
+        """
+        alive = set(own_children()) if os.path.isdir(f"/proc/{os.getpid()}/task") else None
+        # Taken before the drain: anything registered later (a restart it triggers) is not suspect.
+        suspects = [] if alive is None else [pid for pid in self.children if pid not in alive]
+        self.reaper.reap()  # what exited before the look above is dispatched here
+        for pid in suspects:
+            if pid in self.children:
+                self.log.warning("child_vanished", pid=pid)
+                self.reaped(pid, 0)
 
     def _adopt_unplaced(self, pid: int) -> None:
         """A child of the previous image that no unit took back: stopped, reaped, forgotten."""

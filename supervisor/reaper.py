@@ -58,6 +58,7 @@ class Reaper:
         self._fd = _spawn.hub_open()
         self._lanes: dict[_spawn.Engine, Lane] = {}
         self._draining = False
+        self._frozen = False  # after freeze(): drains only dispatch; nothing more is reaped
         self.exit_time: float | None = None  # while dispatching: when that child exited (loop time)
         loop.add_reader(self._fd, self._woken)
 
@@ -82,12 +83,18 @@ class Reaper:
         engine.close()
 
     def freeze(self) -> None:
-        """Before a re-exec: stop the thread, then take in everything it did (the state is final)."""
+        """Before a re-exec: stop the thread, then take in everything it did (the state is final).
+
+        Until ``thaw``, nothing is reaped, not even by ``reap()``: a child that exits after this is
+        still a child when the next image lists what it takes over.
+        """
         _spawn.hub_pause(True)
         self.reap()
+        self._frozen = True
 
     def thaw(self) -> None:
         """The re-exec failed: start the thread again."""
+        self._frozen = False
         _spawn.hub_pause(False)
 
     def _woken(self) -> None:
@@ -102,7 +109,7 @@ class Reaper:
             return
         self._draining = True
         try:
-            batches, exits = _spawn.hub_drain(collect)
+            batches, exits = _spawn.hub_drain(collect and not self._frozen)
             lanes = self._lanes
             touched = []
             for engine, accepted, failures, err in batches:

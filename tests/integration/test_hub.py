@@ -2,8 +2,8 @@
 
 Real children and loopback sockets in process. What is pinned: a pid the
 thread reaped is never signalled before its exit is dispatched (it may be
-another process's by then); a paused hub reaps nothing (a re-exec hands over
-live children); a bulk unit on a host with a reaper is served by the hub, its
+another process's by then); a paused hub reaps nothing, not even when asked to
+collect (a re-exec hands over live children); a bulk unit on a host with a reaper is served by the hub, its
 accepts and exits drained in batches, with the exit's own time in the log.
 """
 
@@ -91,6 +91,8 @@ def test_a_paused_hub_reaps_nothing_until_it_is_started_again() -> None:
                 await asyncio.sleep(0.005)  # wait-ok: bounded poll of /proc for the exit
             assert _state(pid) == "Z", "the child did not exit"
             select.select([reaper._fd], [], [], 0.2)  # nothing wakes the loop while paused
+            assert _state(pid) == "Z" and seen == []
+            reaper.reap()  # what a status or a unit's hand-over does: it must not reap either
             assert _state(pid) == "Z" and seen == []
             reaper.thaw()
             _wait_readable(reaper._fd)

@@ -200,6 +200,28 @@ def test_unreadable_handover_falls_back_to_adopting_inherited_listeners(sockviso
     assert roundtrip(port) == b"hi\n"
 
 
+def test_a_handed_over_child_that_is_already_gone_does_not_hang_shutdown(sockvisor: Sockvisor, port: int) -> None:
+    """The state lists pids that are no children of the new image (reaped before the exec): forgotten, not waited for."""
+    from supervisor import handover
+
+    sockvisor.unit("acc", f"listen: [{{tcp: 127.0.0.1:{port}}}]\nmode: accept\npass: stdio\nexec: [/bin/echo, hi]\n")
+    gone = []
+    for _ in range(2):
+        child = subprocess.Popen(["/bin/true"])
+        child.wait()
+        gone.append(child.pid)
+    state = handover.State(children=gone, units={"acc": handover.UnitHandover(name="acc", mode="accept",
+                                                                               strays=[gone[1]])})
+    memfd = handover.write_memfd(state)
+    sockvisor.start(env={handover.ENV: str(memfd)}, pass_fds=(memfd,))
+    os.close(memfd)
+    sockvisor.wait_event("reexec_resumed")
+    for pid in gone:
+        sockvisor.wait_event("child_vanished", pid=pid)
+    assert roundtrip(port) == b"hi\n"
+    assert sockvisor.stop(timeout=20) == 0
+
+
 def test_an_unprivileged_user_cannot_reexec(sockvisor: Sockvisor, port: int) -> None:
     """Even with a world-writable control socket, `reexec` (or any command) from uid 65534 is refused."""
     import shutil
