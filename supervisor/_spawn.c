@@ -2048,8 +2048,8 @@ hub_pause(PyObject *module, PyObject *arg)
 PyDoc_STRVAR(hub_drain_doc,
 "hub_drain(collect, /) -> (batches, exits)\n--\n\n"
 "Take everything filed since the last drain. collect: first reap in this thread too (what has\n"
-"exited by now is in `exits`; a batch the thread is spawning is waited for, and its records\n"
-"come with its children's exits). batches: (engine, accepted, failures, errno) per engine with\n"
+"exited by now is in `exits`; not while the thread spawns a batch, whose records are not filed\n"
+"yet: the thread reaps after it). batches: (engine, accepted, failures, errno) per engine with\n"
 "records: accepted (pid, when, remote) per child started, failures (stage, errno, remote) per\n"
 "admitted connection that got no child, errno the accept() error that stopped it for lack of a\n"
 "resource (else 0); remote: the peer as log text, or '' (see Engine.grant). exits: (pid, status,\n"
@@ -2076,13 +2076,9 @@ hub_drain(PyObject *module, PyObject *arg)
     }
     hub_lock_py();
     /* Not while the thread spawns a batch: a child of it that exited at once would be reaped
-     * before its record (and its place in the kids table) exists. The batch takes milliseconds. */
-    while (collect && hub.busy) {
-        Py_BEGIN_ALLOW_THREADS
-        pthread_cond_wait(&hub.idle, &hub.lock);
-        Py_END_ALLOW_THREADS
-    }
-    if (collect)
+     * before its record (and its place in the kids table) exists. The thread reaps after the
+     * batch (SIGCHLD is still pending on its signalfd). */
+    if (collect && !hub.busy)
         (void)hub_reap();
     nx = hub.nexits;
     if (nx > 0 && (xs = malloc(sizeof(*xs) * (size_t)nx)) == NULL) {

@@ -93,6 +93,7 @@ class AcceptRuntime(UnitRuntime):
         self._templates: dict[int, spawn.AcceptTemplate] = {}  # by listening fd
         self._engine: _spawn.Engine | None = None
         self._engine_on = False  # polling through the engine (its grant is ours to take back)
+        self._first_grant: asyncio.Handle | None = None
         self._engine_err = 0  # an fd shortage that stopped the engine, until settle()
         self._engine_set: list[tuple[socket.socket, spawn.AcceptTemplate]] = []  # what it serves
         self._banners()
@@ -246,6 +247,7 @@ class AcceptRuntime(UnitRuntime):
         if not on:
             if self._engine_on:
                 self._polling = self._engine_on = False
+                self._cancel_first_grant()
                 self._take_back()
                 return
             super().poll(False)
@@ -255,7 +257,20 @@ class AcceptRuntime(UnitRuntime):
             super().poll(True)
             return
         self._polling = self._engine_on = True
-        self._regrant(engine)
+        # Granted from the next loop iteration, as the loop's own reader would first fire: what
+        # the caller reports now (the reply to `start`) is the state before a connection is taken.
+        if self._first_grant is None:
+            self._first_grant = self.host.loop.call_soon(self._grant_first)
+
+    def _grant_first(self) -> None:
+        self._first_grant = None
+        if self._engine_on and self._engine is not None:
+            self._regrant(self._engine)
+
+    def _cancel_first_grant(self) -> None:
+        if self._first_grant is not None:
+            self._first_grant.cancel()
+            self._first_grant = None
 
     def _engine_for(self) -> _spawn.Engine | None:
         """The engine set up to serve every listener of the unit, or None: the loop serves them."""
@@ -360,6 +375,7 @@ class AcceptRuntime(UnitRuntime):
             return
         self.sync()
         self._polling = self._engine_on = False
+        self._cancel_first_grant()
         self._take_back()
         self._engine = None
         self._engine_set = []
