@@ -269,6 +269,9 @@ class Daemon:
             self.loop.add_reader(fd, gone)
             waits.append(done)
             signal_child(pid, signal.SIGTERM, group=False)
+        if not waits:  # every one was reaped meanwhile (the hub thread does not wait for the loop)
+            self.reaper.reap()
+            return
         _, pending = await asyncio.wait(waits, timeout=ORPHAN_STOP_TIMEOUT)
         if pending:
             left = [p for p in own_children() if p not in self.children]
