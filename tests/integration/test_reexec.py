@@ -201,7 +201,7 @@ def test_unreadable_handover_falls_back_to_adopting_inherited_listeners(sockviso
 
 
 def test_a_handed_over_child_that_is_already_gone_does_not_hang_shutdown(sockvisor: Sockvisor, port: int) -> None:
-    """The state lists pids that are no children of the new image (reaped before the exec): forgotten, not waited for."""
+    """The state lists pids that are no children of the new image (reaped before the exec): forgotten, not awaited."""
     from supervisor import handover
 
     sockvisor.unit("acc", f"listen: [{{tcp: 127.0.0.1:{port}}}]\nmode: accept\npass: stdio\nexec: [/bin/echo, hi]\n")
