@@ -32,6 +32,8 @@ Exit status 0 when every check holds, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import json
 import os
 import random
@@ -129,6 +131,58 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def describe_socket(target: str) -> str:
+    """socket:[INODE] as what /proc/net says it is (protocol, address, state), to name a leak."""
+    inode = target[len("socket:["):-1]
+    for table in ("tcp", "tcp6", "udp", "udp6", "unix"):
+        with contextlib.suppress(OSError), open(f"/proc/net/{table}") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if table == "unix" and len(fields) >= 7 and fields[6] == inode:
+                    return f"unix {fields[7] if len(fields) > 7 else '(unnamed)'} type {fields[4]} state {fields[5]}"
+                if table != "unix" and len(fields) > 9 and fields[9] == inode:
+                    return f"{table} local {fields[1]} remote {fields[2]} state {fields[3]}"
+    return target
+
+
+def describe_fd(pid: int, fd: int) -> str:
+    """A socket in no /proc/net table (unbound, say): a copy through pidfd_getfd, and what it says it is."""
+    import ctypes
+    import socket
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as exc:
+        return f"fd {fd}: {exc}"
+    try:
+        copy = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd
+        if copy < 0:
+            return f"fd {fd}: pidfd_getfd: {os.strerror(ctypes.get_errno())}"
+        sock = socket.socket(fileno=copy)
+        try:
+            parts = [f"fd {fd}", f"family {sock.family!r}", f"type {sock.type!r}"]
+            for what in ("getsockname", "getpeername"):
+                try:
+                    parts.append(f"{what} {getattr(sock, what)()!r}")
+                except OSError as exc:
+                    parts.append(f"{what} {exc.strerror}")
+            return ", ".join(parts)
+        finally:
+            sock.close()
+    finally:
+        os.close(pidfd)
+
+
+def fd_targets(pid: int) -> list[str]:
+    """What each of the daemon's fds is (socket:[inode], a path, anon_inode:...), to name a leak."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return out
+
+
 def zombies(pid: int) -> list[int]:
     out = []
     for task in os.listdir(f"/proc/{pid}/task"):
@@ -198,8 +252,12 @@ def chaos_run(seconds: float, every: float, seed: int) -> dict[str, Any]:
     assert daemon.proc is not None
     pid = daemon.proc.pid
     wait_until(lambda: all(len(v) == (2 if k == "pool" else 1) for k, v in slot_pids(status(daemon)).items()))
-    fds_before = fd_count(pid)
     hello = Load(ports["hello"], b"hello\n").start()
+    # The baseline once every unit has served and settled: the first exchanges open fds that stay
+    # (seen: one socket more a moment after start-up), which are not a leak.
+    wait_until(lambda: hello.ok >= 50, timeout=30)
+    fds_before = fd_count(pid)
+    targets_before = fd_targets(pid)
     actions: dict[str, int] = {}
     problems: list[str] = []
     deadline = time.monotonic() + seconds
@@ -230,6 +288,17 @@ def chaos_run(seconds: float, every: float, seed: int) -> dict[str, Any]:
                                      for k, v in slot_pids(status(daemon)).items()), timeout=60)
     wait_until(lambda: not zombies(pid), timeout=10)
     fds_after = fd_count(pid)
+    targets_after = fd_targets(pid)
+    fresh = set(targets_after) - set(targets_before)
+    new_sockets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target in fresh and target.startswith("socket:"):
+                described = describe_socket(target)
+                new_sockets.append(described if described != target else describe_fd(pid, int(fd)))
+    kinds = collections.Counter(t.split("[")[0] for t in targets_after)
+    kinds.subtract(collections.Counter(t.split("[")[0] for t in targets_before))
     left_zombies = zombies(pid)
     daemon.stop()
     errors = [line for line in daemon.log.read_text().splitlines() if '"level": "error"' in line]
@@ -238,7 +307,8 @@ def chaos_run(seconds: float, every: float, seed: int) -> dict[str, Any]:
         "seconds": seconds, "seed": seed, "actions": actions, "problems": problems,
         "hello_ok": hello.ok, "hello_failed": hello.failed, "failures": hello.failures[:10],
         "units_back": settled, "fds_before": fds_before, "fds_after": fds_after,
-        "fds_leaked": max(0, fds_after - fds_before), "zombies": left_zombies, "daemon_errors": errors[:10],
+        "fds_leaked": max(0, fds_after - fds_before),
+        "fd_kinds_changed": {k: v for k, v in kinds.items() if v}, "new_sockets": new_sockets, "zombies": left_zombies, "daemon_errors": errors[:10],
     }
 
 
