@@ -308,7 +308,8 @@ def chaos_run(seconds: float, every: float, seed: int) -> dict[str, Any]:
         "hello_ok": hello.ok, "hello_failed": hello.failed, "failures": hello.failures[:10],
         "units_back": settled, "fds_before": fds_before, "fds_after": fds_after,
         "fds_leaked": max(0, fds_after - fds_before),
-        "fd_kinds_changed": {k: v for k, v in kinds.items() if v}, "new_sockets": new_sockets, "zombies": left_zombies, "daemon_errors": errors[:10],
+        "fd_kinds_changed": {k: v for k, v in kinds.items() if v}, "new_sockets": new_sockets,
+        "zombies": left_zombies, "daemon_errors": errors[:10],
     }
 
 
