@@ -258,6 +258,7 @@ def chaos_run(seconds: float, every: float, seed: int) -> dict[str, Any]:
     wait_until(lambda: hello.ok >= 50, timeout=30)
     fds_before = fd_count(pid)
     targets_before = fd_targets(pid)
+    described_before = {t: describe_socket(t) for t in targets_before if t.startswith("socket:")}
     actions: dict[str, int] = {}
     problems: list[str] = []
     deadline = time.monotonic() + seconds
@@ -297,6 +298,11 @@ def chaos_run(seconds: float, every: float, seed: int) -> dict[str, Any]:
             if target in fresh and target.startswith("socket:"):
                 described = describe_socket(target)
                 new_sockets.append(described if described != target else describe_fd(pid, int(fd)))
+    # The same open file on more fds than before (a dup not closed), named as above.
+    counts = collections.Counter(targets_after)
+    counts.subtract(collections.Counter(targets_before))
+    more_fds = [f"{describe_socket(t) if t.startswith('socket:') else t} +{n}"
+                for t, n in counts.items() if n > 0 and t in targets_before]
     kinds = collections.Counter(t.split("[")[0] for t in targets_after)
     kinds.subtract(collections.Counter(t.split("[")[0] for t in targets_before))
     left_zombies = zombies(pid)
@@ -309,6 +315,8 @@ def chaos_run(seconds: float, every: float, seed: int) -> dict[str, Any]:
         "units_back": settled, "fds_before": fds_before, "fds_after": fds_after,
         "fds_leaked": max(0, fds_after - fds_before),
         "fd_kinds_changed": {k: v for k, v in kinds.items() if v}, "new_sockets": new_sockets,
+        "more_fds": more_fds,
+        "gone_sockets": [d for t, d in described_before.items() if t not in targets_after],
         "zombies": left_zombies, "daemon_errors": errors[:10],
     }
 
