@@ -1272,6 +1272,73 @@ resource_errno(int e)
     return e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM;
 }
 
+/* Accept up to `want` queued connections on the non-blocking `lfd` into conns, each with its
+ * peer's address. Returns how many; *stop: the accept() error that stopped it for lack of a
+ * resource, else 0. Errors that concern one connection (ECONNABORTED, EPROTO, EPERM, ...)
+ * skip it. */
+static int
+accept_queued(int lfd, struct conn *conns, int want, int *stop)
+{
+    int n = 0, tries = 0;
+
+    *stop = 0;
+    while (n < want && tries++ < BATCH_MAX * 2) {
+        struct conn *c = &conns[n];
+        int fd;
+        c->len = sizeof(c->addr);
+        fd = accept4(lfd, (struct sockaddr *)&c->addr, &c->len, SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            if (resource_errno(errno)) {
+                *stop = errno;
+                break;
+            }
+            continue; /* that connection is gone; the next one is fine */
+        }
+        c->fd = fd;
+        n++;
+    }
+    return n;
+}
+
+/* Start one child per connection of conns[0..n) from `t` (two at a time with the helper thread
+ * when several are queued); every connection is closed in the daemon. Without the GIL. */
+static void
+spawn_all(Template *t, struct conn *conns, int n)
+{
+    struct batch b;
+    struct worker w;
+    int offered = 0, i;
+
+    if (n <= 0)
+        return;
+    memset(&w, 0, sizeof(w));
+    b.t = t;
+    b.conns = conns;
+    b.n = n;
+    b.next = 0;
+    if (worker_init(&w, t) < 0) {
+        for (i = 0; i < n; i++) {
+            conns[i].pid = 0;
+            conns[i].stage = STAGE_FORK;
+            conns[i].err = ENOMEM;
+            conns[i].remote[0] = '\0';
+            (void)close(conns[i].fd);
+        }
+    }
+    else {
+        if (n > 1)
+            offered = helper_offer(&b);
+        (void)run_share(&b, &w);
+        if (offered)
+            helper_collect(&b);
+    }
+    worker_free(&w);
+}
+
 PyDoc_STRVAR(accept_spawn_doc,
 "accept_spawn(template, listen_fd, budget, want_remote, /) -> (pids, remotes, failures, errno)\n"
 "--\n\n"
@@ -1288,11 +1355,9 @@ static PyObject *
 accept_spawn(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     struct conn conns[BATCH_MAX];
-    struct batch b;
-    struct worker w;
     Template *t;
     long lfd, budget;
-    int want_remote, n = 0, tries = 0, stop = 0, offered = 0, winit, i;
+    int want_remote, n = 0, stop = 0, i;
     sigset_t all, old;
     PyObject *pids = NULL, *remotes = NULL, *failures = NULL, *item;
 
@@ -1316,53 +1381,13 @@ accept_spawn(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         budget = BATCH_MAX;
     if ((want_remote = PyObject_IsTrue(args[3])) < 0)
         return NULL;
-    memset(&w, 0, sizeof(w));
 
     Py_BEGIN_ALLOW_THREADS
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
     /* Accept everything queued first (cheap), then spawn (slow: each waits for an exec). */
-    while (n < budget && tries++ < BATCH_MAX * 2) {
-        struct conn *c = &conns[n];
-        int fd;
-        c->len = sizeof(c->addr);
-        fd = accept4((int)lfd, (struct sockaddr *)&c->addr, &c->len, SOCK_CLOEXEC);
-        if (fd < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                break;
-            if (resource_errno(errno)) {
-                stop = errno;
-                break;
-            }
-            continue; /* that connection is gone; the next one is fine */
-        }
-        c->fd = fd;
-        n++;
-    }
-    b.t = t;
-    b.conns = conns;
-    b.n = n;
-    b.next = 0;
-    winit = n > 0 ? worker_init(&w, t) : 0;
-    if (winit < 0) {
-        for (i = 0; i < n; i++) {
-            conns[i].pid = 0;
-            conns[i].stage = STAGE_FORK;
-            conns[i].err = ENOMEM;
-            conns[i].remote[0] = '\0';
-            (void)close(conns[i].fd);
-        }
-    }
-    else if (n > 0) {
-        if (n > 1)
-            offered = helper_offer(&b);
-        (void)run_share(&b, &w);
-        if (offered)
-            helper_collect(&b);
-    }
-    worker_free(&w);
+    n = accept_queued((int)lfd, conns, (int)budget, &stop);
+    spawn_all(t, conns, n);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     Py_END_ALLOW_THREADS
 
@@ -1737,12 +1762,10 @@ static void
 hub_listener_ready(int idx, uint32_t gen)
 {
     struct conn conns[BATCH_MAX];
-    struct batch b;
-    struct worker w;
     struct hlst *L = &hub.l[idx];
     Engine *e;
     Template *t;
-    int n = 0, tries = 0, stop = 0, offered = 0, want, i, want_remote;
+    int n = 0, stop = 0, want, i, want_remote;
     double t0;
 
     if (idx >= hub.nl || L->fd < 0 || L->gen != gen || !L->armed || L->e == NULL || L->e->grant <= 0)
@@ -1754,25 +1777,7 @@ hub_listener_ready(int idx, uint32_t gen)
      * again at once, and by then a child runs, so the next round accepts them all. */
     if (e->live == 0 && want > 1)
         want = 1;
-    while (n < want && tries++ < BATCH_MAX * 2) {
-        struct conn *c = &conns[n];
-        int fd;
-        c->len = sizeof(c->addr);
-        fd = accept4(L->fd, (struct sockaddr *)&c->addr, &c->len, SOCK_CLOEXEC);
-        if (fd < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                break;
-            if (resource_errno(errno)) {
-                stop = errno;
-                break;
-            }
-            continue; /* that connection is gone; the next one is fine */
-        }
-        c->fd = fd;
-        n++;
-    }
+    n = accept_queued(L->fd, conns, want, &stop);
     e->grant -= n;
     if (n > 0) {
         t = L->t;
@@ -1780,28 +1785,7 @@ hub_listener_ready(int idx, uint32_t gen)
         hub.busy = 1;
         pthread_mutex_unlock(&hub.lock);
         t0 = mono_now();
-        memset(&w, 0, sizeof(w));
-        b.t = t;
-        b.conns = conns;
-        b.n = n;
-        b.next = 0;
-        if (worker_init(&w, t) < 0) {
-            for (i = 0; i < n; i++) {
-                conns[i].pid = 0;
-                conns[i].stage = STAGE_FORK;
-                conns[i].err = ENOMEM;
-                conns[i].remote[0] = '\0';
-                (void)close(conns[i].fd);
-            }
-        }
-        else {
-            if (n > 1)
-                offered = helper_offer(&b);
-            (void)run_share(&b, &w);
-            if (offered)
-                helper_collect(&b);
-        }
-        worker_free(&w);
+        spawn_all(t, conns, n);
         pthread_mutex_lock(&hub.lock);
         hub.busy = 0;
         pthread_cond_broadcast(&hub.idle);

@@ -1,4 +1,5 @@
-"""Shared fixtures: free loopback ports, short unix paths, and the real daemon as a subprocess.
+"""Shared fixtures: free loopback ports, short unix paths, the real daemon as a subprocess, and
+in-process scenarios on uvloop (``run_on_uvloop``, with ``sigchld_restored``).
 
 ``sockvisor`` runs the real daemon (``python -m supervisor run``) on a
 temporary config directory and collects its JSON log lines on a thread, so
@@ -8,6 +9,7 @@ sleeping.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -25,9 +27,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
+import uvloop
 
 REPO = Path(__file__).resolve().parent.parent
 PROGRAMS = REPO / "tests" / "programs"
+
+
+@pytest.fixture
+def sigchld_restored() -> Iterator[None]:
+    """An in-process Reaper blocks SIGCHLD in this thread (for its signalfd): give pytest its mask
+    back, and structlog its defaults (capture_logs reconfigures it)."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    structlog.reset_defaults()
+    yield
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    structlog.reset_defaults()
+
+
+def run_on_uvloop(coro: Any) -> Any:
+    """Run an in-process scenario on a fresh uvloop, bounded at 20 s."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(asyncio.wait_for(coro, 20))
 
 
 def free_port(kind: int = socket.SOCK_STREAM, family: int = socket.AF_INET) -> int:

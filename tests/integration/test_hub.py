@@ -14,12 +14,10 @@ import os
 import select
 import signal
 import textwrap
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import structlog
-import uvloop
 from structlog.testing import capture_logs
 
 from supervisor import _spawn, config, sockets
@@ -27,22 +25,10 @@ from supervisor.reaper import Reaper, exit_of, signal_child
 from supervisor.registry import Registry
 from supervisor.spawn import Offload
 from supervisor.units import Host
-from tests.conftest import free_port
+from tests.conftest import free_port, run_on_uvloop
 
-
-@pytest.fixture(autouse=True)
-def _restore_sigchld() -> Iterator[None]:
-    """The hub blocks SIGCHLD in this thread (for its signalfd); give pytest its mask back."""
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    structlog.reset_defaults()
-    yield
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    structlog.reset_defaults()
-
-
-def _run(coro: Any) -> Any:
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(asyncio.wait_for(coro, 20))
+pytestmark = pytest.mark.usefixtures("sigchld_restored")
+_run = run_on_uvloop
 
 
 def _state(pid: int) -> str:

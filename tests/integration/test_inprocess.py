@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
-import uvloop
 from structlog.testing import capture_logs
 
 from supervisor import config, reload, sockets
@@ -30,22 +27,10 @@ from supervisor.reaper import Reaper, exit_of
 from supervisor.registry import Registry
 from supervisor.spawn import Offload
 from supervisor.units import Host
-from tests.conftest import free_port
+from tests.conftest import free_port, run_on_uvloop
 
-
-@pytest.fixture(autouse=True)
-def _restore_sigchld() -> Iterator[None]:
-    """The reaper blocks SIGCHLD in this thread (for its signalfd); give pytest its mask back."""
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    structlog.reset_defaults()
-    yield
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    structlog.reset_defaults()
-
-
-def _run(coro: Any) -> Any:
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(asyncio.wait_for(coro, 20))
+pytestmark = pytest.mark.usefixtures("sigchld_restored")
+_run = run_on_uvloop
 
 
 async def _fetch(port: int) -> bytes:
