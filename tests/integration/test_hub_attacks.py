@@ -1,0 +1,87 @@
+"""Hostile clients against a unit the hub serves (accept mode with no per-connection rule).
+
+An unprivileged local user (uid 65534) opens hundreds of connections, resets every one
+(SO_LINGER 0) and exits at once, so the hub accepts connections that are already gone and
+spawns children onto dead sockets, many exiting before their record is filed. Pinned: every
+honest client is still served, the daemon holds no more fds than before, no child is left a
+zombie, and the unit's counters add up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import Sockvisor, roundtrip, wait_for
+
+RESETS = 400
+
+FLOOD = """
+import socket, struct, sys
+port = int(sys.argv[1])
+for _ in range(int(sys.argv[2])):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    try:
+        s.connect(("127.0.0.1", port))
+    except OSError:
+        pass
+    s.close()  # an RST, often before the daemon has accepted it
+"""
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _zombies(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            for child in f.read().split():
+                with contextlib.suppress(FileNotFoundError), open(f"/proc/{child}/stat", "rb") as st:
+                    if st.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                        out.append(int(child))
+    return out
+
+
+def test_an_unprivileged_flood_of_reset_connections_loses_nothing(sockvisor: Sockvisor, port: int) -> None:
+    if shutil.which("setpriv") is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv (util-linux) to run the flood as uid 65534")
+    sockvisor.unit("hi", f"""
+        listen: [{{tcp: "127.0.0.1:{port}", backlog: 512}}]
+        mode: accept
+        log_connections: false
+        exec: [/bin/echo, hi]
+    """)
+    sockvisor.start()
+    assert sockvisor.proc is not None
+    pid = sockvisor.proc.pid
+    assert roundtrip(port) == b"hi\n"
+    wait_for(lambda: sockvisor.unit_status("hi")["connections"]["active"] == 0, what="the first child gone")
+    before = _fds(pid)
+
+    flood = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            sys.executable, "-c", FLOOD, str(port), str(RESETS)],
+                           capture_output=True, text=True, timeout=120)
+    assert flood.returncode == 0, flood.stderr
+    for _ in range(20):  # honest clients, right behind the flood
+        assert roundtrip(port) == b"hi\n"
+
+    wait_for(lambda: sockvisor.unit_status("hi")["connections"]["active"] == 0, timeout=30,
+             what="every child of the flood reaped")
+    status = sockvisor.unit_status("hi")
+    conns = status["connections"]
+    # Every accepted connection got a child (or a logged spawn failure); the honest ones are in.
+    assert conns["accepted"] >= 21 + RESETS // 4, conns  # the flood did reach accept(), not only the kernel
+    assert conns["accepted"] <= 1 + RESETS + 20
+    wait_for(lambda: _fds(pid) == before, timeout=15, what=f"the daemon's fds back to {before}")
+    assert _zombies(pid) == []
+    assert sockvisor.find("daemon_error") == [] and sockvisor.find("child_exit_handler_failed") == []
+    assert roundtrip(port) == b"hi\n"
+    assert sockvisor.stop() == 0
