@@ -150,74 +150,14 @@ struct spawn_args {
 
 /* ---------------------------------------------------------------- the child (after vfork) */
 
-/* Everything below until the parent section runs in the child, before execve(): raw system
- * calls only, which return -errno instead of setting errno.
- *
- * errno is thread-local, and the child runs on the spawning thread's TLS (CLONE_VM without
- * CLONE_SETTLS). Under vfork() that thread is suspended, but the children of a batch (see
- * spawn_batch) run together and alongside it: a failing child would read an errno another
- * one, or the parent thread, has just written. On x86-64 these are `syscall` instructions;
- * elsewhere glibc's syscall(), and only vfork() is used there, so errno is the child's own. */
-#if defined(__x86_64__)
-static inline long
-csys6(long n, long a1, long a2, long a3, long a4, long a5, long a6)
-{
-    long ret;
-    register long r10 __asm__("r10") = a4;
-    register long r8 __asm__("r8") = a5;
-    register long r9 __asm__("r9") = a6;
-    __asm__ volatile("syscall"
-                     : "=a"(ret)
-                     : "0"(n), "D"(a1), "S"(a2), "d"(a3), "r"(r10), "r"(r8), "r"(r9)
-                     : "rcx", "r11", "memory");
-    return ret;
-}
-#define HAVE_RAW_SYSCALL 1
-#else
-static inline long
-csys6(long n, long a1, long a2, long a3, long a4, long a5, long a6)
-{
-    long ret = syscall(n, a1, a2, a3, a4, a5, a6);
-    return ret < 0 ? -errno : ret;
-}
-#endif
-#define CSYS(n, a, b, c) csys6((n), (long)(a), (long)(b), (long)(c), 0, 0, 0)
-#define CSYS4(n, a, b, c, d) csys6((n), (long)(a), (long)(b), (long)(c), (long)(d), 0, 0)
-
-/* The kernel's rlimit64, which prlimit64 takes; struct rlimit has its layout with 64-bit rlim_t. */
-_Static_assert(sizeof(struct rlimit) == 2 * sizeof(uint64_t), "struct rlimit is not rlimit64");
-
-#ifdef HAVE_RAW_SYSCALL
-/* rt_sigaction's own struct (x86-64), and its 64-signal set. */
-struct ksigaction {
-    void *handler;
-    unsigned long flags;
-    void *restorer;
-    uint64_t mask;
-};
-#define KSIGSET 8
-#define KNSIG 64
-#endif
+/* Everything below until the parent section runs in the vfork child: async-signal-safe only. */
 
 static void
 reset_signals(void)
 {
-    int sig;
-#ifdef HAVE_RAW_SYSCALL
-    /* 1..64, glibc's two internal real-time signals included (glibc's sigaction() hides them). */
-    for (sig = 1; sig <= KNSIG; sig++) {
-        struct ksigaction sa;
-        if (sig == SIGKILL || sig == SIGSTOP)
-            continue;
-        if (CSYS4(SYS_rt_sigaction, sig, NULL, &sa, KSIGSET) < 0)
-            continue;
-        if (sa.handler == (void *)SIG_DFL && !(sa.flags & SA_SIGINFO))
-            continue;
-        memset(&sa, 0, sizeof(sa));
-        (void)CSYS4(SYS_rt_sigaction, sig, &sa, NULL, KSIGSET);
-    }
-#else
     struct sigaction sa;
+    int sig;
+
     for (sig = 1; sig < NSIG; sig++) {
         if (sig == SIGKILL || sig == SIGSTOP)
             continue;
@@ -230,41 +170,25 @@ reset_signals(void)
         sa.sa_handler = SIG_DFL;
         (void)sigaction(sig, &sa, NULL);
     }
-#endif
 }
 
-/* Empty the signal mask (it survives execve). */
-static void
-unblock_signals(void)
-{
-#ifdef HAVE_RAW_SYSCALL
-    uint64_t empty = 0;
-    (void)CSYS4(SYS_rt_sigprocmask, SIG_SETMASK, &empty, NULL, KSIGSET);
-#else
-    sigset_t empty;
-    sigemptyset(&empty);
-    (void)sigprocmask(SIG_SETMASK, &empty, NULL);
-#endif
-}
-
-/* Put fds[i] on fd i; 0, or -errno on failure. */
-static long
+/* Put fds[i] on fd i; returns -1 with errno set on failure. */
+static int
 arrange_fds(const struct spawn_args *a)
 {
     int i, devnull = -1;
-    long r;
 
     /* Phase 1: copy every source that is not already in its slot above all slots, so that
-     * phase 2's dup3() calls cannot clobber a source another slot still needs. */
+     * phase 2's dup2() calls cannot clobber a source another slot still needs. */
     for (i = 0; i < a->nfds; i++) {
         int src = a->fds[i];
         if (src == i) {
             a->scratch[i] = i;
         }
         else if (src >= 0) {
-            if ((r = CSYS(SYS_fcntl, src, F_DUPFD_CLOEXEC, a->nfds)) < 0)
-                return r;
-            a->scratch[i] = (int)r;
+            a->scratch[i] = fcntl(src, F_DUPFD_CLOEXEC, a->nfds);
+            if (a->scratch[i] < 0)
+                return -1;
         }
     }
     /* Then /dev/null for the -1 slots: only now, so that its number cannot be mistaken for a
@@ -273,34 +197,33 @@ arrange_fds(const struct spawn_args *a)
         if (a->fds[i] >= 0)
             continue;
         if (devnull < 0) {
-            long low = CSYS4(SYS_openat, AT_FDCWD, "/dev/null", O_RDWR | O_CLOEXEC, 0);
+            int low = open("/dev/null", O_RDWR | O_CLOEXEC);
             if (low < 0)
-                return low;
-            /* It took the lowest free number, possibly a slot of ours: dup3 onto itself is
-             * refused and would leave FD_CLOEXEC set anyway, so move it above the slots. */
+                return -1;
+            /* It took the lowest free number, possibly a slot of ours: dup2(devnull, devnull)
+             * would then leave FD_CLOEXEC set, so move it above the slots. */
             if (low < a->nfds) {
-                r = CSYS(SYS_fcntl, low, F_DUPFD_CLOEXEC, a->nfds);
-                (void)CSYS(SYS_close, low, 0, 0);
-                if (r < 0)
-                    return r;
-                devnull = (int)r;
+                devnull = fcntl(low, F_DUPFD_CLOEXEC, a->nfds);
+                (void)close(low);
+                if (devnull < 0)
+                    return -1;
             }
             else {
-                devnull = (int)low;
+                devnull = low;
             }
         }
         a->scratch[i] = devnull;
     }
-    /* Phase 2: into place. dup3() clears FD_CLOEXEC on the new fd; a source that already sat
-     * in its slot keeps its number, so clear the flag by hand (Python's fds are CLOEXEC). Every
-     * other source was copied above the slots, so it never equals its target here. */
+    /* Phase 2: into place. dup2() clears FD_CLOEXEC on the new fd; a source that already sat
+     * in its slot keeps its number, so clear the flag by hand (Python's fds are CLOEXEC). */
     for (i = 0; i < a->nfds; i++) {
-        if (a->scratch[i] == i)
-            r = CSYS(SYS_fcntl, i, F_SETFD, 0);
-        else
-            r = CSYS(SYS_dup3, a->scratch[i], i, 0);
-        if (r < 0)
-            return r;
+        if (a->scratch[i] == i) {
+            if (fcntl(i, F_SETFD, 0) < 0)
+                return -1;
+        }
+        else if (dup2(a->scratch[i], i) < 0) {
+            return -1;
+        }
     }
     return 0;
 }
@@ -313,35 +236,35 @@ struct linux_dirent64_ {
     char d_name[];
 };
 
-/* Close every fd >= lowfd; 0, or -errno on failure. */
-static long
+/* Close every fd >= lowfd; returns -1 with errno set on failure. */
+static int
 close_fds_from(int lowfd)
 {
-    long dirfd, n, r;
+    int dirfd;
     /* 8-byte aligned: getdents64 records are. */
     uint64_t buf[512];
+    long n;
 
 #ifdef SYS_close_range
-    r = CSYS(SYS_close_range, (unsigned int)lowfd, ~0U, 0U);
-    if (r == 0)
+    if (syscall(SYS_close_range, (unsigned int)lowfd, ~0U, 0U) == 0)
         return 0;
-    if (r != -ENOSYS)
-        return r;
+    if (errno != ENOSYS)
+        return -1;
 #endif
     /* Kernel < 5.9: walk /proc/self/fd with the raw syscall (opendir() would malloc).
      * Closing while reading is fine: the directory offset is an fd number, not an index. */
-    dirfd = CSYS4(SYS_openat, AT_FDCWD, "/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
+    dirfd = open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dirfd < 0) {
         /* No /proc: close every number up to the fd limit. Slow, but correct. */
         struct rlimit rl;
         long fd, max = 1024;
-        if (CSYS4(SYS_prlimit64, 0, RLIMIT_NOFILE, NULL, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
+        if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
             max = (long)rl.rlim_cur;
         for (fd = lowfd; fd < max; fd++)
-            (void)CSYS(SYS_close, fd, 0, 0);
+            (void)close((int)fd);
         return 0;
     }
-    while ((n = CSYS(SYS_getdents64, dirfd, buf, sizeof(buf))) > 0) {
+    while ((n = syscall(SYS_getdents64, dirfd, buf, sizeof(buf))) > 0) {
         long off = 0;
         while (off < n) {
             struct linux_dirent64_ *d = (struct linux_dirent64_ *)((char *)buf + off);
@@ -351,11 +274,11 @@ close_fds_from(int lowfd)
             for (; *p >= '0' && *p <= '9'; p++, digits++)
                 fd = fd * 10 + (*p - '0');
             if (*p == '\0' && digits > 0 && fd >= lowfd && fd != dirfd)
-                (void)CSYS(SYS_close, fd, 0, 0);
+                (void)close(fd);
         }
     }
-    (void)CSYS(SYS_close, dirfd, 0, 0);
-    return n < 0 ? n : 0;
+    (void)close(dirfd);
+    return n < 0 ? -1 : 0;
 }
 
 /* Write "<pid>\0" at out (room for 20 digits is reserved): no stdio in a vfork child. */
@@ -378,53 +301,53 @@ static void __attribute__((noinline, noreturn))
 child_exec(struct spawn_args *a)
 {
     enum stage stage;
+    sigset_t empty;
     size_t i;
-    long r;
 
     reset_signals();
 
-    if (a->setsid && (r = CSYS(SYS_setsid, 0, 0, 0)) < 0) {
+    if (a->setsid && setsid() < 0) {
         stage = STAGE_SETSID;
         goto fail;
     }
-    if ((r = arrange_fds(a)) < 0) {
+    if (arrange_fds(a) < 0) {
         stage = STAGE_DUP;
         goto fail;
     }
-    if ((r = close_fds_from(a->nfds)) < 0) {
+    if (close_fds_from(a->nfds) < 0) {
         stage = STAGE_CLOSE;
         goto fail;
     }
     for (i = 0; i < a->nrlimits; i++) {
-        if ((r = CSYS4(SYS_prlimit64, 0, a->rlimits[i].resource, &a->rlimits[i].limit, NULL)) < 0) {
+        if (setrlimit(a->rlimits[i].resource, &a->rlimits[i].limit) < 0) {
             stage = STAGE_SETRLIMIT;
             goto fail;
         }
     }
-    if (a->nice != 0 && (r = CSYS(SYS_setpriority, PRIO_PROCESS, 0, a->nice)) < 0) {
+    if (a->nice != 0 && setpriority(PRIO_PROCESS, 0, a->nice) < 0) {
         stage = STAGE_NICE;
         goto fail;
     }
     if (a->umask >= 0)
-        (void)CSYS(SYS_umask, a->umask, 0, 0);
-    if (a->set_groups && (r = CSYS(SPAWN_SYS_SETGROUPS, a->ngroups, a->groups, 0)) < 0) {
+        (void)umask((mode_t)a->umask);
+    if (a->set_groups && syscall(SPAWN_SYS_SETGROUPS, a->ngroups, a->groups) < 0) {
         stage = STAGE_SETGROUPS;
         goto fail;
     }
-    if (a->set_gid && (r = CSYS(SPAWN_SYS_SETGID, a->gid, 0, 0)) < 0) {
+    if (a->set_gid && syscall(SPAWN_SYS_SETGID, a->gid) < 0) {
         stage = STAGE_SETGID;
         goto fail;
     }
-    if (a->set_uid && (r = CSYS(SPAWN_SYS_SETUID, a->uid, 0, 0)) < 0) {
+    if (a->set_uid && syscall(SPAWN_SYS_SETUID, a->uid) < 0) {
         stage = STAGE_SETUID;
         goto fail;
     }
-    if (a->cwd != NULL && (r = CSYS(SYS_chdir, a->cwd, 0, 0)) < 0) {
+    if (a->cwd != NULL && chdir(a->cwd) < 0) {
         stage = STAGE_CHDIR;
         goto fail;
     }
     if (a->npid_vars > 0) {
-        long self = CSYS(SYS_getpid, 0, 0, 0);
+        long self = syscall(SYS_getpid);
         int v;
         for (v = 0; v < a->npid_vars; v++)
             format_pid(a->pid_digits[v], self);
@@ -432,15 +355,15 @@ child_exec(struct spawn_args *a)
 
     /* Every disposition is default now, so a pending signal can only do its default thing
      * (most likely kill this child, which the daemon then reaps like any other exit). */
-    unblock_signals();
-    r = CSYS(SYS_execve, a->path, a->argv, a->envp);
+    sigemptyset(&empty);
+    (void)sigprocmask(SIG_SETMASK, &empty, NULL);
+    execve(a->path, a->argv, a->envp);
     stage = STAGE_EXECVE;
 
 fail:
-    a->err_errno = (int)-r;
+    a->err_errno = errno;
     a->err_stage = (int)stage;
-    for (;;)
-        (void)CSYS(SYS_exit_group, 127, 0, 0);
+    _exit(127);
 }
 
 /* Kept out of line so that the child's frames live below this one on the shared stack and
