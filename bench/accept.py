@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import platform
 import shlex
 import shutil
 import signal
@@ -65,6 +66,8 @@ def build() -> None:
         (["-static"], SRC / "hello.c", "hello"),
         ([], SRC / "loadgen.c", "loadgen"),
     ]
+    if platform.machine() == "x86_64":  # its child's raw system calls are x86-64's
+        jobs.append(([], SRC / "clonespawn.c", "clonespawn"))
     minisup = next((src for src in MINISUP_SOURCES if src.exists()), None)
     if minisup is not None:
         jobs.append((["-pthread"], minisup, "minisup"))
@@ -146,6 +149,14 @@ def limit_starter(port: int, work: Path, service: list[str]) -> list[str] | None
     return [str(binary), "-p", str(port), "-b", str(BACKLOG), "-m", "spawn", "--", *service]
 
 
+def clonespawn_starter(mode: str) -> Starter:
+    def start(port: int, work: Path, service: list[str]) -> list[str] | None:
+        if not (BUILD / "clonespawn").exists():
+            return None
+        return [str(BUILD / "clonespawn"), "-p", str(port), "-b", str(BACKLOG), "-m", mode, "--", *service]
+    return start
+
+
 DESCRIPTIONS = {
     "sockvisor": "sockvisor, mode: accept, pass: stdio, log_connections: false, max_connections: 10000",
     "sockvisor-log": "as sockvisor, with log_connections: true (2 JSON log lines per connection, to a file)",
@@ -154,6 +165,8 @@ DESCRIPTIONS = {
     "xinetd": "xinetd -dontfork; wait = no, instances/per_source UNLIMITED, cps 1000000, NOLIBWRAP, no logging",
     "tcpserver": "ucspi-tcp tcpserver -HRl0 -c 10000 -b 128 (no DNS, no ident)",
     "limit": "the physical limit: shared/bench/src/minisup.c -m spawn (accept4 + posix_spawn + waitpid, 1 thread)",
+    "clone": "bench/src/clonespawn.c -m clone: accept4 + clone(CLONE_VM) without waiting for the exec (x86-64)",
+    "clone-batch": "bench/src/clonespawn.c -m batch: every queued connection cloned at once, then waited for",
 }
 
 
@@ -315,7 +328,7 @@ def report(results: dict[str, Result], args: argparse.Namespace) -> str:
             parts = [f"c={c}: {med(on.cps[c]) / med(ours.cps[c]):.2f}x" for c in args.concurrency
                      if on.cps.get(c) and ours.cps.get(c)]
             lines.append("- metrics on / off (sockvisor-metrics / sockvisor): " + ", ".join(parts))
-        for peer in ("sockvisor-baseline", "tcpserver", "xinetd", "limit"):
+        for peer in ("sockvisor-baseline", "tcpserver", "xinetd", "limit", "clone", "clone-batch"):
             other = results.get(peer)
             if other is None or not other.cps:
                 continue
@@ -354,6 +367,8 @@ def main() -> int:
         "xinetd": xinetd_starter,
         "tcpserver": tcpserver_starter,
         "limit": limit_starter,
+        "clone": clonespawn_starter("clone"),
+        "clone-batch": clonespawn_starter("batch"),
     }
     names = [n for n in args.contenders.split(",") if n]
     if args.baseline_cmd:
