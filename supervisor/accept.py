@@ -46,7 +46,7 @@ import socket
 import time
 from typing import Any, NamedTuple
 
-from supervisor import _spawn, lifecycle, log, sockets, spawn
+from supervisor import _spawn, handover, lifecycle, log, sockets, spawn
 from supervisor.builtins import Streams
 from supervisor.errors import SpawnError
 from supervisor.lifecycle import Drain, Exit, SlotState
@@ -124,6 +124,24 @@ class AcceptRuntime(UnitRuntime):
     def pids(self) -> list[int]:
         self.sync()
         return list(self.conns)
+
+    # ------------------------------------------------------------ re-exec
+
+    def hand_over(self) -> handover.UnitHandover:
+        """As every unit's, with each connection's child as a connection, not a stray."""
+        h = super().hand_over()  # after pids(): self.conns holds what the engine filed
+        h.conns = [handover.Conn(pid, remote, peer.host if peer else None, peer.uid if peer else None, started)
+                   for pid, (peer, started, remote) in self.conns.items()]
+        h.strays = [pid for pid in h.strays if pid not in self.conns]
+        return h
+
+    def resume_slots(self, h: handover.UnitHandover) -> None:
+        """The previous image's connections are ours again: listed, counted against the limits, logged at exit."""
+        for c in h.conns:
+            peer = Peer(host=c.host, uid=c.uid) if c.host is not None or c.uid is not None else None
+            self.conns[c.pid] = (peer, c.started, c.remote)
+            self.policy.hold(peer)
+            self.host.watch_child(c.pid, self._exited)
 
     def reconfigured(self) -> None:
         super().reconfigured()

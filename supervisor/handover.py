@@ -25,8 +25,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from supervisor.errors import SockvisorError
 from supervisor.lifecycle import After, Exit, Slot, SlotState
@@ -39,6 +40,16 @@ MAX_STATE = 64 * 1024 * 1024  # bytes read from the memfd at most
 
 class HandoverError(SockvisorError):
     """The state from the previous image cannot be read."""
+
+
+class Conn(NamedTuple):
+    """An accept-mode child and its connection, as the new image's policy and log need them."""
+
+    pid: int
+    remote: str  # the connection's log text (host:port, [v6]:port, pid=N,uid=N)
+    host: str | None  # the peer as the policy counted it (None: not counted per source)
+    uid: int | None
+    started: float  # when it was accepted, on the loop's monotonic clock (see Times above)
 
 
 @dataclass(slots=True)
@@ -55,7 +66,8 @@ class UnitHandover:
     fd_store: list[tuple[str, int]] = field(default_factory=list)
     counters: dict[str, Any] = field(default_factory=dict)
     slots: list[Slot] = field(default_factory=list)
-    strays: list[int] = field(default_factory=list)  # children without a slot (accept mode's, surges)
+    strays: list[int] = field(default_factory=list)  # children without a slot (surges, an older image's accept mode)
+    conns: list[Conn] = field(default_factory=list)  # accept mode: each connection's child
 
     def fds(self) -> list[int]:
         out = list(self.listen.values())
@@ -103,6 +115,11 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def _pid(value: Any) -> int | None:
+    """A pid, or None: Linux pids are below 2**22 (pid_max); anything past a C int is no pid."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31 else None
+
+
 def _int(value: Any, default: int = 0) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
@@ -128,7 +145,7 @@ def slot_from_json(data: Any) -> Slot:
     times = data.get("start_times")
     return Slot(
         state=state,
-        pid=pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None,
+        pid=_pid(pid),
         started_at=_number(data.get("started_at")),
         ready_at=_number(data.get("ready_at")),
         deadline=_number(data.get("deadline")),
@@ -151,6 +168,7 @@ def to_json(state: State) -> bytes:
             "name": u.name, "mode": u.mode, "life": u.life, "listen": u.listen, "nodes": u.nodes, "extras": u.extras,
             "notify": list(u.notify) if u.notify else None, "fd_store": [list(e) for e in u.fd_store],
             "counters": u.counters, "slots": [slot_to_json(s) for s in u.slots], "strays": u.strays,
+            "conns": [list(c) for c in u.conns],
         })  # fmt: skip
     doc = {
         "format": FORMAT, "version": VERSION, "started_at": state.started_at, "counters": state.counters,
@@ -168,6 +186,20 @@ def _fd(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
+def _conn(value: Any) -> Conn | None:
+    if not isinstance(value, list) or len(value) != 5:
+        return None
+    pid, remote, host, uid, started = value
+    if _pid(pid) is None or not isinstance(remote, str):
+        return None
+    if host is not None and not isinstance(host, str):
+        return None
+    if uid is not None and (not isinstance(uid, int) or isinstance(uid, bool) or not 0 <= uid < 2**32):
+        return None
+    started = _number(started)
+    return Conn(pid, remote, host, uid, started if started is not None else time.monotonic())
+
+
 def from_json(raw: bytes) -> State:
     """Parse a handover document. Raises HandoverError when it is not one (unknown fields are fine)."""
     try:
@@ -182,7 +214,7 @@ def from_json(raw: bytes) -> State:
     state = State(started_at=_number(doc.get("started_at")) or 0.0,
                   counters=_dict(doc.get("counters")),
                   requester=_fd(doc.get("requester")),
-                  children=[p for p in doc.get("children") or [] if isinstance(p, int) and p > 0])
+                  children=[p for p in doc.get("children") or [] if _pid(p) is not None])
     control = doc.get("control")
     if isinstance(control, list) and len(control) == 2 and _fd(control[0]) is not None:
         node = control[1]
@@ -209,7 +241,8 @@ def from_json(raw: bytes) -> State:
                       if isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and _fd(e[1]) is not None]
         u.counters = _dict(entry.get("counters"))
         u.slots = [slot_from_json(s) for s in entry.get("slots") or []]
-        u.strays = [p for p in entry.get("strays") or [] if isinstance(p, int) and not isinstance(p, bool) and p > 0]
+        u.strays = [p for p in entry.get("strays") or [] if _pid(p) is not None]
+        u.conns = [c for c in (_conn(e) for e in entry.get("conns") or []) if c is not None]
         state.units[u.name] = u
     return state
 

@@ -247,6 +247,12 @@ class Policy:
             self.by_source[peer.source] = self.by_source.get(peer.source, 0) + 1
         return None
 
+    def hold(self, peer: Peer | None) -> None:
+        """Count a connection admitted before (by the previous image): no rule is applied, no token taken."""
+        self.active += 1
+        if peer is not None and self.per_source is not None:
+            self.by_source[peer.source] = self.by_source.get(peer.source, 0) + 1
+
     def release(self, peer: Peer | None) -> None:
         """A child admitted with ``peer`` exited."""
         self.active -= 1
