@@ -115,6 +115,10 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def _pid(value: Any) -> int | None:
     """A pid, or None: Linux pids are below 2**22 (pid_max); anything past a C int is no pid."""
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31 else None
@@ -183,7 +187,7 @@ def _dict(value: Any) -> dict[str, Any]:
 
 
 def _fd(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31 else None
 
 
 def _conn(value: Any) -> Conn | None:
@@ -214,12 +218,12 @@ def from_json(raw: bytes) -> State:
     state = State(started_at=_number(doc.get("started_at")) or 0.0,
                   counters=_dict(doc.get("counters")),
                   requester=_fd(doc.get("requester")),
-                  children=[p for p in doc.get("children") or [] if _pid(p) is not None])
+                  children=[p for p in _list(doc.get("children")) if _pid(p) is not None])
     control = doc.get("control")
     if isinstance(control, list) and len(control) == 2 and _fd(control[0]) is not None:
         node = control[1]
         state.control = (control[0], (node[0], node[1]) if isinstance(node, list) and len(node) == 2 else None)
-    for entry in doc.get("units") or []:
+    for entry in _list(doc.get("units")):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             continue
         u = UnitHandover(name=entry["name"], mode=str(entry.get("mode", "")), life=str(entry.get("life", "enabled")))
@@ -237,12 +241,12 @@ def from_json(raw: bytes) -> State:
         notify = entry.get("notify")
         if isinstance(notify, list) and len(notify) == 2 and isinstance(notify[0], str) and _fd(notify[1]) is not None:
             u.notify = (notify[0], notify[1])
-        u.fd_store = [(e[0], e[1]) for e in entry.get("fd_store") or []
+        u.fd_store = [(e[0], e[1]) for e in _list(entry.get("fd_store"))
                       if isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and _fd(e[1]) is not None]
         u.counters = _dict(entry.get("counters"))
-        u.slots = [slot_from_json(s) for s in entry.get("slots") or []]
-        u.strays = [p for p in entry.get("strays") or [] if _pid(p) is not None]
-        u.conns = [c for c in (_conn(e) for e in entry.get("conns") or []) if c is not None]
+        u.slots = [slot_from_json(s) for s in _list(entry.get("slots"))]
+        u.strays = [p for p in _list(entry.get("strays")) if _pid(p) is not None]
+        u.conns = [c for c in (_conn(e) for e in _list(entry.get("conns"))) if c is not None]
         state.units[u.name] = u
     return state
 

@@ -88,3 +88,52 @@ def test_mangled_documents_raise_handover_error_or_parse() -> None:
         assert isinstance(state, State)
         for unit in state.units.values():
             assert all(isinstance(c.pid, int) and c.pid > 0 and isinstance(c.remote, str) for c in unit.conns)
+
+
+def _paths(node: object, path: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    out = [path]
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += _paths(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += _paths(v, (*path, i))
+    return out
+
+
+def _replaced(doc: object, path: tuple[object, ...], value: object) -> object:
+    if not path:
+        return value
+    copy = json.loads(json.dumps(doc))
+    node = copy
+    for key in path[:-1]:
+        node = node[key]  # type: ignore[index]
+    node[path[-1]] = value  # type: ignore[index]
+    return copy
+
+
+def test_every_field_of_the_wrong_type_parses_or_is_refused() -> None:
+    """Each value in a full document, in turn, replaced by one of another type: never another exception."""
+    from supervisor.lifecycle import Exit, Slot, SlotState
+
+    state = sample()
+    state.units["held"].slots = [Slot(state=SlotState.RUNNING, pid=50, started_at=1.0, start_times=(1.0, 2.0),
+                                      last_exit=Exit(code=1, signal=None))]
+    state.units["held"].fd_store = [("conn", 9)]
+    state.units["held"].notify = ("/run/sockvisor/notify/held", 8)
+    state.units["held"].nodes = {"tcp:127.0.0.1:80": (1, 2)}
+    state.units["held"].extras = {"tcp:127.0.0.1:80": [10, 11]}
+    state.units["held"].counters = {"accepted": 3, "last_exit": [42, 0, None, 1.0]}
+    state.control = (5, (3, 4))
+    state.requester = 6
+    doc = json.loads(handover.to_json(state))
+    wrong = [5, -1, 2**70, 1.5, "x", None, True, {}, [], [[]], {"a": []}]
+    for path in _paths(doc):
+        for value in wrong:
+            raw = json.dumps(_replaced(doc, path, value)).encode()
+            try:
+                back = handover.from_json(raw)
+            except HandoverError:
+                continue
+            assert isinstance(back, State), (path, value)
+            assert all(isinstance(fd, int) and 0 <= fd < 2**31 for fd in back.fds()), (path, value)
