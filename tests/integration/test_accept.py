@@ -426,3 +426,37 @@ def test_several_accept_ports_are_independent_units(sockvisor: Sockvisor) -> Non
     assert roundtrip(p2) == b"two\n"
     assert roundtrip(p1) == b"one\n"
     assert sockvisor.unit_status("one")["connections"]["accepted"] == 2
+
+
+def _sig_masks(text: str) -> dict[str, int]:
+    return {k: int(v, 16) for k, _, v in (line.partition(":\t") for line in text.splitlines())
+            if k in ("SigBlk", "SigIgn", "SigCgt")}
+
+
+def test_children_start_with_every_signal_at_default(sockvisor: Sockvisor) -> None:
+    """The daemon catches signals, ignores SIGPIPE (Python) and what it inherited as ignored:
+    every child, from the hub's bulk path and from the per-connection path, has none of that."""
+    import signal
+
+    bulk, each = free_port(), free_port()
+    status = "exec: [/bin/cat, /proc/self/status]\nmode: accept\npass: stdio\nlog_connections: false\n"
+    sockvisor.unit("bulk", f"listen: [{{tcp: 127.0.0.1:{bulk}}}]\n{status}")
+    sockvisor.unit("each", f"listen: [{{tcp: 127.0.0.1:{each}}}]\nallow: [127.0.0.0/8]\n{status}")
+    inherited = (signal.SIGUSR1, signal.SIGTTIN)
+    old = [signal.signal(sig, signal.SIG_IGN) for sig in inherited]
+    try:
+        sockvisor.start()
+    finally:
+        for sig, handler in zip(inherited, old, strict=True):
+            signal.signal(sig, handler)
+    assert sockvisor.proc is not None
+    with open(f"/proc/{sockvisor.proc.pid}/status") as f:
+        daemon = _sig_masks(f.read())
+    for sig in (*inherited, signal.SIGPIPE):
+        assert daemon["SigIgn"] & (1 << (sig - 1)), f"the daemon does not ignore {sig!r}: the test proves nothing"
+    assert daemon["SigCgt"] & (1 << (signal.SIGTERM - 1))
+    for port in (bulk, each):
+        for _ in range(3):
+            assert _sig_masks(roundtrip(port).decode()) == {"SigBlk": 0, "SigIgn": 0, "SigCgt": 0}, port
+    assert sockvisor.stop() == 0
+

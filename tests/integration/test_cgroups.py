@@ -57,3 +57,38 @@ def test_without_cgroups_the_subreaper_stops_it_at_shutdown(sockvisor: Sockvisor
     assert alive(grandchild)  # not covered without cgroups: it outlives its unit's stop ...
     assert sockvisor.stop() == 0
     assert not alive(grandchild)  # ... but not the daemon
+
+
+def test_where_clone3_is_refused_the_service_is_still_placed_in_its_cgroup(sockvisor: Sockvisor, port: int,
+                                                                             short_tmp: Path) -> None:
+    """Under a seccomp filter that fails clone3 with ENOSYS (as Docker's default profile does), a
+    service cannot be born in its cgroup: it is moved there after the spawn, and its escaped
+    grandchild still stops with it."""
+    import platform
+    import shutil
+    import subprocess
+
+    if cgroups.find_base()[0] is None:
+        pytest.skip(f"no writable cgroup v2 hierarchy here: {cgroups.find_base()[1]}")
+    if platform.machine() != "x86_64" or shutil.which("gcc") is None:
+        pytest.skip("the filter program is x86-64's and needs gcc")
+    exe = short_tmp / "no_clone3"
+    subprocess.run(["gcc", "-O1", "-o", str(exe), str(PROGRAMS / "no_clone3.c")], check=True)
+    pidfile = short_tmp / "grandchild.pid"
+    sockvisor.unit("esc", f"""\
+        listen: [{{tcp: 127.0.0.1:{port}}}]
+        mode: service
+        start: eager
+        exec: [{sys.executable}, {PROGRAMS / 'setsid_escape.py'}, {pidfile}]
+        stop_timeout: 5s
+        """)
+    sockvisor.start(argv=[str(exe), sys.executable, "-m", "supervisor", "run", "--config", str(sockvisor.config)])
+    assert sockvisor.proc is not None
+    with open(f"/proc/{sockvisor.proc.pid}/status") as f:
+        assert "Seccomp:\t2" in f.read()  # the filter is on the daemon
+    grandchild = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), what="the grandchild's pid"))
+    assert sockvisor.unit_status("esc")["processes"] == 2
+    assert not sockvisor.find("cgroup_failed")
+    sockvisor.cli("stop", "esc", check=True)
+    wait_for(lambda: not alive(grandchild), what="the grandchild stopped with its unit")
+    assert sockvisor.stop() == 0
