@@ -973,7 +973,9 @@ def _connection_limits(ctx: _Context, settings: dict[str, _Setting]) -> None:
 def _service(ctx: _Context, settings: dict[str, _Setting]) -> None:
     data = ctx.unit.data
     if "ExecStart" in settings and settings["ExecStart"].values:
-        _exec_start(ctx, settings["ExecStart"])
+        env = None if "EnvironmentFile" in settings and settings["EnvironmentFile"].values else (
+            _environment(settings["Environment"])[0] if "Environment" in settings else {})
+        _exec_start(ctx, settings["ExecStart"], env)
     stdin = settings["StandardInput"].value if "StandardInput" in settings else "null"
     stdio = stdin == "socket"
     for key, setting in settings.items():
@@ -1031,7 +1033,8 @@ def _std_streams(ctx: _Context, settings: dict[str, _Setting], stdio: bool) -> N
         ctx.drop(err_setting.last, "stderr is the daemon's stderr, the connection or null")
 
 
-def _exec_start(ctx: _Context, setting: _Setting) -> None:
+def _exec_start(ctx: _Context, setting: _Setting, env: dict[str, str] | None) -> None:
+    """``env``: the unit's Environment= variables, or None when an EnvironmentFile= may change them."""
     origins = setting.origins
     for a in origins[:-1]:
         ctx.drop(a, "sockvisor runs one command: the last ExecStart= is carried over")
@@ -1051,11 +1054,118 @@ def _exec_start(ctx: _Context, setting: _Setting) -> None:
                  value=command.prefixes, key="ExecStart prefix")  # fmt: skip
     if "|" in command.prefixes:
         ctx.drop(a, "the '|' prefix (run through a shell) is not carried over", value="|", key="ExecStart prefix")
-    if ":" not in command.prefixes and any(re.search(r"\$(\{[A-Za-z_]|[A-Za-z_])", w) for w in argv):
-        ctx.drop(a, "sockvisor does not expand $VARIABLES in exec: they are passed as written", key="ExecStart")
     if ":" not in command.prefixes:
-        argv = [w.replace("$$", "$") for w in argv]
+        known = env if env is not None else {}
+        argv, unknown, expanded = expand_variables(argv, known)
+        for name in unknown:
+            why = ("EnvironmentFile= may set it when the service starts" if env is None and _ENV_NAME.fullmatch(name)
+                   else "not set by Environment= here" if _ENV_NAME.fullmatch(name) else "not a variable name")
+            ctx.drop(a, f"sockvisor does not expand $VARIABLES when it starts the program ({why}): "
+                        "passed as written", value=f"${name}", key="ExecStart")  # fmt: skip
+        if expanded:
+            ctx.note("ExecStart=: " + ", ".join(f"${n}" for n in expanded)
+                     + " expanded at import time from Environment=, as systemd would when it starts the service")
     ctx.unit.data["exec"] = argv
+
+
+def _split_value(value: str) -> list[str]:
+    """A variable's value as the words a lone ``$NAME`` becomes (systemd: split at whitespace,
+    quotes removed, a backslash takes the next character as is, an unterminated quote runs to the end)."""
+    words: list[str] = []
+    word: list[str] | None = None
+    quote = ""
+    i = 0
+    while i < len(value):
+        c = value[i]
+        if quote:
+            if c == quote:
+                quote = ""
+            elif c == "\\" and i + 1 < len(value):
+                i += 1
+                word.append(value[i])  # type: ignore[union-attr]
+            else:
+                word.append(c)  # type: ignore[union-attr]
+        elif c in " \t\n\r":
+            if word is not None:
+                words.append("".join(word))
+                word = None
+        else:
+            if word is None:
+                word = []
+            if c in "'\"":
+                quote = c
+            elif c == "\\" and i + 1 < len(value):
+                i += 1
+                word.append(value[i])
+            else:
+                word.append(c)
+        i += 1
+    if word is not None:
+        words.append("".join(word))
+    return words
+
+
+def expand_variables(argv: list[str], env: dict[str, str]) -> tuple[list[str], list[str], list[str]]:
+    """``argv`` with systemd's variable substitution done for the variables in ``env``.
+
+    As systemd.service(5), "Command lines": a word that is exactly ``$NAME`` becomes the value
+    split into words (zero or more); ``${NAME}`` inside a word is replaced as is; ``$$`` is a
+    ``$``; anything else (``$NAME`` inside a word, ``${NAME:-x}``, an unclosed ``${``) stays as it is.
+
+    Returns:
+        The new argv, the names that could not be expanded here (not in ``env``, or no valid
+        name; they are left as written), and the names that were.
+    """
+    out: list[str] = []
+    unknown: list[str] = []
+    expanded: list[str] = []
+
+    def known(name: str) -> bool:
+        if _ENV_NAME.fullmatch(name) and name in env:
+            if name not in expanded:
+                expanded.append(name)
+            return True
+        if name not in unknown:
+            unknown.append(name)
+        return False
+
+    for word in argv:
+        if word.startswith("$") and word[1:2] not in ("{", "$"):
+            if known(word[1:]):
+                out.extend(_split_value(env[word[1:]]))
+            else:
+                out.append(word)
+            continue
+        text: list[str] = []
+        i = 0
+        close = -1  # the next '}' at or after where it was last looked for: found once, not per ${
+        while i < len(word):
+            if word.startswith("$$", i):
+                text.append("$")
+                i += 2
+            elif word.startswith("${", i):
+                if close < i + 2:
+                    close = word.find("}", i + 2)
+                end = close
+                if end == -1:  # unterminated: the rest is left as written (and the scan is linear)
+                    text.append(word[i:])
+                    break
+                colon = word.find(":", i + 2, end)
+                name = word[i + 2:end] if colon == -1 else ""
+                if colon != -1:  # ${NAME:-x}, ${NAME:+x}: not expanded; scanning goes on after the ':'
+                    text.append(word[i:colon + 1])
+                    i = colon + 1
+                elif known(name):
+                    text.append(env[name])
+                    i = end + 1
+                else:
+                    text.append(word[i:end + 1])
+                    i = end + 1
+            else:
+                text.append(word[i])
+                i += 1
+        out.append("".join(text))
+    return out, unknown, expanded
 
 
 def _handle_user(ctx: _Context, setting: _Setting) -> None:
@@ -1084,20 +1194,29 @@ def _handle_workdir(ctx: _Context, setting: _Setting) -> None:
     ctx.unit.data["working_directory"] = path
 
 
-def _handle_environment(ctx: _Context, setting: _Setting) -> None:
+def _environment(setting: _Setting) -> tuple[dict[str, str], list[tuple[Assignment, str, str | None]]]:
+    """Environment= as the variables it sets, and what was wrong (assignment, why, the word)."""
     environment: dict[str, str] = {}
+    bad: list[tuple[Assignment, str, str | None]] = []
     for value, a in zip(setting.values, setting.origins, strict=True):
         try:
             words = split_quoted(value)
         except BadValue as exc:
-            ctx.drop(a, str(exc))
+            bad.append((a, str(exc), None))
             continue
         for word in words:
             name, sep, val = word.partition("=")
             if not sep or not _ENV_NAME.fullmatch(name):
-                ctx.drop(a, "expected NAME=VALUE", value=word)
+                bad.append((a, "expected NAME=VALUE", word))
                 continue
             environment[name] = val
+    return environment, bad
+
+
+def _handle_environment(ctx: _Context, setting: _Setting) -> None:
+    environment, bad = _environment(setting)
+    for a, why, word in bad:
+        ctx.drop(a, why, value=word)
     if environment:
         ctx.unit.data["environment"] = environment
 

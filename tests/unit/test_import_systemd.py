@@ -330,6 +330,16 @@ CASES: list[tuple[str, str, str, dict[str, Any]]] = [
      {"stderr": None}),
     ("working directory tilde", SOCK, "WorkingDirectory=~\n", {"working_directory": "/root"}),
     ("exec dollar dollar", SOCK, "ExecStart=\nExecStart=/bin/sh -c 'echo $$'\n", {"exec": ["/bin/sh", "-c", "echo $"]}),
+    ("exec variables from Environment", SOCK,
+     "Environment=\"OPTS=-a 'b c'\" PORT=7\nExecStart=\nExecStart=/bin/srv $OPTS --port=${PORT} x${PORT}y\n",
+     {"exec": ["/bin/srv", "-a", "b c", "--port=7", "x7y"]}),
+    ("exec empty variable is no word", SOCK, "Environment=E=\nExecStart=\nExecStart=/bin/srv $E x\n",
+     {"exec": ["/bin/srv", "x"]}),
+    ("exec braceless in a word and defaults stay", SOCK,
+     "Environment=A=1\nExecStart=\nExecStart=/bin/srv pre$A ${A:-z} ${A\n",
+     {"exec": ["/bin/srv", "pre$A", "${A:-z}", "${A"]}),
+    ("exec colon prefix expands nothing", SOCK, "Environment=A=1\nExecStart=\nExecStart=:/bin/srv $A $$\n",
+     {"exec": ["/bin/srv", "$A", "$$"]}),
 ]  # fmt: skip
 
 
@@ -387,6 +397,12 @@ DROPS = [
     ("no start timeout", SOCK, "TimeoutStartSec=0\n", "TimeoutStartSec", "turns systemd's timeout off"),
     ("no timeouts", SOCK, "TimeoutSec=0\n", "TimeoutSec", "no unlimited start_timeout and stop_timeout"),
     ("watchdog off", SOCK, "WatchdogSec=0\n", "WatchdogSec", "turns the watchdog off"),
+    ("a variable the manager sets", SOCK, "ExecStart=\nExecStart=/bin/srv $MAINPID\n", "ExecStart",
+     "not set by Environment= here"),
+    ("a variable an EnvironmentFile may set", SOCK,
+     "Environment=A=1\nEnvironmentFile=-/etc/default/srv\nExecStart=\nExecStart=/bin/srv ${A}\n", "ExecStart",
+     "EnvironmentFile= may set it"),
+    ("no variable name", SOCK, "ExecStart=\nExecStart=/bin/srv $1\n", "ExecStart", "not a variable name"),
 ]  # fmt: skip
 
 
@@ -493,3 +509,14 @@ def test_fuzz_mutations_raise_only_import_errors(tmp_path: Path) -> None:
         for unit in result.units:
             assert yaml.safe_load(render_yaml(unit)) == unit.data
     assert syntax_errors > 100
+
+
+def test_expanded_variables_are_named_in_the_unit(tmp_path: Path) -> None:
+    """A unit whose ExecStart= used $VARIABLES says so in a comment; nothing is dropped for them."""
+    write_units(tmp_path, {"svc.socket": SOCK, "svc.service":
+                           "[Service]\nEnvironment=PORT=7 OPTS=-v\nExecStart=/bin/srv $OPTS ${PORT}\n"})
+    result = run([str(tmp_path / "svc.socket")], dirs=[])
+    (unit,) = result.units
+    assert unit.data["exec"] == ["/bin/srv", "-v", "7"]
+    assert not [d for d in result.dropped if d.key == "ExecStart"]
+    assert any("$OPTS, $PORT expanded at import time" in c for c in unit.comments), unit.comments
