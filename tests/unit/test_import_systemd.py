@@ -520,3 +520,14 @@ def test_expanded_variables_are_named_in_the_unit(tmp_path: Path) -> None:
     assert unit.data["exec"] == ["/bin/srv", "-v", "7"]
     assert not [d for d in result.dropped if d.key == "ExecStart"]
     assert any("$OPTS, $PORT expanded at import time" in c for c in unit.comments), unit.comments
+
+
+@pytest.mark.parametrize("word", ["${" * 100_000, "${A:" * 100_000 + "}", "${" + "x" * 1_000_000 + "}", "$$" * 100_000])
+def test_hostile_exec_words_expand_as_systemd_would(word: str) -> None:
+    """Unterminated, unsupported and huge references stay as written ($$ becomes $), in one pass."""
+    from supervisor.importing.systemd import expand_variables
+
+    argv, unknown, expanded = expand_variables(["/bin/srv", word], {"A": "1"})
+    expected = "$" * 100_000 if word.startswith("$$") else word
+    assert argv == ["/bin/srv", expected] and not expanded
+    assert unknown == (["x" * 1_000_000] if word.startswith("${x") else [])
