@@ -67,6 +67,7 @@
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 /* close_range(2) has the same number on every architecture with the unified syscall table;
@@ -144,6 +145,7 @@ struct spawn_args {
     size_t nrlimits;
     int setsid;
     int *scratch; /* nfds ints: where each source was copied to */
+    volatile pid_t *publish; /* where the child writes its pid first thing (the watchdog's) */
     volatile int err_stage;
     volatile int err_errno;
 };
@@ -304,6 +306,9 @@ child_exec(struct spawn_args *a)
     sigset_t empty;
     size_t i;
 
+    /* While still root, so that the watchdog knows whom to look at (see spawn_guarded). */
+    if (a->publish != NULL)
+        *a->publish = (pid_t)syscall(SYS_getpid);
     reset_signals();
 
     if (a->setsid && setsid() < 0) {
@@ -455,6 +460,173 @@ clone_exec_into(struct spawn_args *a, int cgroup_fd)
     errno = ENOSYS;
     return -1;
 #endif
+}
+
+/*
+ * The watchdog. vfork() holds the calling thread until its child has exec'ed, and from its
+ * setuid() on the child can be signalled by its new user: any process of that uid that sends
+ * SIGSTOP at the right moment (`kill -STOP -1` in a loop does) stops the child before its exec,
+ * and with it the thread that spawned it: the hub, and so every bulk accept unit, or the loop
+ * itself for a service. So every spawn registers in `inflight`, the child writes its pid there
+ * first thing (while still root), and a watchdog thread looks every WATCH_MS at spawns older
+ * than that: a child that is stopped (or traced) while it still shares the daemon's memory
+ * (kcmp KCMP_VM: no exec yet, so it is that child and not a recycled pid) gets SIGKILL through a
+ * pidfd taken before the checks. The spawning thread then goes on as after any child that died
+ * at once (its exit is reaped and logged as a SIGKILL). A child that is merely slow (an exec
+ * from a slow filesystem) is left alone.
+ */
+#define INFLIGHT 16
+#define WATCH_MS 100
+
+static struct inflight {
+    int used;
+    volatile pid_t pid;
+    double since;
+} inflight[INFLIGHT];
+static pthread_mutex_t inflight_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t inflight_wake = PTHREAD_COND_INITIALIZER;
+static int inflight_count, watchdog_idle;
+static pid_t watchdog_pid; /* the process that started it: a fork()ed copy has none */
+static unsigned long watchdog_kills;
+
+static double
+watch_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* Whether `pid` is stopped or traced: /proc/PID/stat's state, after the last ')'. */
+static int
+proc_stopped(pid_t pid)
+{
+    char path[48], buf[512], *p;
+    ssize_t n;
+    int fd;
+
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    if ((fd = open(path, O_RDONLY | O_CLOEXEC)) < 0)
+        return 0;
+    n = read(fd, buf, sizeof(buf) - 1);
+    (void)close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = '\0';
+    if ((p = strrchr(buf, ')')) == NULL || p[1] != ' ')
+        return 0;
+    return p[2] == 'T' || p[2] == 't';
+}
+
+static void
+watch_one(pid_t pid)
+{
+#if defined(SYS_pidfd_open) && defined(SYS_pidfd_send_signal) && defined(SYS_kcmp)
+    long pidfd = syscall(SYS_pidfd_open, pid, 0);
+    if (pidfd < 0)
+        return;
+    /* KCMP_VM (1): 0 when both share one address space, i.e. it has not exec'ed. */
+    if (proc_stopped(pid) && syscall(SYS_kcmp, getpid(), pid, 1, 0, 0) == 0 &&
+        syscall(SYS_pidfd_send_signal, (int)pidfd, SIGKILL, NULL, 0) == 0)
+        watchdog_kills++;
+    (void)close((int)pidfd);
+#else
+    (void)pid;
+#endif
+}
+
+static void *
+watchdog_main(void *unused)
+{
+    (void)unused;
+    pthread_mutex_lock(&inflight_lock);
+    for (;;) {
+        struct timespec until;
+        double now;
+        int i;
+        while (inflight_count == 0) {
+            watchdog_idle = 1; /* only then does a spawn wake it: not once per spawn */
+            pthread_cond_wait(&inflight_wake, &inflight_lock);
+            watchdog_idle = 0;
+        }
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_nsec += WATCH_MS * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        (void)pthread_cond_timedwait(&inflight_wake, &inflight_lock, &until);
+        now = watch_now();
+        /* Under the lock: a slot is released only under it, so its pid is still in its vfork. */
+        for (i = 0; i < INFLIGHT; i++) {
+            if (inflight[i].used && inflight[i].pid > 0 && now - inflight[i].since >= WATCH_MS / 1000.0)
+                watch_one(inflight[i].pid);
+        }
+    }
+    return NULL;
+}
+
+/* A slot for a spawn about to start (-1: none free, the spawn goes unwatched). Called with every
+ * signal blocked, so the watchdog thread starts with every signal blocked. */
+static int
+inflight_take(void)
+{
+    int i, slot = -1;
+
+    pthread_mutex_lock(&inflight_lock);
+    if (watchdog_pid != getpid()) {
+        pthread_t th;
+        pthread_attr_t attr;
+        memset(inflight, 0, sizeof(inflight));
+        inflight_count = watchdog_idle = 0;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        if (pthread_create(&th, &attr, watchdog_main, NULL) == 0)
+            watchdog_pid = getpid();
+        pthread_attr_destroy(&attr);
+    }
+    for (i = 0; i < INFLIGHT && watchdog_pid == getpid(); i++) {
+        if (!inflight[i].used) {
+            inflight[i].used = 1;
+            inflight[i].pid = 0;
+            inflight[i].since = watch_now();
+            if (inflight_count++ == 0 && watchdog_idle)
+                pthread_cond_signal(&inflight_wake);
+            slot = i;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&inflight_lock);
+    return slot;
+}
+
+static void
+inflight_give(int slot)
+{
+    if (slot < 0)
+        return;
+    pthread_mutex_lock(&inflight_lock);
+    inflight[slot].used = 0;
+    inflight[slot].pid = 0;
+    inflight_count--;
+    pthread_mutex_unlock(&inflight_lock);
+}
+
+/* vfork_exec() or, with a cgroup, clone_exec_into(), under the watchdog. */
+static pid_t
+spawn_guarded(struct spawn_args *a, int cgroup_fd)
+{
+    int slot = inflight_take();
+    pid_t pid;
+
+    a->publish = slot >= 0 ? &inflight[slot].pid : NULL;
+    pid = cgroup_fd >= 0 ? clone_exec_into(a, cgroup_fd) : vfork_exec(a);
+    {
+        int saved = errno;
+        inflight_give(slot);
+        errno = saved;
+    }
+    return pid;
 }
 
 /* ---------------------------------------------------------------- the parent (Python) */
@@ -834,7 +1006,7 @@ spawn(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_BEGIN_ALLOW_THREADS
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    pid = cgroup_fd >= 0 ? clone_exec_into(&a, cgroup_fd) : vfork_exec(&a);
+    pid = spawn_guarded(&a, cgroup_fd);
     if (pid < 0) {
         saved_errno = errno;
     }
@@ -1156,7 +1328,7 @@ spawn_conn(const Template *t, struct worker *w, struct conn *c)
     a.rlimits = t->p.rlimits;
     a.nrlimits = t->nrlimits;
     a.setsid = t->setsid;
-    pid = vfork_exec(&a);
+    pid = spawn_guarded(&a, -1);
     if (pid < 0) {
         c->err = errno;
         c->stage = STAGE_FORK;
@@ -1551,6 +1723,38 @@ hub_lock_py(void)
         pthread_mutex_lock(&hub.lock);
         Py_END_ALLOW_THREADS
     }
+}
+
+/* Under the lock, from Python: until the thread has filed the batch it is spawning (if any),
+ * with the GIL released while waiting, for at most `seconds` (< 0: no limit). A batch is at most
+ * BATCH_MAX spawns; a child stopped before its exec holds it until the watchdog's kill, one
+ * that execs from a hung filesystem for as long as that. 1 if the thread is idle. */
+#define HUB_SYNC_WAIT 2.0 /* seconds a collecting drain waits for a batch in flight */
+
+static int
+hub_wait_idle(double seconds)
+{
+    struct timespec until;
+    int timed_out = 0;
+
+    if (seconds >= 0) {
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += (time_t)seconds;
+        until.tv_nsec += (long)((seconds - (double)(time_t)seconds) * 1e9);
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+    }
+    while (hub.busy && !timed_out) {
+        Py_BEGIN_ALLOW_THREADS
+        if (seconds < 0)
+            pthread_cond_wait(&hub.idle, &hub.lock);
+        else
+            timed_out = pthread_cond_timedwait(&hub.idle, &hub.lock, &until) == ETIMEDOUT;
+        Py_END_ALLOW_THREADS
+    }
+    return !hub.busy;
 }
 
 /* Under the lock: something was filed; `urgent`: the loop must look at once. */
@@ -2031,9 +2235,9 @@ hub_pause(PyObject *module, PyObject *arg)
 
 PyDoc_STRVAR(hub_drain_doc,
 "hub_drain(collect, /) -> (batches, exits)\n--\n\n"
-"Take everything filed since the last drain. collect: first reap in this thread too (what has\n"
-"exited by now is in `exits`; not while the thread spawns a batch, whose records are not filed\n"
-"yet: the thread reaps after it). batches: (engine, accepted, failures, errno) per engine with\n"
+"Take everything filed since the last drain. collect: first wait (up to 2 s) for a batch the\n"
+"thread is spawning to be filed, then reap in this thread too (what has exited by now is in\n"
+"`exits`), so that every child started so far is in `batches` or was in an earlier drain. batches: (engine, accepted, failures, errno) per engine with\n"
 "records: accepted (pid, when, remote) per child started, failures (stage, errno, remote) per\n"
 "admitted connection that got no child, errno the accept() error that stopped it for lack of a\n"
 "resource (else 0); remote: the peer as log text, or '' (see Engine.grant). exits: (pid, status,\n"
@@ -2059,10 +2263,11 @@ hub_drain(PyObject *module, PyObject *arg)
         (void)!read(hub.wakefd, &v, sizeof(v));
     }
     hub_lock_py();
-    /* Not while the thread spawns a batch: a child of it that exited at once would be reaped
-     * before its record (and its place in the kids table) exists. The thread reaps after the
-     * batch (SIGCHLD is still pending on its signalfd). */
-    if (collect && !hub.busy)
+    /* collect: what the caller reads next must be complete (status, stop, a hand-over), so a
+     * batch the thread is spawning is waited for and filed first. Reaping during the batch would
+     * also reap a child of it that exited at once before its record (and its place in the kids
+     * table) exists. */
+    if (collect && hub_wait_idle(HUB_SYNC_WAIT))
         (void)hub_reap();
     nx = hub.nexits;
     if (nx > 0 && (xs = malloc(sizeof(*xs) * (size_t)nx)) == NULL) {
@@ -2228,11 +2433,7 @@ engine_drop_listeners(Engine *e)
     int i, nd = 0;
 
     hub_lock_py();
-    while (hub.busy) {
-        Py_BEGIN_ALLOW_THREADS
-        pthread_cond_wait(&hub.idle, &hub.lock);
-        Py_END_ALLOW_THREADS
-    }
+    (void)hub_wait_idle(-1); /* the thread may be using a listener's template */
     for (i = 0; i < hub.nl; i++) {
         struct hlst *L = &hub.l[i];
         if (L->fd < 0 || L->e != e)

@@ -85,3 +85,88 @@ def test_an_unprivileged_flood_of_reset_connections_loses_nothing(sockvisor: Soc
     assert sockvisor.find("daemon_error") == [] and sockvisor.find("child_exit_handler_failed") == []
     assert roundtrip(port) == b"hi\n"
     assert sockvisor.stop() == 0
+
+
+STOPPER = """
+import os, signal, sys, time
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    try:
+        os.kill(-1, signal.SIGSTOP)  # every process of this uid but this one
+    except OSError:
+        pass
+"""
+CLEANUP = """
+import os, signal
+for sig in (signal.SIGCONT, signal.SIGKILL):
+    try:
+        os.kill(-1, sig)
+    except OSError:
+        pass
+"""
+ATTACKER_UID = 64321  # no passwd entry: a uid of its own, so kill(-1) reaches only the unit's children
+
+
+def test_a_unit_user_stopping_its_children_before_exec_does_not_freeze_the_daemon(sockvisor: Sockvisor) -> None:
+    """From setuid() to execve() a child can be signalled by its new user, and vfork() holds the
+    spawning thread (the hub, or the loop) until the exec. A process of that uid sending SIGSTOP to
+    all its processes in a loop catches children in that window; the watchdog kills them, so the
+    hub goes on serving an unrelated unit and the daemon goes on answering."""
+    import pwd
+    import socket
+    import threading
+    import time
+
+    if shutil.which("setpriv") is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv (util-linux) to run the attacker as its own uid")
+    with contextlib.suppress(KeyError):
+        pwd.getpwuid(ATTACKER_UID)
+        pytest.skip(f"uid {ATTACKER_UID} exists here; the test needs one nothing else runs as")
+    from tests.conftest import free_port
+
+    victim, other = free_port(), free_port()
+    sockvisor.unit("victim", f"""
+        listen: [{{tcp: "127.0.0.1:{victim}", backlog: 512}}]
+        mode: accept
+        user: "{ATTACKER_UID}"
+        group: "{ATTACKER_UID}"
+        max_connections: 20000
+        log_connections: false
+        exec: [/bin/echo, hi]
+    """)
+    sockvisor.unit("other", f"""
+        listen: [{{tcp: "127.0.0.1:{other}"}}]
+        mode: accept
+        log_connections: false
+        exec: [/bin/echo, hi]
+    """)
+    sockvisor.start()
+    seconds = 8.0
+    end = time.monotonic() + seconds
+    stop = threading.Event()
+
+    def hammer() -> None:  # keeps the victim's children spawning, so the window keeps opening
+        while not stop.is_set() and time.monotonic() < end:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", victim), timeout=0.2):
+                pass
+
+    as_attacker = ["setpriv", f"--reuid={ATTACKER_UID}", f"--regid={ATTACKER_UID}", "--clear-groups"]
+    hammers = [threading.Thread(target=hammer, daemon=True) for _ in range(4)]
+    for t in hammers:
+        t.start()
+    stopper = subprocess.Popen([*as_attacker, sys.executable, "-c", STOPPER, str(seconds)])
+    served = 0
+    try:
+        while time.monotonic() < end:
+            # Each probe of the other unit must be served within a few seconds, all along.
+            assert roundtrip(other, timeout=5) == b"hi\n", "the other unit is not served"
+            served += 1
+        assert sockvisor.unit_status("other")["connections"]["accepted"] >= served
+    finally:
+        stop.set()
+        stopper.wait(30)
+        for t in hammers:
+            t.join(10)
+        subprocess.run([*as_attacker, sys.executable, "-c", CLEANUP], timeout=30, check=False)
+    assert served >= 5, served
+    assert sockvisor.stop(timeout=30) == 0
