@@ -2233,6 +2233,22 @@ hub_pause(PyObject *module, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(watchdog_kills_doc,
+"watchdog_kills() -> int\n--\n\n"
+"How many children the watchdog has killed in this process: stopped (SIGSTOP, ptrace) between\n"
+"their setuid() and their exec, which would have held the thread that spawned them.");
+
+static PyObject *
+py_watchdog_kills(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    unsigned long n;
+    (void)module;
+    pthread_mutex_lock(&inflight_lock);
+    n = watchdog_kills;
+    pthread_mutex_unlock(&inflight_lock);
+    return PyLong_FromUnsignedLong(n);
+}
+
 PyDoc_STRVAR(hub_drain_doc,
 "hub_drain(collect, /) -> (batches, exits)\n--\n\n"
 "Take everything filed since the last drain. collect: first wait (up to 2 s) for a batch the\n"
@@ -2673,6 +2689,7 @@ static PyMethodDef spawn_methods[] = {
     {"hub_close", hub_close, METH_NOARGS, hub_close_doc},
     {"hub_pause", hub_pause, METH_O, hub_pause_doc},
     {"hub_drain", hub_drain, METH_O, hub_drain_doc},
+    {"watchdog_kills", py_watchdog_kills, METH_NOARGS, watchdog_kills_doc},
     {"signal_child", (PyCFunction)(void (*)(void))signal_child, METH_FASTCALL, signal_child_doc},
     {NULL, NULL, 0, NULL},
 };

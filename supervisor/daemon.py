@@ -125,7 +125,7 @@ class Daemon:
         self.control: control.ControlServer | None = None
         self._early_exits: dict[int, int] = {}
         self.offload: Offload[Any] = Offload(self.loop)
-        self.reaper = Reaper(self.loop, self.reaped)
+        self.reaper = Reaper(self.loop, self.reaped, self._watchdog_killed)
         self._all_settled = asyncio.Event()
         self.subreaper = False
         self.handed: handover.State | None = None  # what the previous image left (re-exec), until ready
@@ -215,6 +215,11 @@ class Daemon:
             if status is not None:
                 # Spawned from a helper thread and reaped before it was registered.
                 self.loop.call_soon(self.reaped, pid, status)
+
+    def _watchdog_killed(self, new: int, total: int) -> None:
+        self.log.warning("child_stopped_before_exec", killed=new, total=total,
+                         why="stopped (SIGSTOP or ptrace) between its setuid and its exec, which holds the "
+                             "thread that spawned it: killed, so that spawning goes on")
 
     def reaped(self, pid: int, status: int) -> None:
         """The reaper collected ``pid``: dispatch its exit to the owner in O(1)."""

@@ -52,9 +52,12 @@ class Lane(Protocol):
 
 
 class Reaper:
-    def __init__(self, loop: asyncio.AbstractEventLoop, dispatch: Callable[[int, int], None]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, dispatch: Callable[[int, int], None],
+                 on_watchdog: Callable[[int, int], None] | None = None) -> None:
         self._loop = loop
         self._dispatch = dispatch
+        self._on_watchdog = on_watchdog  # (new, total) children the spawn watchdog killed
+        self._watchdog_kills = _spawn.watchdog_kills()
         self._fd = _spawn.hub_open()
         self._lanes: dict[_spawn.Engine, Lane] = {}
         self._draining = False
@@ -125,6 +128,11 @@ class Reaper:
                     dispatch(pid, status)
                 self.exit_time = None
                 touched = list(lanes.values())
+                # A child the watchdog killed exits like any other: say why, once per drain.
+                kills = _spawn.watchdog_kills()
+                if kills != self._watchdog_kills and self._on_watchdog is not None:
+                    self._on_watchdog(kills - self._watchdog_kills, kills)
+                self._watchdog_kills = kills
             for lane in touched:
                 lane.settle()
         finally:

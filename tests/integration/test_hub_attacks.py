@@ -169,4 +169,7 @@ def test_a_unit_user_stopping_its_children_before_exec_does_not_freeze_the_daemo
             t.join(10)
         subprocess.run([*as_attacker, sys.executable, "-c", CLEANUP], timeout=30, check=False)
     assert served >= 5, served
+    # The admin hears of it: the watchdog's kills are logged with why.
+    warned = sockvisor.find("child_stopped_before_exec")
+    assert warned and warned[-1]["total"] >= 1 and warned[0]["level"] == "warning", warned
     assert sockvisor.stop(timeout=30) == 0
