@@ -490,11 +490,41 @@ static pid_t watchdog_pid; /* the process that started it: a fork()ed copy has n
 static unsigned long watchdog_kills;
 
 static double
-watch_now(void)
+mono_now(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* `seconds` from now on CLOCK_REALTIME, the clock of pthread_cond_timedwait by default. */
+static struct timespec
+realtime_in(double seconds)
+{
+    struct timespec until;
+    long ns;
+
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += (time_t)seconds;
+    ns = until.tv_nsec + (long)((seconds - (double)(time_t)seconds) * 1e9);
+    until.tv_sec += ns / 1000000000L;
+    until.tv_nsec = ns % 1000000000L;
+    return until;
+}
+
+/* Start fn on a detached thread (it inherits the caller's signal mask); 0 or an errno. */
+static int
+start_detached(void *(*fn)(void *))
+{
+    pthread_t th;
+    pthread_attr_t attr;
+    int err;
+
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    err = pthread_create(&th, &attr, fn, NULL);
+    pthread_attr_destroy(&attr);
+    return err;
 }
 
 /* Whether `pid` is stopped or traced: /proc/PID/stat's state, after the last ')'. */
@@ -528,7 +558,7 @@ watch_one(pid_t pid)
     /* KCMP_VM (1): 0 when both share one address space, i.e. it has not exec'ed. */
     if (proc_stopped(pid) && syscall(SYS_kcmp, getpid(), pid, 1, 0, 0) == 0 &&
         syscall(SYS_pidfd_send_signal, (int)pidfd, SIGKILL, NULL, 0) == 0)
-        watchdog_kills++;
+        __atomic_add_fetch(&watchdog_kills, 1, __ATOMIC_RELAXED);
     (void)close((int)pidfd);
 #else
     (void)pid;
@@ -549,14 +579,9 @@ watchdog_main(void *unused)
             pthread_cond_wait(&inflight_wake, &inflight_lock);
             watchdog_idle = 0;
         }
-        clock_gettime(CLOCK_REALTIME, &until);
-        until.tv_nsec += WATCH_MS * 1000000L;
-        if (until.tv_nsec >= 1000000000L) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000L;
-        }
+        until = realtime_in(WATCH_MS / 1000.0);
         (void)pthread_cond_timedwait(&inflight_wake, &inflight_lock, &until);
-        now = watch_now();
+        now = mono_now();
         /* Under the lock: a slot is released only under it, so its pid is still in its vfork. */
         for (i = 0; i < INFLIGHT; i++) {
             if (inflight[i].used && inflight[i].pid > 0 && now - inflight[i].since >= WATCH_MS / 1000.0)
@@ -571,25 +596,21 @@ watchdog_main(void *unused)
 static int
 inflight_take(void)
 {
+    pid_t me = getpid();
     int i, slot = -1;
 
     pthread_mutex_lock(&inflight_lock);
-    if (watchdog_pid != getpid()) {
-        pthread_t th;
-        pthread_attr_t attr;
+    if (watchdog_pid != me) {
         memset(inflight, 0, sizeof(inflight));
         inflight_count = watchdog_idle = 0;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        if (pthread_create(&th, &attr, watchdog_main, NULL) == 0)
-            watchdog_pid = getpid();
-        pthread_attr_destroy(&attr);
+        if (start_detached(watchdog_main) == 0)
+            watchdog_pid = me;
     }
-    for (i = 0; i < INFLIGHT && watchdog_pid == getpid(); i++) {
+    for (i = 0; i < INFLIGHT && watchdog_pid == me; i++) {
         if (!inflight[i].used) {
             inflight[i].used = 1;
             inflight[i].pid = 0;
-            inflight[i].since = watch_now();
+            inflight[i].since = mono_now();
             if (inflight_count++ == 0 && watchdog_idle)
                 pthread_cond_signal(&inflight_wake);
             slot = i;
@@ -1402,21 +1423,17 @@ helper_main(void *unused)
 static int
 helper_offer(struct batch *b)
 {
+    pid_t me = getpid();
     int offered = 0;
 
     pthread_mutex_lock(&helper_lock);
-    if (helper_pid != getpid()) {
-        pthread_t th;
-        pthread_attr_t attr;
+    if (helper_pid != me) {
         helper_job = NULL;
         helper_busy = helper_claimed = 0;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        if (pthread_create(&th, &attr, helper_main, NULL) == 0)
-            helper_pid = getpid();
-        pthread_attr_destroy(&attr);
+        if (start_detached(helper_main) == 0)
+            helper_pid = me;
     }
-    if (helper_pid == getpid() && !helper_claimed) {
+    if (helper_pid == me && !helper_claimed) {
         helper_claimed = 1;
         helper_job = b;
         pthread_cond_signal(&helper_wake);
@@ -1632,7 +1649,6 @@ fail:
 
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
-#include <time.h>
 
 #define HUB_LISTENERS 256
 #define HUB_DELAY 0.02 /* seconds a record that needs no decision may wait */
@@ -1706,14 +1722,6 @@ static struct {
     .epfd = -1, .ctlfd = -1, .sigfd = -1, .wakefd = -1,
 };
 
-static double
-mono_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 /* Take the hub's lock from Python: with the GIL released when someone else holds it. */
 static void
 hub_lock_py(void)
@@ -1734,18 +1742,9 @@ hub_lock_py(void)
 static int
 hub_wait_idle(double seconds)
 {
-    struct timespec until;
+    struct timespec until = realtime_in(seconds >= 0 ? seconds : 0);
     int timed_out = 0;
 
-    if (seconds >= 0) {
-        clock_gettime(CLOCK_REALTIME, &until);
-        until.tv_sec += (time_t)seconds;
-        until.tv_nsec += (long)((seconds - (double)(time_t)seconds) * 1e9);
-        if (until.tv_nsec >= 1000000000L) {
-            until.tv_sec++;
-            until.tv_nsec -= 1000000000L;
-        }
-    }
     while (hub.busy && !timed_out) {
         Py_BEGIN_ALLOW_THREADS
         if (seconds < 0)
@@ -2241,20 +2240,16 @@ PyDoc_STRVAR(watchdog_kills_doc,
 static PyObject *
 py_watchdog_kills(PyObject *module, PyObject *Py_UNUSED(ignored))
 {
-    unsigned long n;
     (void)module;
-    pthread_mutex_lock(&inflight_lock);
-    n = watchdog_kills;
-    pthread_mutex_unlock(&inflight_lock);
-    return PyLong_FromUnsignedLong(n);
+    return PyLong_FromUnsignedLong(__atomic_load_n(&watchdog_kills, __ATOMIC_RELAXED));
 }
 
 PyDoc_STRVAR(hub_drain_doc,
 "hub_drain(collect, /) -> (batches, exits)\n--\n\n"
 "Take everything filed since the last drain. collect: first wait (up to 2 s) for a batch the\n"
 "thread is spawning to be filed, then reap in this thread too (what has exited by now is in\n"
-"`exits`), so that every child started so far is in `batches` or was in an earlier drain. batches: (engine, accepted, failures, errno) per engine with\n"
-"records: accepted (pid, when, remote) per child started, failures (stage, errno, remote) per\n"
+"`exits`), so that every child started so far is in `batches` or was in an earlier drain.\n"
+"batches: (engine, accepted, failures, errno) per engine with records: accepted (pid, when, remote) per child started, failures (stage, errno, remote) per\n"
 "admitted connection that got no child, errno the accept() error that stopped it for lack of a\n"
 "resource (else 0); remote: the peer as log text, or '' (see Engine.grant). exits: (pid, status,\n"
 "when) per child reaped. `when`: time.monotonic() seconds.");
