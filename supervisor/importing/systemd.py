@@ -485,11 +485,15 @@ _ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v
             '"': '"', "'": "'", "s": " ", " ": " "}  # fmt: skip
 
 
-def split_quoted(text: str) -> list[str]:
+def split_quoted(text: str, *, relaxed: bool = False) -> list[str]:
     """Words by systemd's rules: blanks separate, "double" and 'single' quotes group, C escapes apply.
 
+    ``relaxed``: as systemd splits a variable's value for a lone ``$NAME`` (EXTRACT_RELAX |
+    EXTRACT_UNQUOTE): a backslash takes the next character as it is (no C escapes), and an
+    unterminated quote or a trailing backslash is kept instead of refused.
+
     Raises:
-        BadValue: an unterminated quote or a trailing backslash.
+        BadValue: (not relaxed) an unterminated quote, a trailing backslash, a bad escape.
     """
     words: list[str] = []
     i = 0
@@ -511,6 +515,9 @@ def split_quoted(text: str) -> list[str]:
                 i += 1
             elif not quote and c.isspace():
                 break
+            elif c == "\\" and relaxed:
+                word.append(text[i + 1] if i + 1 < n else c)
+                i += 2
             elif c == "\\":
                 if i + 1 >= n:
                     raise BadValue("a trailing backslash")
@@ -519,7 +526,7 @@ def split_quoted(text: str) -> list[str]:
             else:
                 word.append(c)
                 i += 1
-        if quote:
+        if quote and not relaxed:
             raise BadValue("an unterminated quote")
         words.append("".join(word))
 
@@ -1068,43 +1075,6 @@ def _exec_start(ctx: _Context, setting: _Setting, env: dict[str, str] | None) ->
     ctx.unit.data["exec"] = argv
 
 
-def _split_value(value: str) -> list[str]:
-    """A variable's value as the words a lone ``$NAME`` becomes (systemd: split at whitespace,
-    quotes removed, a backslash takes the next character as is, an unterminated quote runs to the end)."""
-    words: list[str] = []
-    word: list[str] | None = None
-    quote = ""
-    i = 0
-    while i < len(value):
-        c = value[i]
-        if quote:
-            if c == quote:
-                quote = ""
-            elif c == "\\" and i + 1 < len(value):
-                i += 1
-                word.append(value[i])  # type: ignore[union-attr]
-            else:
-                word.append(c)  # type: ignore[union-attr]
-        elif c in " \t\n\r":
-            if word is not None:
-                words.append("".join(word))
-                word = None
-        else:
-            if word is None:
-                word = []
-            if c in "'\"":
-                quote = c
-            elif c == "\\" and i + 1 < len(value):
-                i += 1
-                word.append(value[i])
-            else:
-                word.append(c)
-        i += 1
-    if word is not None:
-        words.append("".join(word))
-    return words
-
-
 def expand_variables(argv: list[str], env: dict[str, str]) -> tuple[list[str], list[str], list[str]]:
     """``argv`` with systemd's variable substitution done for the variables in ``env``.
 
@@ -1132,7 +1102,7 @@ def expand_variables(argv: list[str], env: dict[str, str]) -> tuple[list[str], l
     for word in argv:
         if word.startswith("$") and word[1:2] not in ("{", "$"):
             if known(word[1:]):
-                out.extend(_split_value(env[word[1:]]))
+                out.extend(split_quoted(env[word[1:]], relaxed=True))
             else:
                 out.append(word)
             continue
