@@ -17,7 +17,8 @@ from supervisor import cgroups
 from tests.conftest import PROGRAMS, Sockvisor, alive, connect, wait_for
 
 
-def escaping_service(sockvisor: Sockvisor, port: int, pidfile: Path) -> int:
+def escaping_service(sockvisor: Sockvisor, port: int, pidfile: Path, argv: list[str] | None = None) -> int:
+    """A service whose grandchild escapes with setsid(); the daemon started (by ``argv``); the grandchild's pid."""
     sockvisor.unit("esc", f"""\
         listen: [{{tcp: 127.0.0.1:{port}}}]
         mode: service
@@ -25,7 +26,7 @@ def escaping_service(sockvisor: Sockvisor, port: int, pidfile: Path) -> int:
         exec: [{sys.executable}, {PROGRAMS / 'setsid_escape.py'}, {pidfile}]
         stop_timeout: 5s
         """)
-    sockvisor.start()
+    sockvisor.start(argv=argv)
     grandchild = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), what="the grandchild's pid"))
     with connect(port) as s, s.makefile("r") as reader:
         service = int(reader.readline())
@@ -74,19 +75,11 @@ def test_where_clone3_is_refused_the_service_is_still_placed_in_its_cgroup(sockv
         pytest.skip("the filter program is x86-64's and needs gcc")
     exe = short_tmp / "no_clone3"
     subprocess.run(["gcc", "-O1", "-o", str(exe), str(PROGRAMS / "no_clone3.c")], check=True)
-    pidfile = short_tmp / "grandchild.pid"
-    sockvisor.unit("esc", f"""\
-        listen: [{{tcp: 127.0.0.1:{port}}}]
-        mode: service
-        start: eager
-        exec: [{sys.executable}, {PROGRAMS / 'setsid_escape.py'}, {pidfile}]
-        stop_timeout: 5s
-        """)
-    sockvisor.start(argv=[str(exe), sys.executable, "-m", "supervisor", "run", "--config", str(sockvisor.config)])
+    argv = [str(exe), sys.executable, "-m", "supervisor", "run", "--config", str(sockvisor.config)]
+    grandchild = escaping_service(sockvisor, port, short_tmp / "grandchild.pid", argv)
     assert sockvisor.proc is not None
     with open(f"/proc/{sockvisor.proc.pid}/status") as f:
         assert "Seccomp:\t2" in f.read()  # the filter is on the daemon
-    grandchild = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), what="the grandchild's pid"))
     assert sockvisor.unit_status("esc")["processes"] == 2
     assert not sockvisor.find("cgroup_failed")
     sockvisor.cli("stop", "esc", check=True)

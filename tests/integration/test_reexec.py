@@ -255,13 +255,26 @@ def held_unit(sockvisor: Sockvisor, port: int, limits: str) -> None:
         """)
 
 
-def test_accept_children_stay_the_units_connections_across_a_reexec(sockvisor: Sockvisor, port: int) -> None:
-    """Listed, counted against max_connections, logged when they exit: as if no re-exec had happened."""
-    held_unit(sockvisor, port, "max_connections: 1")
+def held_across_a_reexec(sockvisor: Sockvisor, port: int, limits: str) -> tuple[socket.socket, int]:
+    """A held connection, its child's pid, and a re-exec of the daemon after it."""
+    held_unit(sockvisor, port, limits)
     sockvisor.start()
     first = connect(port)
     pid = wait_for(lambda: (sockvisor.unit_status("held")["pids"] or [None])[0], what="the first child")
     reexec(sockvisor, 1)
+    return first, pid
+
+
+def exchange(s: socket.socket, word: bytes) -> bytes:
+    """Send a line to a held child and read its answer."""
+    s.settimeout(15)
+    s.sendall(word + b"\n")
+    return s.makefile("rb").readline()
+
+
+def test_accept_children_stay_the_units_connections_across_a_reexec(sockvisor: Sockvisor, port: int) -> None:
+    """Listed, counted against max_connections, logged when they exit: as if no re-exec had happened."""
+    first, pid = held_across_a_reexec(sockvisor, port, "max_connections: 1")
     status = sockvisor.unit_status("held")
     assert status["pids"] == [pid] and status["connections"]["active"] == 1, status
 
@@ -275,13 +288,10 @@ def test_accept_children_stay_the_units_connections_across_a_reexec(sockvisor: S
     assert got is None, f"a second connection was served past max_connections: 1: {got!r}"
     assert sockvisor.unit_status("held")["pids"] == [pid]
 
-    first.sendall(b"one\n")
-    assert first.makefile("rb").readline() == b"got one\n"
+    assert exchange(first, b"one") == b"got one\n"
     exited = sockvisor.wait_event("child_exited", unit="held", pid=pid)
     assert exited.get("remote", "").startswith("127.0.0.1:"), exited
-    second.settimeout(15)
-    second.sendall(b"two\n")
-    assert second.makefile("rb").readline() == b"got two\n"
+    assert exchange(second, b"two") == b"got two\n"
     first.close()
     second.close()
     assert sockvisor.stop() == 0
@@ -289,35 +299,24 @@ def test_accept_children_stay_the_units_connections_across_a_reexec(sockvisor: S
 
 def test_per_source_counts_survive_a_reexec(sockvisor: Sockvisor, port: int) -> None:
     """The previous image's connection from 127.0.0.1 still counts: a second one from there is refused at once."""
-    held_unit(sockvisor, port, "max_connections_per_source: 1")
-    sockvisor.start()
-    first = connect(port)
-    pid = wait_for(lambda: (sockvisor.unit_status("held")["pids"] or [None])[0], what="the first child")
-    reexec(sockvisor, 1)
+    first, pid = held_across_a_reexec(sockvisor, port, "max_connections_per_source: 1")
     second = connect(port)
     second.settimeout(15)
     assert second.recv(64) == b""  # closed at once, no child
     wait_for(lambda: sockvisor.unit_status("held")["connections"]["refused_by_reason"].get("per_source") == 1,
              what="the refusal counted as per_source")
     assert sockvisor.unit_status("held")["pids"] == [pid]
-    first.sendall(b"one\n")
-    assert first.makefile("rb").readline() == b"got one\n"
+    assert exchange(first, b"one") == b"got one\n"
     sockvisor.wait_event("child_exited", unit="held", pid=pid)
     third = connect(port)  # the source is under its limit again
-    third.settimeout(15)
-    third.sendall(b"three\n")
-    assert third.makefile("rb").readline() == b"got three\n"
+    assert exchange(third, b"three") == b"got three\n"
     for s in (first, second, third):
         s.close()
     assert sockvisor.stop() == 0
 
 
 def test_stopping_the_unit_stops_the_connections_it_took_over(sockvisor: Sockvisor, port: int) -> None:
-    held_unit(sockvisor, port, "")
-    sockvisor.start()
-    first = connect(port)
-    pid = wait_for(lambda: (sockvisor.unit_status("held")["pids"] or [None])[0], what="the first child")
-    reexec(sockvisor, 1)
+    first, pid = held_across_a_reexec(sockvisor, port, "")
     sockvisor.cli("stop", "held", check=True)
     sockvisor.wait_event("child_exited", unit="held", pid=pid)
     assert sockvisor.unit_status("held")["pids"] == []
