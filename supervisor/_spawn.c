@@ -102,7 +102,7 @@ enum stage {
     STAGE_NICE,
     STAGE_EXECVE,
     STAGE_FORK,
-    STAGE_CGROUP, /* clone3(CLONE_INTO_CGROUP) refused: the caller may spawn without it */
+    STAGE_CGROUP, /* not born in or joined to the cgroup: the caller may spawn without it */
 };
 
 /* Indexed by enum stage; these strings are the `stage` of supervisor.errors.SpawnError. */
@@ -146,6 +146,7 @@ struct spawn_args {
     int setsid;
     int *scratch; /* nfds ints: where each source was copied to */
     volatile pid_t *publish; /* where the child writes its pid first thing (the watchdog's) */
+    int join_fd;             /* >= 0: a cgroup.procs the child writes "0" to first (see spawn_guarded) */
     volatile int err_stage;
     volatile int err_errno;
 };
@@ -309,6 +310,11 @@ child_exec(struct spawn_args *a)
     /* While still root, so that the watchdog knows whom to look at (see spawn_guarded). */
     if (a->publish != NULL)
         *a->publish = (pid_t)syscall(SYS_getpid);
+    /* Before anything this process could fork runs, and while still root. */
+    if (a->join_fd >= 0 && write(a->join_fd, "0", 1) != 1) {
+        stage = STAGE_CGROUP;
+        goto fail;
+    }
     reset_signals();
 
     if (a->setsid && setsid() < 0) {
@@ -390,7 +396,7 @@ vfork_exec(struct spawn_args *a)
  * stopped), and the child runs outside the cgroup until then (a grandchild it forks in that
  * window escapes). A clone with a new stack cannot return through C code, so the child's entry
  * is a few instructions of assembly: x86-64 only for now; elsewhere this reports ENOSYS and
- * the caller falls back to vfork() and the write.
+ * spawn_guarded() falls back to vfork() with the child joining the cgroup itself (see there).
  */
 struct sv_clone_args {
     uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls;
@@ -633,18 +639,56 @@ inflight_give(int slot)
     pthread_mutex_unlock(&inflight_lock);
 }
 
-/* vfork_exec() or, with a cgroup, clone_exec_into(), under the watchdog. */
+/* Whether clone3(CLONE_INTO_CGROUP) works here; cleared at the first spawn that finds this
+ * kernel, build or seccomp profile (Docker's fails clone3 with ENOSYS) without it. */
+static int clone_into_works = 1;
+
+/*
+ * vfork_exec() or, with a cgroup, clone_exec_into(), under the watchdog. Where a child cannot be
+ * born in its cgroup, it joins it as the first thing it does, still root and before its exec,
+ * by writing "0" to the cgroup's cgroup.procs: nothing the program forks can start outside, as
+ * with a move of the pid after the spawn (the program runs, and may fork, before that write).
+ * The migration's cost (see clone_exec_into) is then paid with the spawning thread waiting, as
+ * it would be for the write. A refused join fails the spawn with STAGE_CGROUP.
+ */
 static pid_t
 spawn_guarded(struct spawn_args *a, int cgroup_fd)
 {
-    int slot = inflight_take();
+    int slot, procs = -1;
     pid_t pid;
 
+    a->join_fd = -1;
+    if (cgroup_fd >= 0) {
+        int works;
+        __atomic_load(&clone_into_works, &works, __ATOMIC_RELAXED);
+        if (!works) {
+            procs = openat(cgroup_fd, "cgroup.procs", O_WRONLY | O_CLOEXEC);
+            if (procs < 0) {
+                a->err_stage = STAGE_CGROUP; /* not started; errno says why */
+                return -1;
+            }
+            a->join_fd = procs;
+            cgroup_fd = -1;
+        }
+    }
+    slot = inflight_take();
     a->publish = slot >= 0 ? &inflight[slot].pid : NULL;
     pid = cgroup_fd >= 0 ? clone_exec_into(a, cgroup_fd) : vfork_exec(a);
     {
         int saved = errno;
         inflight_give(slot);
+        errno = saved;
+    }
+    if (pid < 0 && cgroup_fd >= 0 && (errno == ENOSYS || errno == E2BIG || errno == EINVAL)) {
+        int none = 0;
+        __atomic_store(&clone_into_works, &none, __ATOMIC_RELAXED);
+        return spawn_guarded(a, cgroup_fd); /* once: the flag is clear now */
+    }
+    if (pid < 0 && cgroup_fd >= 0)
+        a->err_stage = STAGE_CGROUP;
+    if (procs >= 0) {
+        int saved = errno;
+        (void)close(procs);
         errno = saved;
     }
     return pid;
@@ -1041,12 +1085,12 @@ spawn(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_END_ALLOW_THREADS
 
     if (pid < 0) {
-        result = PyObject_CallFunction(SpawnFailure, "si", stage_names[cgroup_fd >= 0 ? STAGE_CGROUP : STAGE_FORK],
+        result = PyObject_CallFunction(SpawnFailure, "si", stage_names[a.err_stage == STAGE_CGROUP ? STAGE_CGROUP : STAGE_FORK],
                                        saved_errno);
     }
     else if (a.err_stage != STAGE_NONE) {
         int stage = a.err_stage;
-        if (stage < 0 || stage > STAGE_FORK)
+        if (stage < 0 || stage > STAGE_CGROUP)
             stage = STAGE_NONE;
         result = PyObject_CallFunction(SpawnFailure, "si", stage_names[stage], (int)a.err_errno);
     }

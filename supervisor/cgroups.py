@@ -44,11 +44,6 @@ from supervisor.reaper import signal_child
 
 _MARK = "sockvisor"
 
-# Whether slot processes can be born in their cgroup (clone3 CLONE_INTO_CGROUP); cleared at the
-# first spawn that finds this kernel or build without it.
-born_in = True
-
-
 def _v2_mount(mountinfo: str) -> str | None:
     for line in mountinfo.splitlines():
         left, sep, right = line.partition(" - ")
@@ -139,21 +134,6 @@ class Group:
     def open(self) -> int:
         """A directory fd for ``clone3(CLONE_INTO_CGROUP)`` (the caller closes it)."""
         return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-
-    def add(self, pid: int) -> bool:
-        """Move ``pid`` in (the fallback where a child cannot be born in it). False (``failed`` says why) if refused."""
-        try:
-            fd = os.open(os.path.join(self.path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, str(pid).encode())
-            finally:
-                os.close(fd)
-        except ProcessLookupError:
-            return True  # already gone: nothing to hold
-        except OSError as exc:
-            self.failed = f"{self.path}: {exc.strerror}"
-            return False
-        return True
 
     def pids(self) -> list[int]:
         try:

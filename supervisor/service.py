@@ -16,7 +16,6 @@ The sockets are polled only while every slot waits for readiness.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 from collections.abc import Callable, Iterable, Mapping
 
@@ -106,33 +105,24 @@ class SlotDriver:
             rt.log.warning("cgroup_failed", error=f"{base}: {exc.strerror}")
             return self._spawner(rt, self.index, fds, None), None
         try:
-            fd = -1
-            if cgroups.born_in:
-                try:
-                    fd = group.open()
-                except OSError as exc:  # out of fds, say: the write after the spawn may still work
-                    rt.log.warning("cgroup_failed", error=f"{group.path}: {exc.strerror}")
-            if fd >= 0:
-                try:
-                    return self._spawner(rt, self.index, fds, fd), group
-                except SpawnError as exc:
-                    if exc.stage != "cgroup":
-                        raise
-                    if exc.errno in (errno.ENOSYS, errno.E2BIG, errno.EINVAL):
-                        cgroups.born_in = False  # this kernel or build has no CLONE_INTO_CGROUP
-                    else:
-                        rt.log.warning("cgroup_failed", error=f"{group.path}: {os.strerror(exc.errno)}")
-                finally:
-                    os.close(fd)
-            pid = self._spawner(rt, self.index, fds, None)
+            fd = group.open()
+        except OSError as exc:  # out of fds, say
+            rt.log.warning("cgroup_failed", error=f"{group.path}: {exc.strerror}")
+            group.remove()
+            return self._spawner(rt, self.index, fds, None), None
+        try:
+            return self._spawner(rt, self.index, fds, fd), group
+        except SpawnError as exc:
+            group.remove()
+            if exc.stage != "cgroup":
+                raise
+            rt.log.warning("cgroup_failed", error=f"{group.path}: {os.strerror(exc.errno)}")
         except BaseException:
             group.remove()
             raise
-        if group.add(pid):
-            return pid, group
-        rt.log.warning("cgroup_failed", pid=pid, error=group.failed)
-        group.remove()
-        return pid, None
+        finally:
+            os.close(fd)
+        return self._spawner(rt, self.index, fds, None), None
 
     def _stop_leftovers(self) -> None:
         """The slot's process exited: what it left in its cgroup stops too (systemd's KillMode=control-group)."""

@@ -325,7 +325,9 @@ def spawn_child(
         listen_pid: add ``LISTEN_PID=<the child's pid>``.
         pid_vars: more variable names to set to the child's pid, after ``LISTEN_PID``
             (``[b"WATCHDOG_PID"]``); none of them in the prepared environment.
-        cgroup: a cgroup v2 directory fd the child is born in (``clone3(CLONE_INTO_CGROUP)``).
+        cgroup: a cgroup v2 directory fd the child is born in (``clone3(CLONE_INTO_CGROUP)``);
+            where clone3 is refused (an old kernel, a seccomp profile), the child joins it as
+            its first step, before its exec, so nothing the program forks starts outside.
 
     Returns:
         The child's pid; it has already exec'ed the program.
@@ -334,7 +336,7 @@ def spawn_child(
         SpawnError: the child could not be started; ``stage`` names the step that failed
             ("dup", "close", "setsid", "setgroups", "setgid", "setuid", "chdir", "setrlimit",
             "nice", "execve", or "fork" if no process could be created; "cgroup" if it could not
-            be created in ``cgroup``, which a spawn without one may still do). No zombie is left.
+            be created in or join ``cgroup``, which a spawn without one may still do). No zombie is left.
     """
     env = (*extra_env, *prepared.env) if extra_env else prepared.env
     try:

@@ -63,8 +63,8 @@ def test_without_cgroups_the_subreaper_stops_it_at_shutdown(sockvisor: Sockvisor
 def test_where_clone3_is_refused_the_service_is_still_placed_in_its_cgroup(sockvisor: Sockvisor, port: int,
                                                                              short_tmp: Path) -> None:
     """Under a seccomp filter that fails clone3 with ENOSYS (as Docker's default profile does), a
-    service cannot be born in its cgroup: it is moved there after the spawn, and its escaped
-    grandchild still stops with it."""
+    service cannot be born in its cgroup: it joins it before its exec, so the grandchild it forks at
+    once is in it too, and still stops with it."""
     import platform
     import shutil
     import subprocess

@@ -15,6 +15,7 @@ import os
 import resource
 import signal
 import socket
+import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -635,6 +636,48 @@ def test_child_is_born_in_its_cgroup(fresh_cgroup: tuple[str, int]) -> None:
         own = next(line[3:] for line in output.splitlines() if line.startswith("0::"))
         assert own.endswith("/" + os.path.basename(path)), output
     assert Path(path, "cgroup.procs").read_text() == ""  # every child has gone; nothing left inside
+
+
+_JOIN_SCRIPT = """
+import os, sys
+from supervisor.model import Process
+from supervisor.spawn import prepare, spawn_child
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+prepared = prepare(Process(exec=("cat", "/proc/self/cgroup")), unit="t", notify_socket=None, daemon_environ={})
+for _ in range(int(sys.argv[2])):
+    r, w = os.pipe()
+    pid = spawn_child(prepared, [-1, w, 2], listen_pid=False, cgroup=fd)
+    os.close(w)
+    out = b""
+    while chunk := os.read(r, 4096):
+        out += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    sys.stdout.write(out.decode())
+"""
+
+
+def test_where_clone3_is_refused_the_child_joins_its_cgroup_before_its_exec(fresh_cgroup: tuple[str, int],
+                                                                           tmp_path: Path) -> None:
+    """Under a seccomp filter that fails clone3 with ENOSYS (Docker's default profile), the child
+    cannot be born in the cgroup: it joins it itself before its exec, so what the program sees
+    (and forks) is in the cgroup from its first instruction, in every one of twenty runs."""
+    import platform
+    import shutil
+    import subprocess
+
+    if platform.machine() != "x86_64" or shutil.which("gcc") is None:
+        pytest.skip("the filter program is x86-64's and needs gcc")
+    path, _fd = fresh_cgroup
+    exe = tmp_path / "no_clone3"
+    subprocess.run(["gcc", "-O1", "-o", str(exe), str(Path(__file__).parent.parent / "programs" / "no_clone3.c")],
+                   check=True)
+    done = subprocess.run([str(exe), sys.executable, "-c", _JOIN_SCRIPT, path, "20"], capture_output=True,
+                          text=True, timeout=60, cwd=Path(__file__).parent.parent.parent)
+    assert done.returncode == 0, done.stderr
+    own = [line[3:] for line in done.stdout.splitlines() if line.startswith("0::")]
+    assert len(own) == 20 and all(o.endswith("/" + os.path.basename(path)) for o in own), done.stdout
+    assert Path(path, "cgroup.procs").read_text() == ""
 
 
 def test_spawn_into_a_cgroup_keeps_the_other_guarantees(fresh_cgroup: tuple[str, int], children: Children) -> None:
