@@ -475,11 +475,13 @@ clone_exec_into(struct spawn_args *a, int cgroup_fd)
  * and with it the thread that spawned it: the hub, and so every bulk accept unit, or the loop
  * itself for a service. So every spawn registers in `inflight`, the child writes its pid there
  * first thing (while still root), and a watchdog thread looks every WATCH_MS at spawns older
- * than that: a child that is stopped (or traced) while it still shares the daemon's memory
+ * than that: a child that is stopped (by a signal: state T) while it still shares the daemon's memory
  * (kcmp KCMP_VM: no exec yet, so it is that child and not a recycled pid) gets SIGKILL through a
  * pidfd taken before the checks. The spawning thread then goes on as after any child that died
  * at once (its exit is reaped and logged as a SIGKILL). A child that is merely slow (an exec
- * from a slow filesystem) is left alone.
+ * from a slow filesystem) is left alone, and so is one in a tracing stop (state t): only root can
+ * trace it (its setuid() made it non-dumpable), and an administrator's `strace -f` on the
+ * daemon must not kill children.
  */
 #define INFLIGHT 16
 #define WATCH_MS 100
@@ -503,19 +505,39 @@ mono_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-/* `seconds` from now on CLOCK_REALTIME, the clock of pthread_cond_timedwait by default. */
+/* `seconds` from now on CLOCK_MONOTONIC, the clock of every condition variable here that is
+ * waited on with a timeout (monotonic_cond_init): a step of the wall clock (an NTP step, a VM
+ * restored from a snapshot, an administrator's `date -s`) neither stretches nor cuts a wait. */
 static struct timespec
-realtime_in(double seconds)
+monotonic_in(double seconds)
 {
     struct timespec until;
     long ns;
 
-    clock_gettime(CLOCK_REALTIME, &until);
+    clock_gettime(CLOCK_MONOTONIC, &until);
     until.tv_sec += (time_t)seconds;
     ns = until.tv_nsec + (long)((seconds - (double)(time_t)seconds) * 1e9);
     until.tv_sec += ns / 1000000000L;
     until.tv_nsec = ns % 1000000000L;
     return until;
+}
+
+/* Make `cond` one whose timed waits run on CLOCK_MONOTONIC (at import, before any thread). */
+static int
+monotonic_cond_init(pthread_cond_t *cond)
+{
+    pthread_condattr_t attr;
+    int err;
+
+    if ((err = pthread_condattr_init(&attr)) != 0)
+        return err;
+    err = pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    if (err == 0) {
+        (void)pthread_cond_destroy(cond);
+        err = pthread_cond_init(cond, &attr);
+    }
+    (void)pthread_condattr_destroy(&attr);
+    return err;
 }
 
 /* Start fn on a detached thread (it inherits the caller's signal mask); 0 or an errno. */
@@ -533,7 +555,7 @@ start_detached(void *(*fn)(void *))
     return err;
 }
 
-/* Whether `pid` is stopped or traced: /proc/PID/stat's state, after the last ')'. */
+/* Whether `pid` is stopped by a signal: /proc/PID/stat's state, after the last ')'. */
 static int
 proc_stopped(pid_t pid)
 {
@@ -551,7 +573,7 @@ proc_stopped(pid_t pid)
     buf[n] = '\0';
     if ((p = strrchr(buf, ')')) == NULL || p[1] != ' ')
         return 0;
-    return p[2] == 'T' || p[2] == 't';
+    return p[2] == 'T';
 }
 
 static void
@@ -585,7 +607,7 @@ watchdog_main(void *unused)
             pthread_cond_wait(&inflight_wake, &inflight_lock);
             watchdog_idle = 0;
         }
-        until = realtime_in(WATCH_MS / 1000.0);
+        until = monotonic_in(WATCH_MS / 1000.0);
         (void)pthread_cond_timedwait(&inflight_wake, &inflight_lock, &until);
         now = mono_now();
         /* Under the lock: a slot is released only under it, so its pid is still in its vfork. */
@@ -1786,7 +1808,7 @@ hub_lock_py(void)
 static int
 hub_wait_idle(double seconds)
 {
-    struct timespec until = realtime_in(seconds >= 0 ? seconds : 0);
+    struct timespec until = monotonic_in(seconds >= 0 ? seconds : 0);
     int timed_out = 0;
 
     while (hub.busy && !timed_out) {
@@ -2745,6 +2767,11 @@ PyMODINIT_FUNC
 PyInit__spawn(void)
 {
     PyObject *m;
+    int err;
+    if ((err = monotonic_cond_init(&inflight_wake)) != 0 || (err = monotonic_cond_init(&hub.idle)) != 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
     if (PyType_Ready(&TemplateType) < 0 || PyType_Ready(&EngineType) < 0)
         return NULL;
     m = PyModule_Create(&spawn_module);

@@ -142,6 +142,7 @@ class Sockvisor:
         self.events: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self._cond = threading.Condition()
+        self.leaked: list[str] = []  # processes stop() found holding the daemon's stderr after it exited
         self.write_main()
 
     def write_main(self, extra: str = "") -> None:
@@ -234,10 +235,46 @@ class Sockvisor:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             code = self.proc.wait()
-        self._reader.join(10)
-        if self.proc.stderr is not None:
+        self._reader.join(1)
+        if self._reader.is_alive() and self.proc.stderr is not None and not pipe_holders(self.proc.stderr.fileno()):
+            self._reader.join(9)  # the last lines, still being read
+        if self._reader.is_alive() and self.proc.stderr is not None:
+            # Something the daemon started outlived it and holds its stderr (a grandchild that
+            # escaped its unit, say): the reader would wait for it, and closing the pipe under
+            # the reader blocks for as long (uninterruptibly: no test timeout ends that). Kill it
+            # and let the fixture fail the test with who it was.
+            holders = pipe_holders(self.proc.stderr.fileno())
+            self.leaked += [f"{pid} ({_comm(pid)})" for pid in holders]
+            for pid in holders:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self._reader.join(10)
+        if self.proc.stderr is not None and not self._reader.is_alive():
             self.proc.stderr.close()
         return code
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
+
+
+def pipe_holders(fd: int) -> list[int]:
+    """The processes other than this one that have the pipe of ``fd`` open (its write end, here)."""
+    target = os.readlink(f"/proc/self/fd/{fd}")
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        with contextlib.suppress(OSError):
+            for n in os.listdir(f"/proc/{entry}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{entry}/fd/{n}") == target:
+                        found.append(int(entry))
+                        break
+    return found
 
 
 @pytest.fixture
@@ -248,3 +285,5 @@ def sockvisor(short_tmp: Path) -> Iterator[Sockvisor]:
     finally:
         with contextlib.suppress(Exception):
             sv.stop()
+    if sv.leaked:
+        pytest.fail(f"processes outlived the daemon holding its stderr (killed): {', '.join(sv.leaked)}")

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from tests.conftest import Sockvisor, roundtrip, wait_for
+from tests.conftest import PROGRAMS, Sockvisor, roundtrip, wait_for
 
 RESETS = 400
 
@@ -111,7 +111,11 @@ def test_a_unit_user_stopping_its_children_before_exec_does_not_freeze_the_daemo
     """From setuid() to execve() a child can be signalled by its new user, and vfork() holds the
     spawning thread (the hub, or the loop) until the exec. A process of that uid sending SIGSTOP to
     all its processes in a loop catches children in that window; the watchdog kills them, so the
-    hub goes on serving an unrelated unit and the daemon goes on answering."""
+    hub goes on serving an unrelated unit and the daemon goes on answering.
+
+    The daemon runs with its wall clock an hour ahead of the kernel's (tests/programs/clock_ahead.c),
+    as after the clock stepped back an hour: a watchdog that timed its rounds on CLOCK_REALTIME
+    would sleep that hour, and the hub with it."""
     import pwd
     import socket
     import threading
@@ -119,6 +123,8 @@ def test_a_unit_user_stopping_its_children_before_exec_does_not_freeze_the_daemo
 
     if shutil.which("setpriv") is None or os.geteuid() != 0:
         pytest.skip("needs root and setpriv (util-linux) to run the attacker as its own uid")
+    if shutil.which("gcc") is None:
+        pytest.skip("needs gcc for the clock shim")
     with contextlib.suppress(KeyError):
         pwd.getpwuid(ATTACKER_UID)
         pytest.skip(f"uid {ATTACKER_UID} exists here; the test needs one nothing else runs as")
@@ -140,7 +146,10 @@ def test_a_unit_user_stopping_its_children_before_exec_does_not_freeze_the_daemo
         log_connections: false
         exec: [/bin/echo, hi]
     """)
-    sockvisor.start()
+    shim = sockvisor.config.parent / "clock_ahead.so"
+    subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-o", str(shim), str(PROGRAMS / "clock_ahead.c"), "-ldl"],
+                   check=True)
+    sockvisor.start(env={"LD_PRELOAD": str(shim)})
     seconds = 8.0
     end = time.monotonic() + seconds
     stop = threading.Event()
@@ -172,4 +181,39 @@ def test_a_unit_user_stopping_its_children_before_exec_does_not_freeze_the_daemo
     # The admin hears of it: the watchdog's kills are logged with why.
     warned = sockvisor.find("child_stopped_before_exec")
     assert warned and warned[-1]["total"] >= 1 and warned[0]["level"] == "warning", warned
+    assert sockvisor.stop(timeout=30) == 0
+
+
+def test_an_administrators_strace_holding_a_child_before_its_exec_does_not_get_it_killed(
+        sockvisor: Sockvisor) -> None:
+    """A child in a tracing stop (state t) before its exec is root's doing, not its user's: the
+    watchdog leaves it alone. strace, attached to the running daemon, holds every child's execve()
+    for 300 ms, three times the watchdog's period, and every connection is still served by its
+    program."""
+    if shutil.which("strace") is None:
+        pytest.skip("needs strace")
+    from tests.conftest import free_port
+
+    port = free_port()
+    sockvisor.unit("traced", f"""
+        listen: [{{tcp: "127.0.0.1:{port}"}}]
+        mode: accept
+        exec: [/bin/echo, hi]
+    """)
+    sockvisor.start()
+    assert sockvisor.proc is not None
+    daemon = sockvisor.proc.pid
+    strace = subprocess.Popen(["strace", "-f", "-e", "trace=execve", "-e", "inject=execve:delay_enter=300000",
+                               "-o", "/dev/null", "-p", str(daemon)], stderr=subprocess.PIPE, text=True)
+    try:
+        assert strace.stderr is not None
+        line = strace.stderr.readline()  # "strace: Process N attached with M threads"
+        assert "attached" in line, line
+        for _ in range(3):
+            assert roundtrip(port, timeout=10) == b"hi\n"
+        assert not sockvisor.find("child_stopped_before_exec")
+        assert sockvisor.unit_status("traced")["connections"]["accepted"] == 3
+    finally:
+        strace.terminate()  # detaches
+        strace.communicate(timeout=30)
     assert sockvisor.stop(timeout=30) == 0
