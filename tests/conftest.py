@@ -235,9 +235,7 @@ class Sockvisor:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             code = self.proc.wait()
-        self._reader.join(1)
-        if self._reader.is_alive() and self.proc.stderr is not None and not pipe_holders(self.proc.stderr.fileno()):
-            self._reader.join(9)  # the last lines, still being read
+        self._reader.join(10)  # the last lines; children the daemon killed may still be exiting
         if self._reader.is_alive() and self.proc.stderr is not None:
             # Something the daemon started outlived it and holds its stderr (a grandchild that
             # escaped its unit, say): the reader would wait for it, and closing the pipe under

@@ -21,7 +21,7 @@ def test_a_process_holding_the_daemons_stderr_after_it_exits_is_killed_and_repor
     assert Path(f"/proc/{sleeper}").exists()
     began = time.monotonic()
     assert sv.stop() == 0
-    assert time.monotonic() - began < 15  # a second for the reader, the kill, and a second join at most
+    assert time.monotonic() - began < 30  # the reader's 10 s, the kill, and a second join at most
     assert len(sv.leaked) == 1 and sv.leaked[0].startswith(f"{sleeper} (sleep 3600"), sv.leaked
     assert sv.proc is not None and sv.proc.stderr is not None and sv.proc.stderr.closed
 
