@@ -146,7 +146,7 @@ struct spawn_args {
     int setsid;
     int *scratch; /* nfds ints: where each source was copied to */
     volatile pid_t *publish; /* where the child writes its pid first thing (the watchdog's) */
-    int join_fd;             /* >= 0: a cgroup.procs the child writes "0" to first (see spawn_guarded) */
+    int join_fd;             /* >= 0: a cgroup.procs the child writes "0" to first (spawn_into_cgroup) */
     volatile int err_stage;
     volatile int err_errno;
 };
@@ -396,7 +396,7 @@ vfork_exec(struct spawn_args *a)
  * stopped), and the child runs outside the cgroup until then (a grandchild it forks in that
  * window escapes). A clone with a new stack cannot return through C code, so the child's entry
  * is a few instructions of assembly: x86-64 only for now; elsewhere this reports ENOSYS and
- * spawn_guarded() falls back to vfork() with the child joining the cgroup itself (see there).
+ * spawn_into_cgroup() falls back to vfork() with the child joining the cgroup itself.
  */
 struct sv_clone_args {
     uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls;
@@ -661,39 +661,13 @@ inflight_give(int slot)
     pthread_mutex_unlock(&inflight_lock);
 }
 
-/* Whether clone3(CLONE_INTO_CGROUP) works here; cleared at the first spawn that finds this
- * kernel, build or seccomp profile (Docker's fails clone3 with ENOSYS) without it. */
-static int clone_into_works = 1;
-
-/*
- * vfork_exec() or, with a cgroup, clone_exec_into(), under the watchdog. Where a child cannot be
- * born in its cgroup, it joins it as the first thing it does, still root and before its exec,
- * by writing "0" to the cgroup's cgroup.procs: nothing the program forks can start outside, as
- * with a move of the pid after the spawn (the program runs, and may fork, before that write).
- * The migration's cost (see clone_exec_into) is then paid with the spawning thread waiting, as
- * it would be for the write. A refused join fails the spawn with STAGE_CGROUP.
- */
+/* vfork_exec() or, with a cgroup, clone_exec_into(), under the watchdog. */
 static pid_t
 spawn_guarded(struct spawn_args *a, int cgroup_fd)
 {
-    int slot, procs = -1;
+    int slot = inflight_take();
     pid_t pid;
 
-    a->join_fd = -1;
-    if (cgroup_fd >= 0) {
-        int works;
-        __atomic_load(&clone_into_works, &works, __ATOMIC_RELAXED);
-        if (!works) {
-            procs = openat(cgroup_fd, "cgroup.procs", O_WRONLY | O_CLOEXEC);
-            if (procs < 0) {
-                a->err_stage = STAGE_CGROUP; /* not started; errno says why */
-                return -1;
-            }
-            a->join_fd = procs;
-            cgroup_fd = -1;
-        }
-    }
-    slot = inflight_take();
     a->publish = slot >= 0 ? &inflight[slot].pid : NULL;
     pid = cgroup_fd >= 0 ? clone_exec_into(a, cgroup_fd) : vfork_exec(a);
     {
@@ -701,18 +675,47 @@ spawn_guarded(struct spawn_args *a, int cgroup_fd)
         inflight_give(slot);
         errno = saved;
     }
-    if (pid < 0 && cgroup_fd >= 0 && (errno == ENOSYS || errno == E2BIG || errno == EINVAL)) {
-        int none = 0;
-        __atomic_store(&clone_into_works, &none, __ATOMIC_RELAXED);
-        return spawn_guarded(a, cgroup_fd); /* once: the flag is clear now */
+    return pid;
+}
+
+/* Whether clone3(CLONE_INTO_CGROUP) works here; cleared at the first spawn that finds this
+ * kernel, build or seccomp profile (Docker's fails clone3 with ENOSYS) without it. */
+static int clone_into_works = 1;
+
+/*
+ * spawn_guarded() into the cgroup `cgroup_fd`, for a service (the hub's children have none).
+ * Where a child cannot be born in it, it joins it as the first thing it does, still root and
+ * before its exec, by writing "0" to the cgroup's cgroup.procs: nothing the program forks can
+ * start outside, as it could with a move of the pid after the spawn (the program runs, and may
+ * fork, before that write). The migration's cost (see clone_exec_into) is then paid with the
+ * spawning thread waiting, as it would be for the write. Not born in and not joined:
+ * STAGE_CGROUP in a->err_stage (with -1 and errno if no child was started).
+ */
+static pid_t
+spawn_into_cgroup(struct spawn_args *a, int cgroup_fd)
+{
+    pid_t pid;
+    int procs, saved;
+
+    if (__atomic_load_n(&clone_into_works, __ATOMIC_RELAXED)) {
+        pid = spawn_guarded(a, cgroup_fd);
+        if (pid >= 0 || (errno != ENOSYS && errno != E2BIG && errno != EINVAL)) {
+            if (pid < 0)
+                a->err_stage = STAGE_CGROUP;
+            return pid;
+        }
+        __atomic_store_n(&clone_into_works, 0, __ATOMIC_RELAXED);
     }
-    if (pid < 0 && cgroup_fd >= 0)
+    if ((procs = openat(cgroup_fd, "cgroup.procs", O_WRONLY | O_CLOEXEC)) < 0) {
         a->err_stage = STAGE_CGROUP;
-    if (procs >= 0) {
-        int saved = errno;
-        (void)close(procs);
-        errno = saved;
+        return -1;
     }
+    a->join_fd = procs;
+    pid = spawn_guarded(a, -1);
+    saved = errno;
+    (void)close(procs);
+    a->join_fd = -1;
+    errno = saved;
     return pid;
 }
 
@@ -1022,6 +1025,7 @@ spawn(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
     (void)module;
     memset(&a, 0, sizeof(a));
+    a.join_fd = -1;
     if (nargs != 13 && nargs != 14) {
         PyErr_Format(PyExc_TypeError, "spawn() takes 13 or 14 arguments (%zd given)", nargs);
         return NULL;
@@ -1093,7 +1097,7 @@ spawn(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_BEGIN_ALLOW_THREADS
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    pid = spawn_guarded(&a, cgroup_fd);
+    pid = cgroup_fd >= 0 ? spawn_into_cgroup(&a, cgroup_fd) : spawn_guarded(&a, -1);
     if (pid < 0) {
         saved_errno = errno;
     }
@@ -1382,6 +1386,7 @@ spawn_conn(const Template *t, struct worker *w, struct conn *c)
     int i;
 
     memset(&a, 0, sizeof(a));
+    a.join_fd = -1;
     c->pid = 0;
     c->stage = STAGE_NONE;
     if (remote_vars(t, w, c) < 0) {
