@@ -71,6 +71,11 @@ def test_kill_9_then_start_again_brings_every_unit_back(sockvisor: Sockvisor) ->
     found = sockvisor.wait_event("previous_run_found")
     assert found["alive"] == 4 and found["listeners"] >= 2, found
     assert not sockvisor.find("inherited_fd_unmatched")
+    # The old service and workers are being stopped (their units start afresh). A connection one
+    # of them accepted before its SIGTERM is its to finish, and these test programs die on SIGTERM
+    # without finishing: so probe once they are gone (a race otherwise, 2 runs in 7 here).
+    for pid in (old_svc, *old_pool):
+        sockvisor.wait_event("previous_child_exited", pid=pid)
     # Serving again at once: the listeners are the same sockets, queued connections included.
     assert int(first_line(ports["svc"]).split()[0]) > 0
     assert first_line(ports["pool"])
