@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import accept  # noqa: E402  (the starters, the build, the probe)
+import accept  # the starters, the build, the probe
 
 ROW = re.compile(r"^\s*(\d+\.\d+)\s+\[(\d+)\]\s+(.+?)\[(\d+)(?:/(\d+))?\]\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)"
                  r"\s+(\S+)\s*$")
@@ -115,7 +117,7 @@ def attribute(slices: list[Slice], idle: dict[int, list[tuple[float, float]]], s
             by_tid[s.tid].append(s)
     for v in by_tid.values():
         v.sort(key=lambda s: s.start)
-        held += [(a.end, b.wait) for a, b in zip(v, v[1:]) if a.state.startswith("D") and b.wait > a.end]
+        held += [(a.end, b.wait) for a, b in itertools.pairwise(v) if a.state.startswith("D") and b.wait > a.end]
     held.sort()
     out: dict[str, float] = defaultdict(float)
     step = 5e-6  # sample each idle stretch every 5 us: exact enough, and simple
@@ -218,7 +220,7 @@ def main() -> int:
     parser.add_argument("--contenders", default="sockvisor,tcpserver")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--n", type=int, default=6000)
-    parser.add_argument("--sockvisor-cmd", default=f"{sys.executable} -m supervisor")
+    parser.add_argument("--sockvisor-cmd", default=f"{shlex.quote(sys.executable)} -m supervisor")
     args = parser.parse_args()
     if args.n > 20000 or not 1 <= args.concurrency <= 256:
         parser.error("keep it bounded: n <= 20000, concurrency 1-256")
@@ -226,7 +228,7 @@ def main() -> int:
         print("perf is not installed (apt-get install linux-perf)", file=sys.stderr)
         return 1
     accept.build()
-    cmd = args.sockvisor_cmd.split()
+    cmd = shlex.split(args.sockvisor_cmd)
     starters = {"sockvisor": accept.sockvisor_starter(cmd, log_connections=False),
                 "xinetd": accept.xinetd_starter, "tcpserver": accept.tcpserver_starter,
                 "limit": accept.limit_starter}
