@@ -5,6 +5,8 @@
     python3 bench/accept.py --reps 5 --contenders sockvisor,tcpserver
     python3 bench/accept.py --sockvisor-cmd "/path/to/venv/bin/sockvisor"
     python3 bench/accept.py --contenders sockvisor,tcpserver --baseline-cmd "/old/checkout/.venv/bin/sockvisor"
+    (or "env PYTHONPATH=/old/checkout python -P -m supervisor": without -P the working directory,
+    this checkout, comes first; the report names the _spawn each sockvisor loaded)
 
 What it does, per repetition, for every contender in turn (the order rotates each
 repetition so that the contenders are interleaved in time on a noisy machine):
@@ -200,6 +202,16 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def loaded_spawn_module(pid: int) -> str:
+    """The path of the supervisor._spawn extension `pid` has mapped ('' if none): which checkout runs."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            path = line.split(maxsplit=5)[-1]
+            if "/supervisor/_spawn" in path:
+                return path
+    return ""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -240,6 +252,7 @@ class Result:
     busy: dict[int, list[float]] = field(default_factory=dict)  # % of the whole machine busy during the run
     failed: int = 0
     skipped: str = ""
+    spawn_module: str = ""  # the supervisor._spawn a sockvisor contender loaded (/proc/PID/maps)
 
 
 def run_one(name: str, starter: Starter, args: argparse.Namespace, result: Result) -> None:
@@ -260,6 +273,7 @@ def run_one(name: str, starter: Starter, args: argparse.Namespace, result: Resul
                 return
             time.sleep(0.05)
         time.sleep(0.3)  # let start-up work (imports, first GC) settle before the idle RSS
+        result.spawn_module = result.spawn_module or loaded_spawn_module(proc.pid)
         result.rss.append(rss_kib(proc.pid))
         loadgen(port, 8, args.warmup, 5)
         for conc in args.concurrency:
@@ -336,7 +350,13 @@ def report(results: dict[str, Result], args: argparse.Namespace) -> str:
                      if other.cps.get(c) and ours.cps.get(c)]
             lines.append(f"- vs {peer}: " + ", ".join(parts))
     lines += ["", "Contenders:", ""]
-    lines += [f"- **{name}**: {DESCRIPTIONS[name]}" for name in results]
+    lines += [f"- **{name}**: {DESCRIPTIONS[name]}" + (f" (loaded {r.spawn_module})" if r.spawn_module else "")
+              for name, r in results.items()]
+    base = results.get("sockvisor-baseline")
+    if ours is not None and base is not None and ours.spawn_module and ours.spawn_module == base.spawn_module:
+        lines += ["", f"WARNING: sockvisor and sockvisor-baseline both loaded {ours.spawn_module}: the "
+                      "baseline ran this checkout, not another one (python -m puts the working directory "
+                      "first: use python -P, or the other checkout's own venv)."]
     return "\n".join(lines)
 
 
