@@ -44,6 +44,11 @@
  * Order in the child: signals, setsid, fds, rlimits and nice (they may raise limits or lower
  * the nice value, which needs privileges we are about to drop), umask, setgroups, setgid,
  * setuid, chdir (as the target user, so it can fail like the program would), execve.
+ *
+ * The hub's per-connection children (x86-64) run the same child, but are not waited for: see
+ * "Not waiting for the exec" below. Everything above holds for them too, with their own copy of
+ * what the child reads, and with "when vfork() returns" read as "when the kernel clears the
+ * slot's word".
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -153,14 +158,76 @@ struct spawn_args {
 
 /* ---------------------------------------------------------------- the child (after vfork) */
 
-/* Everything below until the parent section runs in the vfork child: async-signal-safe only. */
+/* Everything below until the parent section runs in the child, before execve(): raw system
+ * calls only, which return -errno instead of setting errno.
+ *
+ * errno is thread-local, and the child runs on the spawning thread's TLS (CLONE_VM without
+ * CLONE_SETTLS). Under vfork() that thread is suspended, but the hub's children are not
+ * waited for (see "Not waiting for the exec" below): they run alongside the thread that
+ * started them, and a failing glibc wrapper in a child would write the errno that thread is
+ * about to read. On x86-64 these are `syscall` instructions; elsewhere glibc's syscall(), and
+ * only vfork() is used there, so errno is the child's own. */
+#if defined(__x86_64__)
+static inline long
+csys6(long n, long a1, long a2, long a3, long a4, long a5, long a6)
+{
+    long ret;
+    register long r10 __asm__("r10") = a4;
+    register long r8 __asm__("r8") = a5;
+    register long r9 __asm__("r9") = a6;
+    __asm__ volatile("syscall"
+                     : "=a"(ret)
+                     : "0"(n), "D"(a1), "S"(a2), "d"(a3), "r"(r10), "r"(r8), "r"(r9)
+                     : "rcx", "r11", "memory");
+    return ret;
+}
+#define HAVE_RAW_SYSCALL 1
+#else
+static inline long
+csys6(long n, long a1, long a2, long a3, long a4, long a5, long a6)
+{
+    long ret = syscall(n, a1, a2, a3, a4, a5, a6);
+    return ret < 0 ? -errno : ret;
+}
+#endif
+#define CSYS(n, a, b, c) csys6((n), (long)(a), (long)(b), (long)(c), 0, 0, 0)
+#define CSYS4(n, a, b, c, d) csys6((n), (long)(a), (long)(b), (long)(c), (long)(d), 0, 0)
+
+/* The kernel's rlimit64, which prlimit64 takes; struct rlimit has its layout with 64-bit rlim_t. */
+_Static_assert(sizeof(struct rlimit) == 2 * sizeof(uint64_t), "struct rlimit is not rlimit64");
+
+#ifdef HAVE_RAW_SYSCALL
+/* rt_sigaction's own struct (x86-64), and its 64-signal set. */
+struct ksigaction {
+    void *handler;
+    unsigned long flags;
+    void *restorer;
+    uint64_t mask;
+};
+#define KSIGSET 8
+#define KNSIG 64
+#endif
 
 static void
 reset_signals(void)
 {
-    struct sigaction sa;
     int sig;
-
+#ifdef HAVE_RAW_SYSCALL
+    /* 1..64, glibc's two internal real-time signals included (glibc's sigaction() hides them;
+     * the child has its own copy of the dispositions, so the parent's are untouched). */
+    for (sig = 1; sig <= KNSIG; sig++) {
+        struct ksigaction sa;
+        if (sig == SIGKILL || sig == SIGSTOP)
+            continue;
+        if (CSYS4(SYS_rt_sigaction, sig, NULL, &sa, KSIGSET) < 0)
+            continue;
+        if (sa.handler == (void *)SIG_DFL && !(sa.flags & SA_SIGINFO))
+            continue;
+        memset(&sa, 0, sizeof(sa));
+        (void)CSYS4(SYS_rt_sigaction, sig, &sa, NULL, KSIGSET);
+    }
+#else
+    struct sigaction sa;
     for (sig = 1; sig < NSIG; sig++) {
         if (sig == SIGKILL || sig == SIGSTOP)
             continue;
@@ -173,25 +240,41 @@ reset_signals(void)
         sa.sa_handler = SIG_DFL;
         (void)sigaction(sig, &sa, NULL);
     }
+#endif
 }
 
-/* Put fds[i] on fd i; returns -1 with errno set on failure. */
-static int
+/* Empty the signal mask (it survives execve). */
+static void
+unblock_signals(void)
+{
+#ifdef HAVE_RAW_SYSCALL
+    uint64_t empty = 0;
+    (void)CSYS4(SYS_rt_sigprocmask, SIG_SETMASK, &empty, NULL, KSIGSET);
+#else
+    sigset_t empty;
+    sigemptyset(&empty);
+    (void)sigprocmask(SIG_SETMASK, &empty, NULL);
+#endif
+}
+
+/* Put fds[i] on fd i; 0, or -errno on failure. */
+static long
 arrange_fds(const struct spawn_args *a)
 {
     int i, devnull = -1;
+    long r;
 
     /* Phase 1: copy every source that is not already in its slot above all slots, so that
-     * phase 2's dup2() calls cannot clobber a source another slot still needs. */
+     * phase 2's dup3() calls cannot clobber a source another slot still needs. */
     for (i = 0; i < a->nfds; i++) {
         int src = a->fds[i];
         if (src == i) {
             a->scratch[i] = i;
         }
         else if (src >= 0) {
-            a->scratch[i] = fcntl(src, F_DUPFD_CLOEXEC, a->nfds);
-            if (a->scratch[i] < 0)
-                return -1;
+            if ((r = CSYS(SYS_fcntl, src, F_DUPFD_CLOEXEC, a->nfds)) < 0)
+                return r;
+            a->scratch[i] = (int)r;
         }
     }
     /* Then /dev/null for the -1 slots: only now, so that its number cannot be mistaken for a
@@ -200,33 +283,34 @@ arrange_fds(const struct spawn_args *a)
         if (a->fds[i] >= 0)
             continue;
         if (devnull < 0) {
-            int low = open("/dev/null", O_RDWR | O_CLOEXEC);
+            long low = CSYS4(SYS_openat, AT_FDCWD, "/dev/null", O_RDWR | O_CLOEXEC, 0);
             if (low < 0)
-                return -1;
-            /* It took the lowest free number, possibly a slot of ours: dup2(devnull, devnull)
-             * would then leave FD_CLOEXEC set, so move it above the slots. */
+                return low;
+            /* It took the lowest free number, possibly a slot of ours: dup3 onto itself is
+             * refused and would leave FD_CLOEXEC set anyway, so move it above the slots. */
             if (low < a->nfds) {
-                devnull = fcntl(low, F_DUPFD_CLOEXEC, a->nfds);
-                (void)close(low);
-                if (devnull < 0)
-                    return -1;
+                r = CSYS(SYS_fcntl, low, F_DUPFD_CLOEXEC, a->nfds);
+                (void)CSYS(SYS_close, low, 0, 0);
+                if (r < 0)
+                    return r;
+                devnull = (int)r;
             }
             else {
-                devnull = low;
+                devnull = (int)low;
             }
         }
         a->scratch[i] = devnull;
     }
-    /* Phase 2: into place. dup2() clears FD_CLOEXEC on the new fd; a source that already sat
-     * in its slot keeps its number, so clear the flag by hand (Python's fds are CLOEXEC). */
+    /* Phase 2: into place. dup3() clears FD_CLOEXEC on the new fd; a source that already sat
+     * in its slot keeps its number, so clear the flag by hand (Python's fds are CLOEXEC). Every
+     * other source was copied above the slots, so it never equals its target here. */
     for (i = 0; i < a->nfds; i++) {
-        if (a->scratch[i] == i) {
-            if (fcntl(i, F_SETFD, 0) < 0)
-                return -1;
-        }
-        else if (dup2(a->scratch[i], i) < 0) {
-            return -1;
-        }
+        if (a->scratch[i] == i)
+            r = CSYS(SYS_fcntl, i, F_SETFD, 0);
+        else
+            r = CSYS(SYS_dup3, a->scratch[i], i, 0);
+        if (r < 0)
+            return r;
     }
     return 0;
 }
@@ -239,35 +323,35 @@ struct linux_dirent64_ {
     char d_name[];
 };
 
-/* Close every fd >= lowfd; returns -1 with errno set on failure. */
-static int
+/* Close every fd >= lowfd; 0, or -errno on failure. */
+static long
 close_fds_from(int lowfd)
 {
-    int dirfd;
+    long dirfd, n;
     /* 8-byte aligned: getdents64 records are. */
     uint64_t buf[512];
-    long n;
 
 #ifdef SYS_close_range
-    if (syscall(SYS_close_range, (unsigned int)lowfd, ~0U, 0U) == 0)
+    n = CSYS(SYS_close_range, (unsigned int)lowfd, ~0U, 0U);
+    if (n == 0)
         return 0;
-    if (errno != ENOSYS)
-        return -1;
+    if (n != -ENOSYS)
+        return n;
 #endif
     /* Kernel < 5.9: walk /proc/self/fd with the raw syscall (opendir() would malloc).
      * Closing while reading is fine: the directory offset is an fd number, not an index. */
-    dirfd = open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    dirfd = CSYS4(SYS_openat, AT_FDCWD, "/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
     if (dirfd < 0) {
         /* No /proc: close every number up to the fd limit. Slow, but correct. */
         struct rlimit rl;
         long fd, max = 1024;
-        if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
+        if (CSYS4(SYS_prlimit64, 0, RLIMIT_NOFILE, NULL, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
             max = (long)rl.rlim_cur;
         for (fd = lowfd; fd < max; fd++)
-            (void)close((int)fd);
+            (void)CSYS(SYS_close, fd, 0, 0);
         return 0;
     }
-    while ((n = syscall(SYS_getdents64, dirfd, buf, sizeof(buf))) > 0) {
+    while ((n = CSYS(SYS_getdents64, dirfd, buf, sizeof(buf))) > 0) {
         long off = 0;
         while (off < n) {
             struct linux_dirent64_ *d = (struct linux_dirent64_ *)((char *)buf + off);
@@ -277,11 +361,11 @@ close_fds_from(int lowfd)
             for (; *p >= '0' && *p <= '9'; p++, digits++)
                 fd = fd * 10 + (*p - '0');
             if (*p == '\0' && digits > 0 && fd >= lowfd && fd != dirfd)
-                (void)close(fd);
+                (void)CSYS(SYS_close, fd, 0, 0);
         }
     }
-    (void)close(dirfd);
-    return n < 0 ? -1 : 0;
+    (void)CSYS(SYS_close, dirfd, 0, 0);
+    return n < 0 ? n : 0;
 }
 
 /* Write "<pid>\0" at out (room for 20 digits is reserved): no stdio in a vfork child. */
@@ -304,61 +388,63 @@ static void __attribute__((noinline, noreturn))
 child_exec(struct spawn_args *a)
 {
     enum stage stage;
-    sigset_t empty;
     size_t i;
+    long r;
 
     /* While still root, so that the watchdog knows whom to look at (see spawn_guarded). */
     if (a->publish != NULL)
-        *a->publish = (pid_t)syscall(SYS_getpid);
+        *a->publish = (pid_t)CSYS(SYS_getpid, 0, 0, 0);
     /* Before anything this process could fork runs, and while still root. */
-    if (a->join_fd >= 0 && write(a->join_fd, "0", 1) != 1) {
+    if (a->join_fd >= 0 && (r = CSYS(SYS_write, a->join_fd, "0", 1)) != 1) {
+        if (r >= 0)
+            r = -EIO;
         stage = STAGE_CGROUP;
         goto fail;
     }
     reset_signals();
 
-    if (a->setsid && setsid() < 0) {
+    if (a->setsid && (r = CSYS(SYS_setsid, 0, 0, 0)) < 0) {
         stage = STAGE_SETSID;
         goto fail;
     }
-    if (arrange_fds(a) < 0) {
+    if ((r = arrange_fds(a)) < 0) {
         stage = STAGE_DUP;
         goto fail;
     }
-    if (close_fds_from(a->nfds) < 0) {
+    if ((r = close_fds_from(a->nfds)) < 0) {
         stage = STAGE_CLOSE;
         goto fail;
     }
     for (i = 0; i < a->nrlimits; i++) {
-        if (setrlimit(a->rlimits[i].resource, &a->rlimits[i].limit) < 0) {
+        if ((r = CSYS4(SYS_prlimit64, 0, a->rlimits[i].resource, &a->rlimits[i].limit, NULL)) < 0) {
             stage = STAGE_SETRLIMIT;
             goto fail;
         }
     }
-    if (a->nice != 0 && setpriority(PRIO_PROCESS, 0, a->nice) < 0) {
+    if (a->nice != 0 && (r = CSYS(SYS_setpriority, PRIO_PROCESS, 0, a->nice)) < 0) {
         stage = STAGE_NICE;
         goto fail;
     }
     if (a->umask >= 0)
-        (void)umask((mode_t)a->umask);
-    if (a->set_groups && syscall(SPAWN_SYS_SETGROUPS, a->ngroups, a->groups) < 0) {
+        (void)CSYS(SYS_umask, a->umask, 0, 0);
+    if (a->set_groups && (r = CSYS(SPAWN_SYS_SETGROUPS, a->ngroups, a->groups, 0)) < 0) {
         stage = STAGE_SETGROUPS;
         goto fail;
     }
-    if (a->set_gid && syscall(SPAWN_SYS_SETGID, a->gid) < 0) {
+    if (a->set_gid && (r = CSYS(SPAWN_SYS_SETGID, a->gid, 0, 0)) < 0) {
         stage = STAGE_SETGID;
         goto fail;
     }
-    if (a->set_uid && syscall(SPAWN_SYS_SETUID, a->uid) < 0) {
+    if (a->set_uid && (r = CSYS(SPAWN_SYS_SETUID, a->uid, 0, 0)) < 0) {
         stage = STAGE_SETUID;
         goto fail;
     }
-    if (a->cwd != NULL && chdir(a->cwd) < 0) {
+    if (a->cwd != NULL && (r = CSYS(SYS_chdir, a->cwd, 0, 0)) < 0) {
         stage = STAGE_CHDIR;
         goto fail;
     }
     if (a->npid_vars > 0) {
-        long self = syscall(SYS_getpid);
+        long self = CSYS(SYS_getpid, 0, 0, 0);
         int v;
         for (v = 0; v < a->npid_vars; v++)
             format_pid(a->pid_digits[v], self);
@@ -366,15 +452,15 @@ child_exec(struct spawn_args *a)
 
     /* Every disposition is default now, so a pending signal can only do its default thing
      * (most likely kill this child, which the daemon then reaps like any other exit). */
-    sigemptyset(&empty);
-    (void)sigprocmask(SIG_SETMASK, &empty, NULL);
-    execve(a->path, a->argv, a->envp);
+    unblock_signals();
+    r = CSYS(SYS_execve, a->path, a->argv, a->envp);
     stage = STAGE_EXECVE;
 
 fail:
-    a->err_errno = errno;
+    a->err_errno = (int)-r;
     a->err_stage = (int)stage;
-    _exit(127);
+    for (;;)
+        (void)CSYS(SYS_exit_group, 127, 0, 0);
 }
 
 /* Kept out of line so that the child's frames live below this one on the shared stack and
@@ -1283,6 +1369,7 @@ fail:
 /* One accepted connection of a batch, and what became of it. */
 struct conn {
     int fd;
+    int slot;       /* >= 0: its child was started without waiting (nw[slot]), not yet confirmed */
     pid_t pid;      /* > 0: its child */
     int stage, err; /* else why not (enum stage, errno) */
     socklen_t len;
@@ -1295,11 +1382,13 @@ struct batch {
     struct conn *conns;
     int n;
     int next; /* the next connection to spawn, taken with an atomic add by both threads */
+    int nowait; /* the hub's: children started without waiting for their exec */
 };
 
 /* One spawning thread's buffers: its own envp (the per-connection variables in front of the
  * template's base environment), fds and scratch, since two children may be set up at once. */
 struct worker {
+    int nowait; /* see struct batch */
     char **envp;
     int *fds, *scratch;
     char pid_var[sizeof(LISTEN_PID_PREFIX) + PID_DIGITS];
@@ -1376,6 +1465,152 @@ remote_vars(const Template *t, struct worker *w, struct conn *c)
     return 0;
 }
 
+/*
+ * Not waiting for the exec (the hub's children, x86-64). vfork() holds the spawning thread until
+ * its child has exec'ed, and while it is held the connections queued behind it wait too, though
+ * a CPU may be idle: the scheduler often queues the child behind a program on the other CPU
+ * (bench/README.md, "Where the idle goes"). So the hub starts its children with
+ * clone3(CLONE_VM | CLONE_CHILD_CLEARTID) instead: the child runs child_exec() in the daemon's
+ * memory, as a vfork child does, but on a stack of its own, and the thread goes on at once. The
+ * kernel clears the slot's `ctid` word when the child leaves the daemon's memory (exec or exit);
+ * until then the slot (its stack, its spawn_args, envp, fds and variables) belongs to the child,
+ * and so does the template it points into.
+ *
+ * A child started so has not been seen to exec. Its record is filed only when it is confirmed
+ * (hub_confirm, under the hub's lock): once its word is cleared, err_stage says whether it
+ * exec'ed (an ACCEPTED record) or failed before (a FAILED record, the child reaped, no exit
+ * filed), exactly what a vfork() spawn reports. Confirmations run after every batch, at every
+ * wake-up of the hub thread while slots are pending (at least every NW_POLL_MS), in hub_reap
+ * before a pending pid's exit, and in the waits of a collecting drain and of a listener being
+ * dropped (whose template must outlive the children that read it). A child still pending after
+ * WATCH_MS gets the watchdog's check (stopped before its exec: SIGKILL). With no free slot, or on
+ * other machines, the spawn falls back to vfork().
+ */
+#ifdef HAVE_CLONE3_RAW
+#define NW_SLOTS 128
+#define NW_STACK (64 * 1024)
+#define NW_POLL_MS 2
+#define SV_CLONE_CHILD_CLEARTID 0x00200000ULL
+enum nw_state { NW_FREE, NW_SETUP, NW_SPAWNED, NW_PENDING };
+struct nwslot {
+    int state;           /* atomic: FREE -> SETUP (a spawning thread) -> SPAWNED (its batch not
+                          * filed yet) -> PENDING (under hub.lock: confirmable) -> FREE */
+    volatile pid_t ctid; /* cleared by the kernel when the child leaves our memory */
+    pid_t pid;
+    double when;         /* PENDING: the record's time, its engine, its peer */
+    double watch_at;     /* PENDING: when the watchdog's check is due */
+    void *engine;
+    const Template *t;
+    char remote[INET6_ADDRSTRLEN + 16];
+    struct spawn_args a;
+    char **envp;
+    size_t cap_envp;
+    int *fds, *scratch;
+    int cap_fds;
+    char pid_var[sizeof(LISTEN_PID_PREFIX) + PID_DIGITS];
+    char vars[3][REMOTE_VAR];
+    void *stack;
+};
+static struct nwslot nw[NW_SLOTS];
+static int nw_pending; /* under hub.lock: slots in NW_PENDING */
+
+static int
+nw_enabled(void)
+{
+    static int on = -1;
+    if (on < 0) {
+        /* SOCKVISOR_SPAWN_WAIT=1: every child through vfork(), for a before/after benchmark. */
+        const char *v = getenv("SOCKVISOR_SPAWN_WAIT");
+        on = !(v != NULL && v[0] == '1');
+    }
+    return on;
+}
+
+/* Start the child of `a` (as prepared by spawn_conn in `w`) without waiting: its pid and the
+ * slot's index in *slot, or -1 when no slot is free (the caller uses vfork()). */
+static pid_t
+nw_spawn(const Template *t, const struct worker *w, const struct spawn_args *a, int *slot)
+{
+    struct nwslot *s = NULL;
+    struct sv_clone_args ca;
+    size_t nenvp = 0, i;
+    long pid;
+    int k;
+
+    for (k = 0; k < NW_SLOTS && s == NULL; k++) {
+        int want = NW_FREE;
+        if (__atomic_compare_exchange_n(&nw[k].state, &want, NW_SETUP, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+            s = &nw[k];
+    }
+    if (s == NULL)
+        return -1;
+    k--;
+    while (w->envp[nenvp] != NULL)
+        nenvp++;
+    if (s->stack == NULL) {
+        void *st = mmap(NULL, NW_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+        s->stack = st == MAP_FAILED ? NULL : st;
+    }
+    if (s->cap_envp < nenvp + 1) {
+        free(s->envp);
+        s->envp = malloc(sizeof(char *) * (nenvp + 1));
+        s->cap_envp = s->envp != NULL ? nenvp + 1 : 0;
+    }
+    if (s->cap_fds < t->nfds + 1) {
+        free(s->fds);
+        free(s->scratch);
+        s->fds = malloc(sizeof(int) * (size_t)(t->nfds + 1));
+        s->scratch = malloc(sizeof(int) * (size_t)(t->nfds + 1));
+        s->cap_fds = s->fds != NULL && s->scratch != NULL ? t->nfds + 1 : 0;
+    }
+    if (s->stack == NULL || s->cap_envp == 0 || s->cap_fds == 0) {
+        __atomic_store_n(&s->state, NW_FREE, __ATOMIC_RELEASE);
+        return -1;
+    }
+    /* The per-connection variables move into the slot: the worker's buffers serve the next one. */
+    memcpy(s->pid_var, w->pid_var, sizeof(s->pid_var));
+    memcpy(s->vars, w->vars, sizeof(s->vars));
+    for (i = 0; i < nenvp; i++) {
+        char *e = w->envp[i];
+        if (e == w->pid_var)
+            e = s->pid_var;
+        else if (e == w->vars[0] || e == w->vars[1] || e == w->vars[2])
+            e = s->vars[(e - w->vars[0]) / REMOTE_VAR];
+        s->envp[i] = e;
+    }
+    s->envp[nenvp] = NULL;
+    memcpy(s->fds, a->fds, sizeof(int) * (size_t)a->nfds);
+    s->a = *a;
+    s->a.envp = s->envp;
+    s->a.fds = s->fds;
+    s->a.scratch = s->scratch;
+    s->a.publish = NULL; /* the watchdog's table is for vfork()s; a pending slot is checked itself */
+    s->a.err_stage = STAGE_NONE;
+    s->a.err_errno = 0;
+    if (a->npid_vars > 0)
+        s->a.pid_digits[0] = s->pid_var + sizeof(LISTEN_PID_PREFIX) - 1;
+    s->t = t;
+    s->ctid = 1;
+    memset(&ca, 0, sizeof(ca));
+    ca.flags = SV_CLONE_VM | SV_CLONE_CHILD_CLEARTID;
+    ca.child_tid = (uint64_t)(uintptr_t)&s->ctid;
+    ca.exit_signal = SIGCHLD;
+    ca.stack = (uint64_t)(uintptr_t)s->stack;
+    ca.stack_size = NW_STACK;
+    pid = clone3_raw(&ca, child_exec, &s->a);
+    if (pid < 0) {
+        s->ctid = 0;
+        __atomic_store_n(&s->state, NW_FREE, __ATOMIC_RELEASE);
+        errno = (int)-pid;
+        return -1;
+    }
+    s->pid = (pid_t)pid;
+    __atomic_store_n(&s->state, NW_SPAWNED, __ATOMIC_RELEASE);
+    *slot = k;
+    return (pid_t)pid;
+}
+#endif
+
 /* Start the child of one connection (signals are blocked by the caller), then close the
  * daemon's copy of the connection. No GIL: only the template (read-only) and our buffers. */
 static void
@@ -1388,6 +1623,7 @@ spawn_conn(const Template *t, struct worker *w, struct conn *c)
     memset(&a, 0, sizeof(a));
     a.join_fd = -1;
     c->pid = 0;
+    c->slot = -1;
     c->stage = STAGE_NONE;
     if (remote_vars(t, w, c) < 0) {
         c->err = errno;
@@ -1420,6 +1656,12 @@ spawn_conn(const Template *t, struct worker *w, struct conn *c)
     a.rlimits = t->p.rlimits;
     a.nrlimits = t->nrlimits;
     a.setsid = t->setsid;
+#ifdef HAVE_CLONE3_RAW
+    if (w->nowait && nw_enabled() && (pid = nw_spawn(t, w, &a, &c->slot)) > 0) {
+        c->pid = pid; /* confirmed later (hub_confirm) */
+        goto done;
+    }
+#endif
     pid = spawn_guarded(&a, -1);
     if (pid < 0) {
         c->err = errno;
@@ -1477,6 +1719,7 @@ helper_main(void *unused)
         helper_busy = 1;
         pthread_mutex_unlock(&helper_lock);
         memset(&w, 0, sizeof(w));
+        w.nowait = b->nowait;
         if (worker_init(&w, b->t) == 0)
             (void)run_share(b, &w); /* out of memory: the caller does them all */
         worker_free(&w);
@@ -1567,7 +1810,7 @@ accept_queued(int lfd, struct conn *conns, int want, int *stop)
 /* Start one child per connection of conns[0..n) from `t` (two at a time with the helper thread
  * when several are queued); every connection is closed in the daemon. Without the GIL. */
 static void
-spawn_all(Template *t, struct conn *conns, int n)
+spawn_all(Template *t, struct conn *conns, int n, int nowait)
 {
     struct batch b;
     struct worker w;
@@ -1576,13 +1819,16 @@ spawn_all(Template *t, struct conn *conns, int n)
     if (n <= 0)
         return;
     memset(&w, 0, sizeof(w));
+    w.nowait = nowait;
     b.t = t;
     b.conns = conns;
     b.n = n;
     b.next = 0;
+    b.nowait = nowait;
     if (worker_init(&w, t) < 0) {
         for (i = 0; i < n; i++) {
             conns[i].pid = 0;
+            conns[i].slot = -1;
             conns[i].stage = STAGE_FORK;
             conns[i].err = ENOMEM;
             conns[i].remote[0] = '\0';
@@ -1647,7 +1893,7 @@ accept_spawn(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     pthread_sigmask(SIG_SETMASK, &all, &old);
     /* Accept everything queued first (cheap), then spawn (slow: each waits for an exec). */
     n = accept_queued((int)lfd, conns, (int)budget, &stop);
-    spawn_all(t, conns, n);
+    spawn_all(t, conns, n, 0); /* the caller reads every outcome now: vfork() */
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     Py_END_ALLOW_THREADS
 
@@ -1985,6 +2231,191 @@ exits_reserve(int more)
 }
 
 /* Under the lock: collect every exited child. Returns how many. */
+/* Under the lock: file one connection's record for engine `e` (NULL: the engine is gone, and
+ * only its child's exit is left to file, as urgent). pid > 0: its child; else stage and err say
+ * why it got none. remote: the peer as log text, or NULL. */
+static void
+hub_file(Engine *e, pid_t pid, int stage, int err, double when, const char *remote)
+{
+    struct arec *r, spare;
+
+    if (e == NULL) {
+        if (pid > 0)
+            (void)kid_add(pid, NULL);
+        return;
+    }
+    r = arecs_reserve(e, 1) == 0 ? &e->recs[e->nrecs++] : &spare;
+    r->pid = pid;
+    r->when = when;
+    if (remote != NULL)
+        memcpy(r->remote, remote, sizeof(r->remote));
+    else
+        r->remote[0] = '\0';
+    if (pid > 0) {
+        r->kind = REC_ACCEPTED;
+        r->stage = r->err = 0;
+        if (kid_add(pid, e) == 0)
+            e->live++;
+        /* else (memory): its exit comes as an urgent one, which is only slower */
+    }
+    else {
+        r->kind = REC_FAILED;
+        r->stage = stage;
+        r->err = err;
+    }
+}
+
+#ifdef HAVE_CLONE3_RAW
+/* Under the lock: a pending slot whose word the kernel has cleared. File its record and free
+ * it; 1 if its child failed before its exec (then it is reaped here if `reap`, and no exit may
+ * be filed for it). */
+static int
+nw_file(struct nwslot *sl, int reap)
+{
+    Engine *e = sl->engine;
+    int stage = sl->a.err_stage;
+
+    if (stage != STAGE_NONE) {
+        if (reap)
+            while (waitpid(sl->pid, NULL, 0) < 0 && errno == EINTR)
+                ;
+        hub_file(e, 0, stage > STAGE_NONE && stage <= STAGE_FORK ? stage : STAGE_FORK, sl->a.err_errno,
+                 sl->when, sl->remote);
+    }
+    else {
+        hub_file(e, sl->pid, 0, 0, sl->when, sl->remote);
+    }
+    if (e != NULL) {
+        engine_mark(e);
+        hub_note(e->grant <= 0);
+    }
+    nw_pending--;
+    __atomic_store_n(&sl->state, NW_FREE, __ATOMIC_RELEASE);
+    return stage != STAGE_NONE;
+}
+
+/* Under the lock: file every pending slot whose child has left our memory; the watchdog's check
+ * for those still there after WATCH_MS. */
+static void
+hub_confirm(void)
+{
+    double now = -1;
+    int k;
+
+    for (k = 0; k < NW_SLOTS && nw_pending > 0; k++) {
+        struct nwslot *sl = &nw[k];
+        if (__atomic_load_n(&sl->state, __ATOMIC_ACQUIRE) != NW_PENDING)
+            continue;
+        if (__atomic_load_n(&sl->ctid, __ATOMIC_ACQUIRE) == 0) {
+            (void)nw_file(sl, 1);
+            continue;
+        }
+        if (now < 0)
+            now = mono_now();
+        if (now >= sl->watch_at) { /* every WATCH_MS, as the watchdog thread looks at vfork()s */
+            sl->watch_at = now + WATCH_MS / 1000.0;
+            watch_one(sl->pid); /* its word is set: it has not exited, so the pid is still its own */
+        }
+    }
+}
+
+/* Under the lock, in hub_reap: `pid` was reaped. If it was a pending slot's child, file it first
+ * (its word is cleared by now); 1 if it failed before its exec, so that no exit is filed. */
+static int
+nw_reaped(pid_t pid)
+{
+    int k;
+    for (k = 0; k < NW_SLOTS && nw_pending > 0; k++)
+        if (__atomic_load_n(&nw[k].state, __ATOMIC_ACQUIRE) == NW_PENDING && nw[k].pid == pid)
+            return nw_file(&nw[k], 0);
+    return 0;
+}
+
+/* Under the lock, from Python with the GIL: confirm until `still(arg)` says no slot the caller
+ * needs is pending, releasing the lock and the GIL between rounds; at most `seconds` (< 0: no
+ * limit). 1 if none is left. */
+static int
+hub_wait_slots(int (*still)(void *), void *arg, double seconds)
+{
+    double until = seconds >= 0 ? mono_now() + seconds : 0;
+    for (;;) {
+        hub_confirm();
+        if (!still(arg))
+            return 1;
+        if (seconds >= 0 && mono_now() >= until)
+            return 0;
+        pthread_mutex_unlock(&hub.lock);
+        Py_BEGIN_ALLOW_THREADS
+        struct timespec pause = {0, 200 * 1000};
+        (void)nanosleep(&pause, NULL);
+        pthread_mutex_lock(&hub.lock);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+struct nw_snapshot {
+    int n;
+    int k[NW_SLOTS];
+    pid_t pid[NW_SLOTS];
+};
+
+static int
+nw_snapshot_pending(void *arg)
+{
+    const struct nw_snapshot *snap = arg;
+    int i;
+    for (i = 0; i < snap->n; i++)
+        if (__atomic_load_n(&nw[snap->k[i]].state, __ATOMIC_ACQUIRE) == NW_PENDING &&
+            nw[snap->k[i]].pid == snap->pid[i])
+            return 1;
+    return 0;
+}
+
+/* Under the lock, from Python: wait (at most `seconds`) for the children pending now to be
+ * confirmed, so that what the caller reads next lists them. */
+static void
+hub_confirm_now(double seconds)
+{
+    struct nw_snapshot snap;
+    int k;
+    if (nw_pending == 0)
+        return;
+    snap.n = 0;
+    for (k = 0; k < NW_SLOTS; k++)
+        if (__atomic_load_n(&nw[k].state, __ATOMIC_ACQUIRE) == NW_PENDING) {
+            snap.k[snap.n] = k;
+            snap.pid[snap.n++] = nw[k].pid;
+        }
+    (void)hub_wait_slots(nw_snapshot_pending, &snap, seconds);
+}
+
+struct nw_templates {
+    Template *const *ts;
+    int n;
+};
+
+static int
+nw_templates_pending(void *arg)
+{
+    const struct nw_templates *tt = arg;
+    int k, i;
+    for (k = 0; k < NW_SLOTS; k++) {
+        int st = __atomic_load_n(&nw[k].state, __ATOMIC_ACQUIRE);
+        if (st != NW_PENDING && st != NW_SPAWNED)
+            continue;
+        for (i = 0; i < tt->n; i++)
+            if (nw[k].t == tt->ts[i])
+                return 1;
+    }
+    return 0;
+}
+#else
+#define nw_pending 0
+static void hub_confirm(void) {}
+static int nw_reaped(pid_t pid) { (void)pid; return 0; }
+static void hub_confirm_now(double seconds) { (void)seconds; }
+#endif
+
 static int
 hub_reap(void)
 {
@@ -1998,6 +2429,8 @@ hub_reap(void)
         if (pid <= 0)
             break;
         n++;
+        if (nw_pending > 0 && nw_reaped(pid))
+            continue; /* failed before its exec: its FAILED record is filed instead */
         if (kid_take(pid, &e) && e != NULL) {
             e->live--;
             urgent = e->grant <= 0;
@@ -2059,34 +2492,31 @@ hub_listener_ready(int idx, uint32_t gen)
         hub.busy = 1;
         pthread_mutex_unlock(&hub.lock);
         t0 = mono_now();
-        spawn_all(t, conns, n);
+        spawn_all(t, conns, n, 1);
         pthread_mutex_lock(&hub.lock);
         hub.busy = 0;
         pthread_cond_broadcast(&hub.idle);
         /* The engine is still there: dropping a listener (engine_unregister) waits for busy. */
         for (i = 0; i < n; i++) {
             struct conn *c = &conns[i];
-            struct arec *r, spare;
-            r = arecs_reserve(e, 1) == 0 ? &e->recs[e->nrecs++] : &spare;
-            r->pid = c->pid;
-            r->when = t0;
-            if (want_remote)
-                memcpy(r->remote, c->remote, sizeof(r->remote));
-            else
-                r->remote[0] = '\0';
-            if (c->pid > 0) {
-                r->kind = REC_ACCEPTED;
-                r->stage = r->err = 0;
-                if (kid_add(c->pid, e) == 0)
-                    e->live++;
-                /* else (memory): its exit comes as an urgent one, which is only slower */
+#ifdef HAVE_CLONE3_RAW
+            if (c->slot >= 0) { /* not waited for: filed when confirmed */
+                struct nwslot *sl = &nw[c->slot];
+                sl->engine = e;
+                sl->when = t0;
+                sl->watch_at = t0 + WATCH_MS / 1000.0;
+                if (want_remote)
+                    memcpy(sl->remote, c->remote, sizeof(sl->remote));
+                else
+                    sl->remote[0] = '\0';
+                nw_pending++;
+                __atomic_store_n(&sl->state, NW_PENDING, __ATOMIC_RELEASE);
+                continue;
             }
-            else {
-                r->kind = REC_FAILED;
-                r->stage = c->stage;
-                r->err = c->err;
-            }
+#endif
+            hub_file(e, c->pid, c->stage, c->err, t0, want_remote ? c->remote : NULL);
         }
+        hub_confirm();
     }
     if (stop)
         e->err = stop;
@@ -2111,6 +2541,10 @@ hub_main(void *unused)
             double left = hub.deadline - mono_now();
             timeout = left <= 0 ? 0 : (int)(left * 1000.0) + 1;
         }
+#ifdef HAVE_CLONE3_RAW
+        if (nw_pending > 0 && (timeout < 0 || timeout > NW_POLL_MS))
+            timeout = NW_POLL_MS; /* children not waited for are confirmed at least this often */
+#endif
         pthread_mutex_unlock(&hub.lock);
         n = epoll_wait(hub.epfd, evs, 64, timeout);
         pthread_mutex_lock(&hub.lock);
@@ -2140,6 +2574,7 @@ hub_main(void *unused)
                 hub_listener_ready(HEV_IDX(d), HEV_GEN(d));
             }
         }
+        hub_confirm();
         if (hub.deadline > 0 && !hub.woken && mono_now() >= hub.deadline) {
             uint64_t one = 1;
             (void)!write(hub.wakefd, &one, sizeof(one));
@@ -2259,6 +2694,9 @@ hub_open(PyObject *module, PyObject *Py_UNUSED(ignored))
     (void)module;
     if (hub.owner != getpid())
         hub.users = 0;
+#ifdef HAVE_CLONE3_RAW
+    (void)nw_enabled(); /* reads the environment here, with the GIL, not in the thread */
+#endif
     if (hub_setup() < 0 || hub_start_thread() < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     hub.users++;
@@ -2349,8 +2787,13 @@ hub_drain(PyObject *module, PyObject *arg)
      * batch the thread is spawning is waited for and filed first. Reaping during the batch would
      * also reap a child of it that exited at once before its record (and its place in the kids
      * table) exists. */
-    if (collect && hub_wait_idle(HUB_SYNC_WAIT))
-        (void)hub_reap();
+    if (collect && hub_wait_idle(HUB_SYNC_WAIT)) {
+        /* The children not waited for, as they are now; that wait lets the thread run, so the
+         * batch it may have started meanwhile is waited for again before reaping. */
+        hub_confirm_now(HUB_SYNC_WAIT);
+        if (hub_wait_idle(HUB_SYNC_WAIT))
+            (void)hub_reap();
+    }
     nx = hub.nexits;
     if (nx > 0 && (xs = malloc(sizeof(*xs) * (size_t)nx)) == NULL) {
         pthread_mutex_unlock(&hub.lock);
@@ -2530,6 +2973,14 @@ engine_drop_listeners(Engine *e)
     }
     while (hub.nl > 0 && hub.l[hub.nl - 1].fd < 0)
         hub.nl--;
+#ifdef HAVE_CLONE3_RAW
+    /* A child not waited for may still read its template: the references go when none does
+     * (no new one can start: the listeners are gone; one stopped before its exec is killed). */
+    if (nd > 0 && nw_pending > 0) {
+        struct nw_templates tt = {drop, nd};
+        (void)hub_wait_slots(nw_templates_pending, &tt, -1);
+    }
+#endif
     pthread_mutex_unlock(&hub.lock);
     for (i = 0; i < nd; i++)
         Py_XDECREF(drop[i]);
@@ -2547,6 +2998,11 @@ engine_unregister(Engine *e)
     for (i = 0; i < hub.capkids; i++)
         if (hub.kids[i].pid > 0 && hub.kids[i].e == e)
             hub.kids[i].e = NULL; /* its exit will be urgent, and still drained */
+#ifdef HAVE_CLONE3_RAW
+    for (i = 0; i < NW_SLOTS; i++)
+        if (nw[i].state == NW_PENDING && nw[i].engine == e)
+            nw[i].engine = NULL; /* likewise, once confirmed */
+#endif
     e->registered = 0;
     e->grant = 0;
     pthread_mutex_unlock(&hub.lock);
