@@ -349,3 +349,55 @@ def test_a_unit_removed_while_its_children_are_before_their_exec_leaves_them_who
         strace.communicate(timeout=30)
     assert sockvisor.proc.poll() is None
     assert sockvisor.stop(timeout=30) == 0
+
+
+@pytest.mark.parametrize("spawn", ["nowait", "vfork"])
+def test_children_held_in_their_exec_do_not_hold_the_hub(sockvisor: Sockvisor, spawn: str) -> None:
+    """The hub does not wait for its children's exec. strace holds every execve() for 2 s; four
+    connections at once all get their child within 1.5 s (through vfork() the hub and its helper
+    can start only two in that time: each waits in vfork() for its child's exec), and every
+    connection is served by its program."""
+    if shutil.which("strace") is None:
+        pytest.skip("needs strace")
+    if os.uname().machine != "x86_64" and spawn == "nowait":
+        pytest.skip("the hub waits for every exec on this machine (x86-64 only)")
+    from tests.conftest import free_port
+
+    port = free_port()
+    sockvisor.unit("held", f"""
+        listen: [{{tcp: "127.0.0.1:{port}"}}]
+        mode: accept
+        exec: [/bin/echo, served]
+    """)
+    sockvisor.start(env={"SOCKVISOR_SPAWN_WAIT": "1"} if spawn == "vfork" else None)
+    assert sockvisor.proc is not None
+    daemon = sockvisor.proc.pid
+    before = _children(daemon)
+    strace = subprocess.Popen(["strace", "-f", "-e", "trace=execve", "-e", "inject=execve:delay_enter=2000000",
+                               "-o", "/dev/null", "-p", str(daemon)], stderr=subprocess.PIPE, text=True)
+    conns = []
+    try:
+        assert strace.stderr is not None
+        line = strace.stderr.readline()  # "strace: Process N attached with M threads"
+        assert "attached" in line, line
+        conns = [socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(4)]
+
+        def four() -> bool:
+            return len(_children(daemon) - before) >= 4
+
+        if spawn == "nowait":
+            wait_for(four, timeout=1.5, what="four children started while their execs are held")
+        else:  # the control: held in vfork(), the hub and its helper start at most two meanwhile
+            with pytest.raises(AssertionError):
+                wait_for(four, timeout=1.5, what="four children")
+        for c in conns:
+            data = b""
+            while chunk := c.recv(64):
+                data += chunk
+            assert data == b"served\n"
+    finally:
+        for c in conns:
+            c.close()
+        strace.terminate()  # detaches
+        strace.communicate(timeout=30)
+    assert sockvisor.stop(timeout=30) == 0
