@@ -41,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -255,52 +255,74 @@ class Result:
     spawn_module: str = ""  # the supervisor._spawn a sockvisor contender loaded (/proc/PID/maps)
 
 
-def run_one(name: str, starter: Starter, args: argparse.Namespace, result: Result) -> None:
+class NotServing(Exception):
+    """A contender that could not be measured: not installed, or it did not serve."""
+
+
+@contextlib.contextmanager
+def serving(name: str, starter: Starter) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """Start a contender on a fresh loopback port with the `hello` service, wait until it serves,
+    and yield (process, port); stop it after (SIGTERM, then SIGKILL), by pid only."""
     port = free_port()
     work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
-    argv = starter(port, work, [str(BUILD / "hello")])
-    if argv is None:
-        result.skipped = "not installed"
-        return
-    with open(work / "out.log", "wb") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=REPO,
-                                start_new_session=True)
+    keep = False  # a contender that did not serve leaves its out.log to read
     try:
-        deadline = time.monotonic() + 15
-        while probe(port) != b"hello\n":
-            if proc.poll() is not None or time.monotonic() > deadline:
-                result.skipped = f"did not serve (see {work}/out.log)"
-                return
-            time.sleep(0.05)
-        time.sleep(0.3)  # let start-up work (imports, first GC) settle before the idle RSS
-        result.spawn_module = result.spawn_module or loaded_spawn_module(proc.pid)
-        result.rss.append(rss_kib(proc.pid))
-        loadgen(port, 8, args.warmup, 5)
-        for conc in args.concurrency:
-            n = args.n1 if conc == 1 else args.n
-            t0, e0, m0 = cpu_ticks(proc.pid), cpu_ns(proc.pid), machine_ticks()
-            line = loadgen(port, conc, n, args.tmax)
-            t1, e1, m1 = cpu_ticks(proc.pid), cpu_ns(proc.pid), machine_ticks()
-            done = max(int(line.get("completed", 0)), 1)
-            result.cps.setdefault(conc, []).append(line.get("cps", 0.0))
-            result.p50.setdefault(conc, []).append(line.get("p50_us", 0.0))
-            result.p99.setdefault(conc, []).append(line.get("p99_us", 0.0))
-            result.cpu_stat.setdefault(conc, []).append((t1 - t0) * 1e6 / CLK_TCK / done)
-            result.cpu_exact.setdefault(conc, []).append((e1 - e0) / 1e3 / done)
-            result.busy.setdefault(conc, []).append(100 * (m1[0] - m0[0]) / max(m1[1] - m0[1], 1))
-            result.failed += int(line.get("failed", 0)) + max(n - int(line.get("completed", 0)), 0)
-            log(f"{name} c={conc}: {line.get('cps', 0):.0f} conn/s, p50 {line.get('p50_us', 0) / 1000:.2f} ms, "
-                f"supervisor CPU {(e1 - e0) / 1e3 / done:.1f} us/conn, busy {result.busy[conc][-1]:.0f} %, "
-                f"failed {int(line.get('failed', 0))}")
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
+        argv = starter(port, work, [str(BUILD / "hello")])
+        if argv is None:
+            raise NotServing("not installed")
+        with open(work / "out.log", "wb") as out:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=REPO,
+                                    start_new_session=True)
         try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(work, ignore_errors=True)
+            deadline = time.monotonic() + 15
+            while probe(port) != b"hello\n":
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    keep = True
+                    raise NotServing(f"did not serve (see {work}/out.log)")
+                time.sleep(0.05)
+            yield proc, port
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run_one(name: str, starter: Starter, args: argparse.Namespace, result: Result) -> None:
+    try:
+        with serving(name, starter) as (proc, port):
+            measure(name, proc, port, args, result)
+    except NotServing as why:
+        result.skipped = str(why)
+
+
+def measure(name: str, proc: subprocess.Popen[bytes], port: int, args: argparse.Namespace, result: Result) -> None:
+    time.sleep(0.3)  # let start-up work (imports, first GC) settle before the idle RSS
+    result.spawn_module = result.spawn_module or loaded_spawn_module(proc.pid)
+    result.rss.append(rss_kib(proc.pid))
+    loadgen(port, 8, args.warmup, 5)
+    for conc in args.concurrency:
+        n = args.n1 if conc == 1 else args.n
+        t0, e0, m0 = cpu_ticks(proc.pid), cpu_ns(proc.pid), machine_ticks()
+        line = loadgen(port, conc, n, args.tmax)
+        t1, e1, m1 = cpu_ticks(proc.pid), cpu_ns(proc.pid), machine_ticks()
+        done = max(int(line.get("completed", 0)), 1)
+        result.cps.setdefault(conc, []).append(line.get("cps", 0.0))
+        result.p50.setdefault(conc, []).append(line.get("p50_us", 0.0))
+        result.p99.setdefault(conc, []).append(line.get("p99_us", 0.0))
+        result.cpu_stat.setdefault(conc, []).append((t1 - t0) * 1e6 / CLK_TCK / done)
+        result.cpu_exact.setdefault(conc, []).append((e1 - e0) / 1e3 / done)
+        result.busy.setdefault(conc, []).append(100 * (m1[0] - m0[0]) / max(m1[1] - m0[1], 1))
+        result.failed += int(line.get("failed", 0)) + max(n - int(line.get("completed", 0)), 0)
+        log(f"{name} c={conc}: {line.get('cps', 0):.0f} conn/s, p50 {line.get('p50_us', 0) / 1000:.2f} ms, "
+            f"supervisor CPU {(e1 - e0) / 1e3 / done:.1f} us/conn, busy {result.busy[conc][-1]:.0f} %, "
+            f"failed {int(line.get('failed', 0))}")
 
 
 def med(values: list[float]) -> float:

@@ -25,16 +25,13 @@ tracepoints; runs as root. Loopback only, one bounded run per contender.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,30 +159,25 @@ def per_thread(slices: list[Slice], spawner_pid: int) -> list[tuple[int, float, 
 
 
 def run(name: str, starter: accept.Starter, args: argparse.Namespace) -> str:
-    port = accept.free_port()
-    work = Path(tempfile.mkdtemp(prefix=f"idle-{name}-"))
-    program = str(accept.BUILD / "hello")
-    argv = starter(port, work, [program])
-    if argv is None:
-        return f"### {name}\n\nskipped: not installed\n"
-    with open(work / "out.log", "wb") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=accept.REPO,
-                                start_new_session=True)
     try:
-        deadline = time.monotonic() + 15
-        while accept.probe(port) != b"hello\n":
-            if proc.poll() is not None or time.monotonic() > deadline:
-                return f"### {name}\n\nskipped: did not serve (see {work}/out.log)\n"
-            time.sleep(0.05)
+        with accept.serving(name, starter) as (proc, port):
+            return traced(name, proc, port, args)
+    except accept.NotServing as why:
+        return f"### {name}\n\nskipped: {why}\n"
+
+
+def traced(name: str, proc: subprocess.Popen[bytes], port: int, args: argparse.Namespace) -> str:
+    program = str(accept.BUILD / "hello")
+    with tempfile.TemporaryDirectory(prefix=f"idle-{name}-") as work:
         accept.loadgen(port, 8, 500, 5)
-        data = work / "perf.data"
+        data = Path(work) / "perf.data"
         rec = subprocess.run(
             ["perf", "sched", "record", "-o", str(data), "--", str(accept.BUILD / "loadgen"),
              "-p", str(port), "-c", str(args.concurrency), "-n", str(args.n), "-t", "10", "-T", "5000",
              "-e", "hello\\n"], capture_output=True, text=True, timeout=60)
         line = dict(item.partition("=")[::2] for item in rec.stdout.split())
-        hist = subprocess.run(["perf", "sched", "timehist", "--state", "-i", str(data)], capture_output=True, text=True,
-                              timeout=120)
+        hist = subprocess.run(["perf", "sched", "timehist", "--state", "-i", str(data)], capture_output=True,
+                              text=True, timeout=120)
         slices, idle = parse_timehist(hist.stdout)
         if not slices:
             return f"### {name}\n\nskipped: perf sched gave nothing ({hist.stderr.strip()[:200]})\n"
@@ -204,15 +196,6 @@ def run(name: str, starter: accept.Starter, args: argparse.Namespace) -> str:
         for tid, cpu, delay, n in per_thread(slices, proc.pid):
             lines.append(f"| {tid}{' (main)' if tid == proc.pid else ''} | {cpu * 1e3:.1f} | {delay * 1e3:.1f} | {n} |")
         return "\n".join(lines) + "\n"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> int:
