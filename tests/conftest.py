@@ -100,19 +100,20 @@ def connect(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> socket
     return s
 
 
+def read_to_eof(s: socket.socket) -> bytes:
+    chunks = []
+    while chunk := s.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def roundtrip(port: int, data: bytes = b"", host: str = "127.0.0.1", timeout: float = 10.0) -> bytes:
     """Connect, send ``data``, half-close, read until EOF."""
     with connect(port, host, timeout) as s:
         if data:
             s.sendall(data)
         s.shutdown(socket.SHUT_WR)
-        chunks = []
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return b"".join(chunks)
+        return read_to_eof(s)
 
 
 def alive(pid: int) -> bool:

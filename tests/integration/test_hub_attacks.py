@@ -12,14 +12,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROGRAMS, Sockvisor, roundtrip, wait_for
+from tests.conftest import PROGRAMS, Sockvisor, connect, read_to_eof, roundtrip, wait_for
 
 RESETS = 400
 
@@ -262,8 +262,6 @@ def test_an_administrators_strace_holding_a_child_before_its_exec_does_not_get_i
     watchdog leaves it alone. strace, attached to the running daemon, holds every child's execve()
     for 300 ms, three times the watchdog's period, and every connection is still served by its
     program."""
-    if shutil.which("strace") is None:
-        pytest.skip("needs strace")
     from tests.conftest import free_port
 
     port = free_port()
@@ -274,21 +272,31 @@ def test_an_administrators_strace_holding_a_child_before_its_exec_does_not_get_i
     """)
     sockvisor.start()
     assert sockvisor.proc is not None
-    daemon = sockvisor.proc.pid
-    strace = subprocess.Popen(["strace", "-f", "-e", "trace=execve", "-e", "inject=execve:delay_enter=300000",
-                               "-o", "/dev/null", "-p", str(daemon)], stderr=subprocess.PIPE, text=True)
-    try:
-        assert strace.stderr is not None
-        line = strace.stderr.readline()  # "strace: Process N attached with M threads"
-        assert "attached" in line, line
+    with _execs_held(sockvisor.proc.pid, 0.3):
         for _ in range(3):
             assert roundtrip(port, timeout=10) == b"hi\n"
         assert not sockvisor.find("child_stopped_before_exec")
         assert sockvisor.unit_status("traced")["connections"]["accepted"] == 3
+    assert sockvisor.stop(timeout=30) == 0
+
+
+@contextlib.contextmanager
+def _execs_held(daemon: int, seconds: float) -> Iterator[None]:
+    """strace, attached to the running daemon, holds every execve() of its children for `seconds`
+    (a tracing stop, root's doing); it detaches after."""
+    if shutil.which("strace") is None:
+        pytest.skip("needs strace")
+    strace = subprocess.Popen(["strace", "-f", "-e", "trace=execve", "-e",
+                               f"inject=execve:delay_enter={int(seconds * 1e6)}", "-o", "/dev/null",
+                               "-p", str(daemon)], stderr=subprocess.PIPE, text=True)
+    try:
+        assert strace.stderr is not None
+        line = strace.stderr.readline()  # "strace: Process N attached with M threads"
+        assert "attached" in line, line
+        yield
     finally:
         strace.terminate()  # detaches
         strace.communicate(timeout=30)
-    assert sockvisor.stop(timeout=30) == 0
 
 
 def _children(pid: int) -> set[int]:
@@ -309,8 +317,6 @@ def test_a_unit_removed_while_its_children_are_before_their_exec_leaves_them_who
     for 300 ms, and a reload removes the unit meanwhile. The reload must keep all that until the
     children have left the daemon's memory: each connection is still served by its program with
     its arguments, and the reload completes."""
-    if shutil.which("strace") is None:
-        pytest.skip("needs strace")
     from tests.conftest import free_port
 
     port = free_port()
@@ -324,29 +330,14 @@ def test_a_unit_removed_while_its_children_are_before_their_exec_leaves_them_who
     assert sockvisor.proc is not None
     daemon = sockvisor.proc.pid
     before = _children(daemon)
-    strace = subprocess.Popen(["strace", "-f", "-e", "trace=execve", "-e", "inject=execve:delay_enter=300000",
-                               "-o", "/dev/null", "-p", str(daemon)], stderr=subprocess.PIPE, text=True)
-    conns = []
-    try:
-        assert strace.stderr is not None
-        line = strace.stderr.readline()  # "strace: Process N attached with M threads"
-        assert "attached" in line, line
-        for _ in range(3):
-            conns.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+    with _execs_held(daemon, 0.3), contextlib.ExitStack() as conns:
+        held = [conns.enter_context(connect(port)) for _ in range(3)]
         wait_for(lambda: len(_children(daemon) - before) >= 3, what="three children in their execve()")
         sockvisor.remove_unit("going")
         res = sockvisor.cli("reload", check=True)
         assert "removed going" in res.stdout, res.stdout
-        for c in conns:
-            data = b""
-            while chunk := c.recv(64):
-                data += chunk
-            assert data == b"still-here the-unit\n"
-    finally:
-        for c in conns:
-            c.close()
-        strace.terminate()  # detaches
-        strace.communicate(timeout=30)
+        for c in held:
+            assert read_to_eof(c) == b"still-here the-unit\n"
     assert sockvisor.proc.poll() is None
     assert sockvisor.stop(timeout=30) == 0
 
@@ -357,8 +348,6 @@ def test_children_held_in_their_exec_do_not_hold_the_hub(sockvisor: Sockvisor, s
     connections at once all get their child within 1.5 s (through vfork() the hub and its helper
     can start only two in that time: each waits in vfork() for its child's exec), and every
     connection is served by its program."""
-    if shutil.which("strace") is None:
-        pytest.skip("needs strace")
     if os.uname().machine != "x86_64" and spawn == "nowait":
         pytest.skip("the hub waits for every exec on this machine (x86-64 only)")
     from tests.conftest import free_port
@@ -373,14 +362,8 @@ def test_children_held_in_their_exec_do_not_hold_the_hub(sockvisor: Sockvisor, s
     assert sockvisor.proc is not None
     daemon = sockvisor.proc.pid
     before = _children(daemon)
-    strace = subprocess.Popen(["strace", "-f", "-e", "trace=execve", "-e", "inject=execve:delay_enter=2000000",
-                               "-o", "/dev/null", "-p", str(daemon)], stderr=subprocess.PIPE, text=True)
-    conns = []
-    try:
-        assert strace.stderr is not None
-        line = strace.stderr.readline()  # "strace: Process N attached with M threads"
-        assert "attached" in line, line
-        conns = [socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(4)]
+    with _execs_held(daemon, 2.0), contextlib.ExitStack() as conns:
+        held = [conns.enter_context(connect(port, timeout=15)) for _ in range(4)]
 
         def four() -> bool:
             return len(_children(daemon) - before) >= 4
@@ -390,14 +373,6 @@ def test_children_held_in_their_exec_do_not_hold_the_hub(sockvisor: Sockvisor, s
         else:  # the control: held in vfork(), the hub and its helper start at most two meanwhile
             with pytest.raises(AssertionError):
                 wait_for(four, timeout=1.5, what="four children")
-        for c in conns:
-            data = b""
-            while chunk := c.recv(64):
-                data += chunk
-            assert data == b"served\n"
-    finally:
-        for c in conns:
-            c.close()
-        strace.terminate()  # detaches
-        strace.communicate(timeout=30)
+        for c in held:
+            assert read_to_eof(c) == b"served\n"
     assert sockvisor.stop(timeout=30) == 0
