@@ -1396,15 +1396,31 @@ struct worker {
 };
 
 static int
-worker_init(struct worker *w, const Template *t)
+remote_nvars(const Template *t)
 {
-    int front = 0, nvars = t->remote == REMOTE_INET ? 2 : t->remote == REMOTE_UNIX ? 3 : 0, i;
+    return t->remote == REMOTE_INET ? 2 : t->remote == REMOTE_UNIX ? 3 : 0;
+}
 
-    w->envp = malloc(sizeof(char *) * (size_t)(1 + nvars + t->nenv + 1));
-    w->fds = malloc(sizeof(int) * (size_t)(t->nfds > 0 ? t->nfds : 1));
-    w->scratch = malloc(sizeof(int) * (size_t)(t->nfds > 0 ? t->nfds : 1));
-    if (w->envp == NULL || w->fds == NULL || w->scratch == NULL)
-        return -1;
+/* How many envp entries and fd slots a worker needs for `t`. */
+static size_t
+worker_nenvp(const Template *t)
+{
+    return (size_t)(1 + remote_nvars(t) + t->nenv + 1);
+}
+
+static size_t
+worker_nfds(const Template *t)
+{
+    return (size_t)(t->nfds > 0 ? t->nfds : 1);
+}
+
+/* Lay out w's envp for `t` (its buffers allocated for it): the per-connection variables first,
+ * then the template's base environment. */
+static void
+worker_layout(struct worker *w, const Template *t)
+{
+    int front = 0, nvars = remote_nvars(t), i;
+
     if (t->listen_pid) {
         memcpy(w->pid_var, LISTEN_PID_PREFIX, sizeof(LISTEN_PID_PREFIX));
         w->envp[front++] = w->pid_var;
@@ -1415,6 +1431,17 @@ worker_init(struct worker *w, const Template *t)
     }
     memcpy(w->envp + front, t->p.envp, sizeof(char *) * (size_t)t->nenv);
     w->envp[front + t->nenv] = NULL;
+}
+
+static int
+worker_init(struct worker *w, const Template *t)
+{
+    w->envp = malloc(sizeof(char *) * worker_nenvp(t));
+    w->fds = malloc(sizeof(int) * worker_nfds(t));
+    w->scratch = malloc(sizeof(int) * worker_nfds(t));
+    if (w->envp == NULL || w->fds == NULL || w->scratch == NULL)
+        return -1;
+    worker_layout(w, t);
     return 0;
 }
 
@@ -1502,39 +1529,35 @@ struct nwslot {
     void *engine;
     const Template *t;
     char remote[INET6_ADDRSTRLEN + 16];
-    struct spawn_args a;
-    char **envp;
-    size_t cap_envp;
-    int *fds, *scratch;
-    int cap_fds;
-    char pid_var[sizeof(LISTEN_PID_PREFIX) + PID_DIGITS];
-    char vars[3][REMOTE_VAR];
+    struct spawn_args a; /* what the child reads, in w's buffers */
+    struct worker w;
+    size_t cap_envp, cap_fds;
     void *stack;
 };
 static struct nwslot nw[NW_SLOTS];
 static int nw_pending; /* under hub.lock: slots in NW_PENDING */
 
+static int nw_on = -1; /* atomic after hub_open(): 0 once clone3 is refused here */
+
 static int
 nw_enabled(void)
 {
-    static int on = -1;
+    int on = __atomic_load_n(&nw_on, __ATOMIC_RELAXED);
     if (on < 0) {
         /* SOCKVISOR_SPAWN_WAIT=1: every child through vfork(), for a before/after benchmark. */
         const char *v = getenv("SOCKVISOR_SPAWN_WAIT");
         on = !(v != NULL && v[0] == '1');
+        __atomic_store_n(&nw_on, on, __ATOMIC_RELAXED);
     }
     return on;
 }
 
-/* Start the child of `a` (as prepared by spawn_conn in `w`) without waiting: its pid and the
- * slot's index in *slot, or -1 when no slot is free (the caller uses vfork()). */
-static pid_t
-nw_spawn(const Template *t, const struct worker *w, const struct spawn_args *a, int *slot)
+/* Take a free slot and lay out its worker for `t`; NULL if none is free (or for lack of memory):
+ * the caller then spawns through vfork(). */
+static struct nwslot *
+nw_take(const Template *t)
 {
     struct nwslot *s = NULL;
-    struct sv_clone_args ca;
-    size_t nenvp = 0, i;
-    long pid;
     int k;
 
     for (k = 0; k < NW_SLOTS && s == NULL; k++) {
@@ -1543,52 +1566,39 @@ nw_spawn(const Template *t, const struct worker *w, const struct spawn_args *a, 
             s = &nw[k];
     }
     if (s == NULL)
-        return -1;
-    k--;
-    while (w->envp[nenvp] != NULL)
-        nenvp++;
+        return NULL;
     if (s->stack == NULL) {
         void *st = mmap(NULL, NW_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
         s->stack = st == MAP_FAILED ? NULL : st;
     }
-    if (s->cap_envp < nenvp + 1) {
-        free(s->envp);
-        s->envp = malloc(sizeof(char *) * (nenvp + 1));
-        s->cap_envp = s->envp != NULL ? nenvp + 1 : 0;
+    if (s->cap_envp < worker_nenvp(t)) {
+        free(s->w.envp);
+        s->w.envp = malloc(sizeof(char *) * worker_nenvp(t));
+        s->cap_envp = s->w.envp != NULL ? worker_nenvp(t) : 0;
     }
-    if (s->cap_fds < t->nfds + 1) {
-        free(s->fds);
-        free(s->scratch);
-        s->fds = malloc(sizeof(int) * (size_t)(t->nfds + 1));
-        s->scratch = malloc(sizeof(int) * (size_t)(t->nfds + 1));
-        s->cap_fds = s->fds != NULL && s->scratch != NULL ? t->nfds + 1 : 0;
+    if (s->cap_fds < worker_nfds(t)) {
+        free(s->w.fds);
+        free(s->w.scratch);
+        s->w.fds = malloc(sizeof(int) * worker_nfds(t));
+        s->w.scratch = malloc(sizeof(int) * worker_nfds(t));
+        s->cap_fds = s->w.fds != NULL && s->w.scratch != NULL ? worker_nfds(t) : 0;
     }
     if (s->stack == NULL || s->cap_envp == 0 || s->cap_fds == 0) {
         __atomic_store_n(&s->state, NW_FREE, __ATOMIC_RELEASE);
-        return -1;
+        return NULL;
     }
-    /* The per-connection variables move into the slot: the worker's buffers serve the next one. */
-    memcpy(s->pid_var, w->pid_var, sizeof(s->pid_var));
-    memcpy(s->vars, w->vars, sizeof(s->vars));
-    for (i = 0; i < nenvp; i++) {
-        char *e = w->envp[i];
-        if (e == w->pid_var)
-            e = s->pid_var;
-        else if (e == w->vars[0] || e == w->vars[1] || e == w->vars[2])
-            e = s->vars[(e - w->vars[0]) / REMOTE_VAR];
-        s->envp[i] = e;
-    }
-    s->envp[nenvp] = NULL;
-    memcpy(s->fds, a->fds, sizeof(int) * (size_t)a->nfds);
-    s->a = *a;
-    s->a.envp = s->envp;
-    s->a.fds = s->fds;
-    s->a.scratch = s->scratch;
-    s->a.publish = NULL; /* the watchdog's table is for vfork()s; a pending slot is checked itself */
-    s->a.err_stage = STAGE_NONE;
-    s->a.err_errno = 0;
-    if (a->npid_vars > 0)
-        s->a.pid_digits[0] = s->pid_var + sizeof(LISTEN_PID_PREFIX) - 1;
+    worker_layout(&s->w, t);
+    return s;
+}
+
+/* Start s->a's child on the slot's stack without waiting: its pid, or -1 (errno) if clone3 is
+ * refused (the slot is still the caller's). */
+static pid_t
+nw_start(struct nwslot *s, const Template *t)
+{
+    struct sv_clone_args ca;
+    long pid;
+
     s->t = t;
     s->ctid = 1;
     memset(&ca, 0, sizeof(ca));
@@ -1600,13 +1610,13 @@ nw_spawn(const Template *t, const struct worker *w, const struct spawn_args *a, 
     pid = clone3_raw(&ca, child_exec, &s->a);
     if (pid < 0) {
         s->ctid = 0;
-        __atomic_store_n(&s->state, NW_FREE, __ATOMIC_RELEASE);
         errno = (int)-pid;
+        if (errno == ENOSYS || errno == EPERM) /* a seccomp filter (Docker's): not again */
+            __atomic_store_n(&nw_on, 0, __ATOMIC_RELAXED);
         return -1;
     }
     s->pid = (pid_t)pid;
     __atomic_store_n(&s->state, NW_SPAWNED, __ATOMIC_RELEASE);
-    *slot = k;
     return (pid_t)pid;
 }
 #endif
@@ -1616,12 +1626,20 @@ nw_spawn(const Template *t, const struct worker *w, const struct spawn_args *a, 
 static void
 spawn_conn(const Template *t, struct worker *w, struct conn *c)
 {
-    struct spawn_args a;
+    struct spawn_args local, *a = &local;
     pid_t pid;
     int i;
+#ifdef HAVE_CLONE3_RAW
+    /* Not waited for: the child's variables and arguments are set up in a slot of its own. */
+    struct nwslot *s = w->nowait && nw_enabled() ? nw_take(t) : NULL;
+    if (s != NULL) {
+        w = &s->w;
+        a = &s->a;
+    }
+#endif
 
-    memset(&a, 0, sizeof(a));
-    a.join_fd = -1;
+    memset(a, 0, sizeof(*a));
+    a->join_fd = -1;
     c->pid = 0;
     c->slot = -1;
     c->stage = STAGE_NONE;
@@ -1631,52 +1649,59 @@ spawn_conn(const Template *t, struct worker *w, struct conn *c)
         goto done;
     }
     if (t->listen_pid) {
-        a.pid_digits[0] = w->pid_var + sizeof(LISTEN_PID_PREFIX) - 1;
-        a.pid_digits[0][0] = '\0';
-        a.npid_vars = 1;
+        a->pid_digits[0] = w->pid_var + sizeof(LISTEN_PID_PREFIX) - 1;
+        a->pid_digits[0][0] = '\0';
+        a->npid_vars = 1;
     }
     for (i = 0; i < t->nfds; i++)
         w->fds[i] = t->p.fds[i] == FD_CONN ? c->fd : t->p.fds[i];
-    a.path = t->path;
-    a.argv = t->p.argv;
-    a.envp = w->envp;
-    a.fds = w->fds;
-    a.nfds = t->nfds;
-    a.scratch = w->scratch;
-    a.set_uid = t->set_uid;
-    a.set_gid = t->set_gid;
-    a.set_groups = t->set_groups;
-    a.uid = t->uid;
-    a.gid = t->gid;
-    a.groups = t->p.groups;
-    a.ngroups = t->ngroups;
-    a.cwd = t->cwd;
-    a.umask = t->umask;
-    a.nice = t->nice;
-    a.rlimits = t->p.rlimits;
-    a.nrlimits = t->nrlimits;
-    a.setsid = t->setsid;
+    a->path = t->path;
+    a->argv = t->p.argv;
+    a->envp = w->envp;
+    a->fds = w->fds;
+    a->nfds = t->nfds;
+    a->scratch = w->scratch;
+    a->set_uid = t->set_uid;
+    a->set_gid = t->set_gid;
+    a->set_groups = t->set_groups;
+    a->uid = t->uid;
+    a->gid = t->gid;
+    a->groups = t->p.groups;
+    a->ngroups = t->ngroups;
+    a->cwd = t->cwd;
+    a->umask = t->umask;
+    a->nice = t->nice;
+    a->rlimits = t->p.rlimits;
+    a->nrlimits = t->nrlimits;
+    a->setsid = t->setsid;
 #ifdef HAVE_CLONE3_RAW
-    if (w->nowait && nw_enabled() && (pid = nw_spawn(t, w, &a, &c->slot)) > 0) {
+    if (s != NULL && (pid = nw_start(s, t)) > 0) {
         c->pid = pid; /* confirmed later (hub_confirm) */
+        c->slot = (int)(s - nw);
+        s = NULL;     /* the child's now */
         goto done;
     }
+    /* else clone3 refused (a seccomp filter): through vfork(), with the slot's buffers */
 #endif
-    pid = spawn_guarded(&a, -1);
+    pid = spawn_guarded(a, -1);
     if (pid < 0) {
         c->err = errno;
         c->stage = STAGE_FORK;
     }
-    else if (a.err_stage != STAGE_NONE) {
+    else if (a->err_stage != STAGE_NONE) {
         while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
             ;
-        c->stage = a.err_stage > STAGE_NONE && a.err_stage <= STAGE_FORK ? a.err_stage : STAGE_FORK;
-        c->err = a.err_errno;
+        c->stage = a->err_stage > STAGE_NONE && a->err_stage <= STAGE_FORK ? a->err_stage : STAGE_FORK;
+        c->err = a->err_errno;
     }
     else {
         c->pid = pid;
     }
 done:
+#ifdef HAVE_CLONE3_RAW
+    if (s != NULL) /* not used for a child that outlives this call */
+        __atomic_store_n(&s->state, NW_FREE, __ATOMIC_RELEASE);
+#endif
     (void)close(c->fd);
     c->fd = -1;
 }
