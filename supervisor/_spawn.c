@@ -2778,6 +2778,26 @@ py_watchdog_kills(PyObject *module, PyObject *Py_UNUSED(ignored))
     return PyLong_FromUnsignedLong(__atomic_load_n(&watchdog_kills, __ATOMIC_RELAXED));
 }
 
+PyDoc_STRVAR(hub_pending_doc,
+"hub_pending() -> int\n--\n\n"
+"How many of the hub's children not waited for are not confirmed yet (exec'ed or failed): slots\n"
+"still held. 0 when nothing is in flight.");
+
+static PyObject *
+py_hub_pending(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    int n = 0;
+    (void)module;
+#ifdef HAVE_CLONE3_RAW
+    int k;
+    for (k = 0; k < NW_SLOTS; k++) {
+        int st = __atomic_load_n(&nw[k].state, __ATOMIC_ACQUIRE);
+        n += st == NW_SPAWNED || st == NW_PENDING;
+    }
+#endif
+    return PyLong_FromLong(n);
+}
+
 PyDoc_STRVAR(hub_drain_doc,
 "hub_drain(collect, /) -> (batches, exits)\n--\n\n"
 "Take everything filed since the last drain. collect: first wait (up to 2 s) for a batch the\n"
@@ -3237,6 +3257,7 @@ static PyMethodDef spawn_methods[] = {
     {"hub_pause", hub_pause, METH_O, hub_pause_doc},
     {"hub_drain", hub_drain, METH_O, hub_drain_doc},
     {"watchdog_kills", py_watchdog_kills, METH_NOARGS, watchdog_kills_doc},
+    {"hub_pending", py_hub_pending, METH_NOARGS, hub_pending_doc},
     {"signal_child", (PyCFunction)(void (*)(void))signal_child, METH_FASTCALL, signal_child_doc},
     {NULL, NULL, 0, NULL},
 };

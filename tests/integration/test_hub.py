@@ -143,3 +143,72 @@ def test_a_bulk_unit_on_a_host_with_a_reaper_is_served_by_the_hub() -> None:
     # The child's own duration (it lives 0.2 s), not when the batch happened to be drained.
     assert all(0.15 <= e["duration"] < 2.0 for e in exited), exited
     assert all(e["remote"].startswith("127.0.0.1:") for e in exited)
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the hub waits for every exec off x86-64")
+def test_a_hub_child_that_fails_before_its_exec_is_one_failure_and_no_exit() -> None:
+    """The hub does not wait for its children's exec, so a child that fails before it (here: no
+    such program) is known only later. It must still come out as vfork() reported it: a refusal
+    counted as spawn_failed per connection, no child and no exit for it, and no slot left held.
+    A working program next to it is filed as started, with its exit."""
+    port, good_port = free_port(), free_port()
+    units = config.load_units_from_text(textwrap.dedent(f"""\
+        name: gone
+        listen: [{{tcp: '127.0.0.1:{port}'}}]
+        mode: accept
+        exec: [/nonexistent/program]
+        """), "gone.yaml") + config.load_units_from_text(textwrap.dedent(f"""\
+        name: good
+        listen: [{{tcp: '127.0.0.1:{good_port}'}}]
+        mode: accept
+        exec: [/bin/echo, hi]
+        """), "good.yaml")
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any], list[Any], int, list[int]]:
+        loop = asyncio.get_running_loop()
+        children: dict[int, Any] = {}
+        exited: list[int] = []
+
+        def reaped(pid: int, status: int) -> None:
+            exited.append(pid)
+            callback = children.pop(pid, None)
+            if callback is not None:
+                callback(pid, exit_of(status))
+
+        reaper = Reaper(loop, reaped)
+        offload: Offload[Any] = Offload(loop)
+        with capture_logs() as logs:
+            host = Host(loop, structlog.get_logger(), {}, children.__setitem__, offload, reaper=reaper)
+            registry = Registry(host, host.log)
+            gone, good = (registry.add(u, [sockets.bind(u.listen[0], unit=u.name)]) for u in units)
+            gone.activate()
+            good.activate()
+            for _ in range(5):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                assert await reader.read() == b""  # refused: closed without a byte
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", good_port)
+                assert await reader.read() == b"hi\n"
+                writer.close()
+            for _ in range(2000):
+                if good.status()["connections"]["active"] == 0 and \
+                        gone.status()["connections"]["refused"] >= 5:
+                    break
+                await asyncio.sleep(0.005)  # wait-ok: bounded poll for the records and exits
+            statuses = gone.status(), good.status()
+            pending = _spawn.hub_pending()
+            for r in (gone, good):
+                r.shutdown()
+                r.close(remove=True)
+        offload.close()
+        reaper.close()
+        return statuses[0], statuses[1], logs, pending, exited
+
+    gone, good, logs, pending, exited = _run(scenario())
+    assert gone["connections"]["refused_by_reason"] == {"spawn_failed": 5}
+    assert gone["connections"]["accepted"] == 0 and not gone.get("pids")
+    failed = [e for e in logs if e["event"] == "spawn_failed"]
+    assert failed and failed[0]["reason"] == "execve", failed
+    assert good["connections"]["accepted"] == 5 and good["connections"]["active"] == 0
+    assert len(exited) == 5, exited  # the five echo children; none for the failed ones
+    assert pending == 0

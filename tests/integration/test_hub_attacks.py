@@ -281,13 +281,14 @@ def test_an_administrators_strace_holding_a_child_before_its_exec_does_not_get_i
 
 
 @contextlib.contextmanager
-def _execs_held(daemon: int, seconds: float) -> Iterator[None]:
+def _execs_held(daemon: int, seconds: float, log: Path | None = None) -> Iterator[None]:
     """strace, attached to the running daemon, holds every execve() of its children for `seconds`
-    (a tracing stop, root's doing); it detaches after."""
+    (a tracing stop, root's doing); it detaches after. log: where it writes the execve() and
+    vfork() calls it saw."""
     if shutil.which("strace") is None:
         pytest.skip("needs strace")
-    strace = subprocess.Popen(["strace", "-f", "-e", "trace=execve", "-e",
-                               f"inject=execve:delay_enter={int(seconds * 1e6)}", "-o", "/dev/null",
+    strace = subprocess.Popen(["strace", "-f", "-e", "trace=execve,vfork", "-e",
+                               f"inject=execve:delay_enter={int(seconds * 1e6)}", "-o", str(log or "/dev/null"),
                                "-p", str(daemon)], stderr=subprocess.PIPE, text=True)
     try:
         assert strace.stderr is not None
@@ -375,4 +376,41 @@ def test_children_held_in_their_exec_do_not_hold_the_hub(sockvisor: Sockvisor, s
                 wait_for(four, timeout=1.5, what="four children")
         for c in held:
             assert read_to_eof(c) == b"served\n"
+    assert sockvisor.stop(timeout=30) == 0
+
+
+def test_a_flood_while_every_exec_is_held_overflows_the_slots_into_vfork(sockvisor: Sockvisor) -> None:
+    """Children not waited for each hold a slot (a stack, their arguments) until they leave the
+    daemon's memory, and there are 128. Anyone who can connect can make more children than that
+    wait at once, when their execs are slow: strace holds every execve() for 0.4 s while 150
+    connections come in. The slots run out, the next spawns go through vfork() (strace sees them),
+    and every connection is served by its program; then no zombie is left and another unit is
+    served at once."""
+    from tests.conftest import free_port
+
+    port, other = free_port(), free_port()
+    sockvisor.unit("flood", f"""
+        listen: [{{tcp: "127.0.0.1:{port}", backlog: 512}}]
+        mode: accept
+        max_connections: 1000
+        log_connections: false
+        exec: [/bin/echo, hi]
+    """)
+    sockvisor.unit("other", f"""
+        listen: [{{tcp: "127.0.0.1:{other}"}}]
+        mode: accept
+        exec: [/bin/echo, other]
+    """)
+    sockvisor.start()
+    assert sockvisor.proc is not None
+    daemon = sockvisor.proc.pid
+    calls = sockvisor.config.parent / "strace.log"
+    with _execs_held(daemon, 0.4, calls), contextlib.ExitStack() as conns:
+        held = [conns.enter_context(connect(port, timeout=60)) for _ in range(150)]
+        for c in held:
+            assert read_to_eof(c) == b"hi\n"
+    assert sockvisor.unit_status("flood")["connections"]["accepted"] == 150
+    assert "vfork(" in calls.read_text(), "no spawn overflowed the slots into vfork()"
+    wait_for(lambda: not _zombies(daemon) and not _children(daemon), what="every child reaped")
+    assert roundtrip(other, timeout=5) == b"other\n"
     assert sockvisor.stop(timeout=30) == 0
