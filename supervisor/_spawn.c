@@ -1388,7 +1388,6 @@ struct batch {
 /* One spawning thread's buffers: its own envp (the per-connection variables in front of the
  * template's base environment), fds and scratch, since two children may be set up at once. */
 struct worker {
-    int nowait; /* see struct batch */
     char **envp;
     int *fds, *scratch;
     char pid_var[sizeof(LISTEN_PID_PREFIX) + PID_DIGITS];
@@ -1622,20 +1621,23 @@ nw_start(struct nwslot *s, const Template *t)
 #endif
 
 /* Start the child of one connection (signals are blocked by the caller), then close the
- * daemon's copy of the connection. No GIL: only the template (read-only) and our buffers. */
+ * daemon's copy of the connection. No GIL: only the template (read-only) and our buffers.
+ * nowait: the hub's, which does not wait for the exec (see "Not waiting for the exec"). */
 static void
-spawn_conn(const Template *t, struct worker *w, struct conn *c)
+spawn_conn(const Template *t, struct worker *w, struct conn *c, int nowait)
 {
     struct spawn_args local, *a = &local;
     pid_t pid;
     int i;
 #ifdef HAVE_CLONE3_RAW
     /* Not waited for: the child's variables and arguments are set up in a slot of its own. */
-    struct nwslot *s = w->nowait && nw_enabled() ? nw_take(t) : NULL;
+    struct nwslot *s = nowait && nw_enabled() ? nw_take(t) : NULL;
     if (s != NULL) {
         w = &s->w;
         a = &s->a;
     }
+#else
+    (void)nowait;
 #endif
 
     memset(a, 0, sizeof(*a));
@@ -1713,7 +1715,7 @@ run_share(struct batch *b, struct worker *w)
     int i, done = 0;
 
     while ((i = __atomic_fetch_add(&b->next, 1, __ATOMIC_RELAXED)) < b->n) {
-        spawn_conn(b->t, w, &b->conns[i]);
+        spawn_conn(b->t, w, &b->conns[i], b->nowait);
         done++;
     }
     return done;
@@ -1744,7 +1746,6 @@ helper_main(void *unused)
         helper_busy = 1;
         pthread_mutex_unlock(&helper_lock);
         memset(&w, 0, sizeof(w));
-        w.nowait = b->nowait;
         if (worker_init(&w, b->t) == 0)
             (void)run_share(b, &w); /* out of memory: the caller does them all */
         worker_free(&w);
@@ -1844,7 +1845,6 @@ spawn_all(Template *t, struct conn *conns, int n, int nowait)
     if (n <= 0)
         return;
     memset(&w, 0, sizeof(w));
-    w.nowait = nowait;
     b.t = t;
     b.conns = conns;
     b.n = n;
